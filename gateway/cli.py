@@ -1,0 +1,217 @@
+"""`pumpgw`: the command line. The only module that prints or configures logging.
+
+Exit codes: 0 success, 1 runtime failure, 2 configuration or usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from gateway import __version__
+from gateway.config import ConfigError, Settings, environment_keys, load_settings
+
+log = logging.getLogger("pumpgw")
+
+INTENDED_USE_BANNER = (
+    "pumpgw is a secondary, informational notification system. It is not a primary alarm "
+    "system and does not replace the pump's own alarms or clinical refill procedures."
+)
+
+DESCRIPTION = f"""\
+pumpgw reads intrathecal pump telemetry from serial lines, validates every frame,
+stores it durably, and forwards it to MQTT and InfluxDB with alerts.
+
+{INTENDED_USE_BANNER}
+
+Start with `pumpgw demo` to watch a simulated ward, or `pumpgw check-config FILE`
+before `pumpgw run --config FILE` on a station.
+"""
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("urllib3", "paho"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s: stopping cleanly", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.service import run_gateway
+
+    settings = load_settings(args.config)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    run_gateway(settings, stop)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.file)
+    except ConfigError as exc:
+        print(f"{args.file}: {len(exc.problems)} problem(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: OK")
+    print(f"  site/station: {settings.gateway.site}/{settings.gateway.station}")
+    print(f"  sources: {', '.join(s.label for s in settings.sources) or 'none'}")
+    print(f"  mqtt: {settings.mqtt.display_url()}")
+    print(f"  influx: {settings.influx.display_url() if settings.influx else 'not configured'}")
+    print(f"  store: {settings.store.path} (durability {settings.store.durability})")
+    keys = environment_keys()
+    if keys:
+        print(f"  overridden from the environment: {', '.join(keys)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    return run_demo(
+        pumps=args.pumps,
+        speed=args.speed,
+        seed=args.seed,
+        duration_s=args.duration,
+        live_view=not args.no_view,
+        workdir=args.workdir,
+        stop=stop,
+    )
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from gateway.tail import run_tail
+
+    url, topic_filter = args.url, args.topic
+    if args.config is not None:
+        settings = load_settings(args.config)
+        url = url or settings.mqtt.url
+        prefix = settings.mqtt.topic_prefix
+        topic_filter = topic_filter or (
+            f"{prefix}/{settings.gateway.site}/{settings.gateway.station}/#"
+        )
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    return run_tail(url or "mqtt://127.0.0.1:1883", topic_filter or "pumpgw/#", stop=stop)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from gateway.history import print_history
+
+    path = args.store
+    if path is None:
+        path = load_settings(args.config).store.path
+    return print_history(path, args.pump, limit=args.limit, as_json=args.json)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from gateway.service import replay_capture
+
+    settings = load_settings(args.config)
+    counts = replay_capture(settings, args.capture)
+    print(json.dumps(counts))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pumpgw", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"pumpgw {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the gateway on a station from a config file")
+    run.add_argument("--config", type=Path, required=True, help="the TOML configuration file")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config file; list every problem")
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=cmd_check_config)
+
+    demo = sub.add_parser(
+        "demo",
+        help="a simulated ward, the gateway, a broker and a live view, all on this machine",
+        description="Starts simulated pumps whose scenarios raise alerts, the gateway, an MQTT "
+        "broker (Mosquitto if installed, otherwise an embedded one) and a local store, and shows "
+        "a live view. Ctrl-C stops everything.",
+    )
+    demo.add_argument("--pumps", type=int, default=10, help="number of simulated pumps (10)")
+    demo.add_argument("--speed", type=float, default=1800.0,
+                      help="simulated seconds per real second (1800: an hour every 2 s)")
+    demo.add_argument("--seed", type=int, default=7, help="simulator seed")
+    demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    demo.add_argument("--no-view", action="store_true", help="log lines instead of the live view")
+    demo.add_argument("--workdir", type=Path, default=None,
+                      help="keep the outbox and logs here (default: a temporary directory)")
+    demo.set_defaults(func=cmd_demo)
+
+    tail = sub.add_parser("tail", help="subscribe and pretty-print the topic tree")
+    tail.add_argument("--url", default=None, help="broker, e.g. mqtt://127.0.0.1:1883")
+    tail.add_argument("--topic", default=None, help="topic filter (default: the station's tree)")
+    tail.add_argument("--config", type=Path, default=None, help="take broker and tree from here")
+    tail.set_defaults(func=cmd_tail)
+
+    history = sub.add_parser("history", help="a pump's recent readings and alerts from the store")
+    history.add_argument("--pump", required=True, help="pump id as published")
+    history.add_argument("--config", type=Path, default=None, help="config naming the store")
+    history.add_argument("--store", type=Path, default=None, help="or the outbox file itself")
+    history.add_argument("--limit", type=int, default=30, help="how many records (30)")
+    history.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    history.set_defaults(func=cmd_history)
+
+    replay = sub.add_parser("replay", help="feed a simulator capture through the pipeline")
+    replay.add_argument("capture", type=Path, help="a file written by pumpsim --transport file")
+    replay.add_argument("--config", type=Path, required=True, help="the TOML configuration file")
+    replay.set_defaults(func=cmd_replay)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    if args.command == "history" and args.store is None and args.config is None:
+        parser.error("history needs --store PATH or --config FILE")
+    started = time.monotonic()
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"configuration error: {problem}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"pumpgw {args.command} failed: {exc} (run with -v for details)", file=sys.stderr)
+        return 1
+    log.debug("%s finished in %.1f s", args.command, time.monotonic() - started)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Gateway configuration: one TOML file plus PUMPGW_* environment variables.
+
+Environment variables override the file; nested keys use a double underscore:
+`PUMPGW_MQTT__URL`, `PUMPGW_INFLUX__TOKEN`, `PUMPGW_GATEWAY__STATION`. Every
+problem is reported with its key path (`mqtt.url: ...`). Secrets are SecretStr
+and never printed. docs/configuration.md and config/pumpgw.example.toml show
+every key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from gateway.adapters.influx import InfluxSettings
+from gateway.adapters.mqtt import MqttSettings
+from gateway.adapters.serial_port import SourceSettings
+from gateway.rules import RulesConfig
+
+SEGMENT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` lists `key.path: what is wrong` lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GatewaySection(Section):
+    site: str = Field("site", description="site name, a topic segment and a tag")
+    station: str = Field("station", description="programmer station name, a topic segment")
+    pseudonymize_key: SecretStr | None = Field(
+        None,
+        description="when set, pump ids are replaced by a keyed hash (HMAC-SHA256) before "
+        "anything leaves the station; also PUMPGW_GATEWAY__PSEUDONYMIZE_KEY",
+    )
+    pseudonymize_key_file: Path | None = None
+    status_interval_s: float = Field(10.0, gt=0, description="how often per-pump status is refreshed")
+    ack_allowed: list[str] | None = Field(
+        None,
+        description="operators whose acknowledgements are accepted (the Acknowledgement 'by' "
+        "field); None accepts any operator the broker's ACL lets publish on the ack topic",
+    )
+
+    @field_validator("site", "station")
+    @classmethod
+    def _segment(cls, value: str) -> str:
+        if not SEGMENT.match(value):
+            raise ValueError("use 1-64 letters, digits, '_', '.', '-' (it becomes a topic segment)")
+        return value
+
+
+class StoreSection(Section):
+    path: Path = Field(Path("/var/lib/pumpgw/outbox.db"), description="the SQLite outbox file")
+    durability: Literal["full", "normal"] = Field(
+        "full", description="SQLite synchronous mode: full survives power loss, normal only a crash"
+    )
+    max_pending_records: int = Field(
+        1_000_000, gt=0, description="records waiting for the slowest sink before back-pressure"
+    )
+    warn_at_fraction: float = Field(
+        0.8, gt=0, lt=1, description="raise the outbox_near_full technical alert at this fill"
+    )
+    retention_days: float = Field(7.0, ge=0, description="delivered records kept for history")
+
+
+class HealthSection(Section):
+    listen: str = Field("127.0.0.1:9108", description="host:port of /healthz and /metrics; '' disables")
+    max_backlog_age_s: float = Field(
+        300.0, gt=0, description="/healthz is not ready when a sink's oldest record is older"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value and not re.match(r"^[^:\s]+:\d{1,5}$", value):
+            raise ValueError("use host:port, e.g. 127.0.0.1:9108")
+        return value
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Load it with `load_settings(path)`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PUMPGW_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    gateway: GatewaySection = GatewaySection()
+    sources: list[SourceSettings] = Field(default_factory=list)
+    mqtt: MqttSettings = MqttSettings()
+    influx: InfluxSettings | None = None
+    store: StoreSection = StoreSection()
+    health: HealthSection = HealthSection()
+    alerts: RulesConfig = RulesConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = settings_cls.model_config.get("toml_file")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling against config/pumpgw.example.toml)"
+        problems.append(f"{key}: {message}")
+    return problems
+
+
+def load_settings(path: Path | None, **overrides: Any) -> Settings:
+    """Read the TOML file (if any), apply PUMPGW_* variables, validate; raise ConfigError."""
+    if path is not None and not path.is_file():
+        raise ConfigError([f"{path}: no such configuration file"])
+    file_settings = type(
+        "FileSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}}
+    )
+    try:
+        settings: Settings = file_settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from exc
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"{path}: cannot read it as TOML: {exc}"]) from exc
+    return settings
+
+
+def read_secret_file(path: Path, key: str) -> SecretStr:
+    """Read a secret from a file that only its owner can read; raise ConfigError otherwise."""
+    try:
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                [f"{key}: {path} is readable by group or others; run: chmod 600 {path}"]
+            )
+        return SecretStr(path.read_text(encoding="utf-8").strip())
+    except OSError as exc:
+        raise ConfigError([f"{key}: cannot read {path}: {exc.strerror}"]) from exc
+
+
+def pseudonymize_key(section: GatewaySection) -> bytes | None:
+    """The pump-id hashing key from the setting or its file, if configured."""
+    if section.pseudonymize_key is not None:
+        return section.pseudonymize_key.get_secret_value().encode()
+    if section.pseudonymize_key_file is not None:
+        secret = read_secret_file(section.pseudonymize_key_file, "gateway.pseudonymize_key_file")
+        return secret.get_secret_value().encode()
+    return None
+
+
+def environment_keys() -> list[str]:
+    """PUMPGW_* variable names set now (for check-config's report; values never shown)."""
+    return sorted(k for k in os.environ if k.startswith("PUMPGW_"))

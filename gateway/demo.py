@@ -1,0 +1,199 @@
+"""`pumpgw demo`: a simulated ward, the gateway, a broker and a live view on one machine.
+
+The broker is a private Mosquitto on a free loopback port when the `mosquitto`
+binary is installed, otherwise the embedded broker (gateway.broker). A demo
+operator acknowledges each alert a few seconds after it starts, so the whole
+lifecycle (start, acknowledged, end) is visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from gateway.adapters.mqtt import MqttSettings
+from gateway.adapters.serial_port import SourceSettings
+from gateway.config import GatewaySection, HealthSection, Settings, StoreSection
+from gateway.service import Gateway
+from gateway.topics import ack_topic
+
+log = logging.getLogger(__name__)
+
+DEMO_OPERATOR = "demo-operator"
+ACK_AFTER_S = 6.0
+VIEW_REFRESH_PER_S = 4
+READING_INTERVAL_S = 1800
+"""Simulated seconds between a pump's readings in the demo."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_port(port: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@contextlib.contextmanager
+def demo_broker(workdir: Path) -> Iterator[tuple[int, str]]:
+    """A private broker for the demo: (port, description)."""
+    binary = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
+    if binary is None:
+        from gateway.broker import EmbeddedBroker
+
+        broker = EmbeddedBroker()
+        broker.start()
+        try:
+            yield broker.port, "embedded broker (install the 'mosquitto' package for the real one)"
+        finally:
+            broker.stop()
+        return
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    with open(workdir / "mosquitto.log", "wb") as logfile:
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=logfile, stderr=logfile)
+    try:
+        if not _wait_port(port, 10):
+            raise RuntimeError(f"mosquitto did not start; see {workdir / 'mosquitto.log'}")
+        yield port, f"Mosquitto ({binary}) on 127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def demo_simulator(workdir: Path, pumps: int, speed: float, seed: int) -> Iterator[int]:
+    port = free_port()
+    argv = [sys.executable, "-m", "simulator", "--transport", "tcp",
+            "--listen", f"127.0.0.1:{port}", "--pumps", str(pumps), "--scenario", "ward",
+            "--speed", str(speed), "--seed", str(seed), "--interval", str(READING_INTERVAL_S)]
+    with open(workdir / "pumpsim.log", "wb") as logfile:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=logfile)
+    try:
+        if not _wait_port(port, 15):
+            raise RuntimeError(f"the simulator did not start; see {workdir / 'pumpsim.log'}")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class DemoOperator:
+    """Acknowledges each alert a few seconds after it starts, as a nurse at a dashboard would."""
+
+    def __init__(self, broker_port: int, alerts_filter: str, ack_to: str) -> None:
+        self._ack_to = ack_to
+        self._due: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pumpgw-demo-operator",
+                                   protocol=mqtt.MQTTv5)
+        self._client.on_message = self._on_message
+        self._client.on_connect = lambda c, u, f, rc, p: c.subscribe(alerts_filter, qos=1)
+        self._client.connect_async("127.0.0.1", broker_port)
+        self._client.loop_start()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        with contextlib.suppress(ValueError, KeyError):
+            alert = json.loads(message.payload)
+            if alert.get("phase") == "start":
+                with self._lock:
+                    self._due[alert["alert_id"]] = time.monotonic() + ACK_AFTER_S
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [a for a, t in self._due.items() if t <= now]
+            for alert_id in due:
+                del self._due[alert_id]
+        for alert_id in due:
+            ack = {"alert_id": alert_id, "by": DEMO_OPERATOR, "note": "seen on the demo dashboard"}
+            self._client.publish(self._ack_to, json.dumps(ack), qos=1)
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+def demo_settings(workdir: Path, broker_port: int, sim_port: int) -> Settings:
+    return Settings(
+        gateway=GatewaySection(site="demo", station="ward-1", status_interval_s=5.0),
+        sources=[SourceSettings(url=f"socket://127.0.0.1:{sim_port}", name="ward-1 line")],
+        mqtt=MqttSettings(url=f"mqtt://127.0.0.1:{broker_port}"),
+        store=StoreSection(path=workdir / "outbox.db", durability="normal"),
+        health=HealthSection(listen=f"127.0.0.1:{free_port()}"),
+    )
+
+
+def _loop(gateway: Gateway, operator: DemoOperator, header: str, live_view: bool,
+          until: float, stop: threading.Event) -> None:
+    if not live_view:
+        while not stop.wait(2.0) and time.monotonic() < until:
+            operator.poll()
+            obs = gateway.observe()
+            log.info("frames %d accepted %d alerts %d", obs.frames_in,
+                     sum(obs.accepted_by_kind.values()), obs.alert_transitions)
+        return
+    from rich.live import Live
+
+    from gateway.view import render
+
+    def frame() -> object:
+        pumps = list(gateway.pipeline.pumps.values())
+        active = {p.pump_id: gateway.pipeline.engine.active_alerts(p.pump_id) for p in pumps}
+        return render(gateway.observe(), pumps, active, list(gateway.pipeline.recent_alerts), header)
+
+    with Live(frame(), refresh_per_second=VIEW_REFRESH_PER_S, screen=False) as live:  # type: ignore[arg-type]
+        while not stop.wait(1 / VIEW_REFRESH_PER_S) and time.monotonic() < until:
+            operator.poll()
+            live.update(frame())  # type: ignore[arg-type]
+
+
+def run_demo(*, pumps: int, speed: float, seed: int, duration_s: float | None,
+             live_view: bool, workdir: Path | None, stop: threading.Event) -> int:
+    """Run the demo until Ctrl-C (or `duration_s`); returns the exit code."""
+    keep = workdir is not None
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="pumpgw-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    until = time.monotonic() + (duration_s if duration_s is not None else float("inf"))
+    try:
+        with demo_broker(workdir) as (broker_port, broker_desc), \
+                demo_simulator(workdir, pumps, speed, seed) as sim_port:
+            settings = demo_settings(workdir, broker_port, sim_port)
+            gateway = Gateway(settings)
+            gateway.start()
+            operator = DemoOperator(broker_port, f"{gateway.topics.prefix}/#", ack_topic(gateway.topics))
+            header = (f"broker: {broker_desc}   store: {settings.store.path}   "
+                      f"health: http://{settings.health.listen}/healthz   "
+                      f"{pumps} pumps at {speed:g}x   Ctrl-C to stop")
+            log.info("demo: %s", header)
+            try:
+                _loop(gateway, operator, header, live_view, until, stop)
+            finally:
+                operator.close()
+                gateway.stop()
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0

@@ -1,0 +1,254 @@
+"""The durable outbox: every accepted record is committed here before any sink sees it.
+
+SQLite in WAL mode. One table of records in arrival order, one cursor per sink
+(the highest row that sink has really delivered), a small key-value table for
+state that must survive a restart (the alert engine's snapshot), committed in the
+same transaction as the records it belongs to.
+
+Full policy (docs/outbox.md): `append` raises OutboxFull once `max_pending` rows
+wait for the slowest sink, or when SQLite reports the disk full. The service then
+stops reading its sources (back-pressure) and raises a technical alert; nothing
+is dropped. State records (alerts, status) keep a reserve of HEADROOM_ROWS so the
+alert that says "full" can still be stored.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    record_id TEXT NOT NULL,
+    pump_id TEXT,
+    payload BLOB NOT NULL,
+    line BLOB,
+    retain INTEGER NOT NULL,
+    stored_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_by_pump ON records (pump_id, seq);
+CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+"""
+PRIORITY_KINDS = frozenset({"alert", "active_alerts", "gateway_status", "pump_status"})
+HEADROOM_ROWS = 10_000
+"""Rows kept in reserve above max_pending for alerts and status."""
+COLUMNS = "seq, kind, record_id, pump_id, payload, line, retain, stored_at"
+
+
+class OutboxError(Exception):
+    """The outbox cannot do what was asked; the message says what to check."""
+
+
+class OutboxFull(OutboxError):
+    """No room for more records: the limit or the disk. Nothing was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    """A record to store: a validated message as JSON, and its line protocol if it is a point."""
+
+    kind: str
+    record_id: str
+    pump_id: str | None
+    payload: bytes
+    line: bytes | None = None
+    retain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """A committed row of the outbox."""
+
+    seq: int
+    kind: str
+    record_id: str
+    pump_id: str | None
+    payload: bytes
+    line: bytes | None
+    retain: bool
+    stored_at_s: float
+
+
+def _row(r: tuple[int, str, str, str | None, bytes, bytes | None, int, float]) -> StoredRecord:
+    return StoredRecord(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7])
+
+
+class Outbox:
+    """SQLite outbox with one cursor per sink; thread-safe."""
+
+    def __init__(
+        self,
+        path: Path,
+        sinks: Sequence[str],
+        *,
+        durability: Literal["full", "normal"] = "full",
+        max_pending: int = 1_000_000,
+        retention_s: float = 7 * 86400,
+    ) -> None:
+        self.path = path
+        self.max_pending = max_pending
+        self.retention_s = retention_s
+        self._lock = threading.Lock()
+        self._db = self._open(path, durability)
+        self._cursors = self._load_cursors(sinks)
+        self._last_seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0]
+        self._last_seq = max(self._last_seq, self._sequence_floor())
+
+    @staticmethod
+    def _open(path: Path, durability: str) -> sqlite3.Connection:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(SCHEMA)
+            db.execute("PRAGMA quick_check").fetchone()
+        except (sqlite3.Error, OSError) as exc:
+            raise OutboxError(
+                f"cannot open the outbox at {path}: {exc}; check the path in [store] "
+                "and that the directory is writable"
+            ) from exc
+        return db
+
+    def _sequence_floor(self) -> int:
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _load_cursors(self, sinks: Sequence[str]) -> dict[str, int]:
+        rows = dict(self._db.execute("SELECT sink, seq FROM cursors").fetchall())
+        cursors = {sink: int(rows.get(sink, 0)) for sink in sinks}
+        for sink, seq in cursors.items():
+            self._db.execute("INSERT OR IGNORE INTO cursors (sink, seq) VALUES (?, ?)", (sink, seq))
+        return cursors
+
+    @property
+    def sinks(self) -> tuple[str, ...]:
+        return tuple(self._cursors)
+
+    def pending(self) -> int:
+        """Rows not yet delivered to the slowest sink."""
+        low = min(self._cursors.values(), default=self._last_seq)
+        return self._last_seq - low
+
+    def append(self, records: Sequence[OutRecord], state: Mapping[str, bytes] | None = None) -> int:
+        """Store records (and state) in one transaction; return the last seq."""
+        if not records and not state:
+            return self._last_seq
+        with self._lock:
+            self._check_room(records)
+            try:
+                return self._insert(records, state or {})
+            except sqlite3.OperationalError as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if "full" in str(exc).lower():
+                    raise OutboxFull(f"the disk holding {self.path} is full: {exc}") from exc
+                raise OutboxError(f"cannot write the outbox at {self.path}: {exc}") from exc
+
+    def _check_room(self, records: Sequence[OutRecord]) -> None:
+        limit = self.max_pending
+        if all(r.kind in PRIORITY_KINDS for r in records):
+            limit += HEADROOM_ROWS
+        if self.pending() + len(records) > limit:
+            raise OutboxFull(
+                f"{self.pending()} records wait for delivery (limit {self.max_pending}); "
+                "a sink is down or too slow"
+            )
+
+    def _insert(self, records: Sequence[OutRecord], state: Mapping[str, bytes]) -> int:
+        now_s = time.time()
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(
+            "INSERT INTO records (kind, record_id, pump_id, payload, line, retain, stored_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(r.kind, r.record_id, r.pump_id, r.payload, r.line, r.retain, now_s) for r in records],
+        )
+        db.executemany(
+            "INSERT INTO state (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            list(state.items()),
+        )
+        last = db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0]
+        db.execute("COMMIT")
+        self._last_seq = int(last)
+        return self._last_seq
+
+    def read(self, sink: str, after_seq: int, limit: int) -> list[StoredRecord]:
+        """Rows after `after_seq`, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {COLUMNS} FROM records WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608
+                (after_seq, limit),
+            ).fetchall()
+        return [_row(r) for r in rows]
+
+    def cursor(self, sink: str) -> int:
+        return self._cursors[sink]
+
+    def ack(self, sink: str, up_to_seq: int) -> None:
+        """Advance a sink's cursor: every row up to `up_to_seq` is delivered."""
+        with self._lock:
+            if up_to_seq <= self._cursors[sink]:
+                return
+            self._db.execute("UPDATE cursors SET seq = ? WHERE sink = ?", (up_to_seq, sink))
+            self._cursors[sink] = up_to_seq
+
+    def backlog(self, sink: str) -> tuple[int, float | None]:
+        """Rows this sink has not delivered, and when the oldest was stored (epoch s)."""
+        cursor = self._cursors[sink]
+        if cursor >= self._last_seq:
+            return 0, None
+        with self._lock:
+            row = self._db.execute(
+                "SELECT stored_at FROM records WHERE seq > ? ORDER BY seq LIMIT 1", (cursor,)
+            ).fetchone()
+        return self._last_seq - cursor, (float(row[0]) if row else None)
+
+    def compact(self, now_s: float) -> int:
+        """Delete rows every sink delivered that are older than the retention window."""
+        low = min(self._cursors.values(), default=self._last_seq)
+        with self._lock:
+            deleted = self._db.execute(
+                "DELETE FROM records WHERE seq <= ? AND stored_at < ?",
+                (low, now_s - self.retention_s),
+            ).rowcount
+        return int(deleted)
+
+    def history(self, pump_id: str, limit: int) -> list[StoredRecord]:
+        """A pump's most recent records, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {COLUMNS} FROM records WHERE pump_id = ? ORDER BY seq DESC LIMIT ?",  # noqa: S608
+                (pump_id, limit),
+            ).fetchall()
+        return [_row(r) for r in rows]
+
+    def recent_record_ids(self, limit: int) -> list[str]:
+        """Identities of the newest device records, oldest first (to seed duplicate detection)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT record_id FROM (SELECT seq, record_id FROM records "
+                "WHERE kind IN ('reading', 'info', 'event') ORDER BY seq DESC LIMIT ?) "
+                "ORDER BY seq",
+                (limit,),
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def load_state(self, key: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

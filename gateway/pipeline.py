@@ -1,0 +1,354 @@
+"""Turning decoded frames into stored records: validation, quarantine, dedup, alerts.
+
+Pure apart from the clock value passed in: no threads, no I/O. The service owns
+one Pipeline and calls it from a single thread; it returns the records to commit
+and the acknowledgements to send once they are committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from pydantic import ValidationError
+
+from gateway.outbox import OutRecord
+from gateway.points import PointTags, line_for
+from gateway.rules import AlertEngine
+from schemas.codec import Frame, FrameError, MessageError, message_from_frame
+from schemas.models import (
+    Acknowledgement,
+    ActiveAlerts,
+    AlertTransition,
+    AlertType,
+    DeviceInfo,
+    DeviceMessageModel,
+    Priority,
+    PumpStatus,
+    Quarantined,
+    Reading,
+    describe_errors,
+)
+
+RECENT_ALERTS_KEPT = 12
+RETAINED_KINDS = frozenset({"info", "pump_status", "active_alerts", "gateway_status"})
+
+
+@dataclass(frozen=True, slots=True)
+class AckKey:
+    """Where an acknowledgement goes: the source line and the device's own identity."""
+
+    source: str
+    pump_id: str
+    boot_id: str
+
+
+@dataclass
+class PumpView:
+    """What the live view and the status topic show of one pump."""
+
+    pump_id: str
+    drug: str = "?"
+    reservoir_ml: float | None = None
+    low_reservoir_alarm_ml: float | None = None
+    pump_state: str | None = None
+    battery_state: str | None = None
+    last_record_id: str | None = None
+    last_device_time: datetime | None = None
+    last_received_s: float = 0.0
+    telemetry: str = "ok"
+    readings: int = 0
+    status_sent_s: float = 0.0
+
+
+@dataclass
+class Counts:
+    """The gateway's own accounting: frames in = accepted + quarantined + duplicates."""
+
+    frames_in: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    quarantined: Counter[str] = field(default_factory=Counter)
+    accepted_by_kind: Counter[str] = field(default_factory=Counter)
+    alerts: int = 0
+    acks_in: int = 0
+    acks_rejected: int = 0
+
+
+@dataclass
+class Batch:
+    """The outcome of one batch: records to commit and device acknowledgements to send after."""
+
+    records: list[OutRecord] = field(default_factory=list)
+    acks: dict[AckKey, int] = field(default_factory=dict)
+    alerts_changed: bool = False
+    quarantined: list[Quarantined] = field(default_factory=list)
+
+
+def pseudonym(key: bytes, value: str) -> str:
+    """A keyed hash standing in for a pump id or serial number (HMAC-SHA256, 16 hex digits)."""
+    return "p" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def _to_datetime(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
+class Pipeline:
+    """Validation, dedup and alert evaluation for one gateway; single-threaded."""
+
+    def __init__(
+        self,
+        engine: AlertEngine,
+        tags: PointTags,
+        *,
+        pseudonymize_key: bytes | None = None,
+        status_interval_s: float = 10.0,
+        ack_allowed: frozenset[str] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.tags = tags
+        self.counts = Counts()
+        self.pumps: dict[str, PumpView] = {}
+        self._key = pseudonymize_key
+        self._status_interval_s = status_interval_s
+        self._ack_allowed = ack_allowed
+        self._last_seq: dict[str, tuple[str, int]] = {}
+        self._quarantine_n = 0
+        self.recent_alerts: deque[AlertTransition] = deque(maxlen=RECENT_ALERTS_KEPT)
+
+    def remember(self, record_ids: Iterable[str]) -> None:
+        """Seed duplicate detection from record ids already in the outbox (oldest first)."""
+        for record_id in record_ids:
+            pump_id, _, rest = record_id.partition(":")
+            boot_id, _, seq = rest.partition(":")
+            if seq.isdigit():
+                self._note_seq(pump_id, boot_id, int(seq))
+
+    def _note_seq(self, pump_id: str, boot_id: str, seq: int) -> bool:
+        """Record a device sequence number; False when it was already seen (a replay)."""
+        last = self._last_seq.get(pump_id)
+        if last is not None and last[0] == boot_id and seq <= last[1]:
+            return False
+        self._last_seq[pump_id] = (boot_id, seq)
+        return True
+
+    def frames(
+        self, source: str, received_s: float, items: list[Frame | FrameError], batch: Batch
+    ) -> None:
+        """Validate decoded items from one read into records."""
+        received_at = _to_datetime(received_s)
+        for item in items:
+            self.counts.frames_in += 1
+            if isinstance(item, FrameError):
+                self._quarantine(batch, source, item.kind, item.reason, item.raw, received_at)
+                continue
+            ack = AckKey(source, item.pump_id, item.boot_id)
+            batch.acks[ack] = max(batch.acks.get(ack, -1), item.seq)
+            self._frame(source, item, received_at, batch)
+
+    def _frame(self, source: str, frame: Frame, received_at: datetime, batch: Batch) -> None:
+        if self._key is not None:
+            frame = dataclasses.replace(frame, pump_id=pseudonym(self._key, frame.pump_id))
+        try:
+            message = message_from_frame(frame, received_at)
+        except MessageError as exc:
+            self._quarantine(
+                batch, source, exc.kind, exc.reason, frame.raw, received_at, frame.pump_id
+            )
+            return
+        if not self._note_seq(message.pump_id, message.boot_id, message.seq):
+            self.counts.duplicates += 1
+            return
+        if self._key is not None and isinstance(message, DeviceInfo):
+            message = message.model_copy(update={"serial": pseudonym(self._key, message.serial)})
+        self._accept(message, received_at, batch)
+
+    def _accept(self, message: DeviceMessageModel, now: datetime, batch: Batch) -> None:
+        self.counts.accepted += 1
+        self.counts.accepted_by_kind[message.kind] += 1
+        batch.records.append(
+            OutRecord(
+                message.kind,
+                message.record_id,
+                message.pump_id,
+                message.model_dump_json().encode(),
+                line_for(message, self.tags),
+                message.kind in RETAINED_KINDS,
+            )
+        )
+        self._add_transitions(self.engine.on_message(message, now), now, batch)
+        self._update_view(message, now, batch)
+
+    def _update_view(self, message: DeviceMessageModel, now: datetime, batch: Batch) -> None:
+        view = self.pumps.get(message.pump_id)
+        if view is None:
+            view = self.pumps[message.pump_id] = PumpView(message.pump_id)
+        changed = view.telemetry != "ok"
+        view.telemetry = "ok"
+        view.last_received_s = now.timestamp()
+        view.last_record_id = message.record_id
+        view.last_device_time = message.device_time
+        if isinstance(message, Reading):
+            changed |= (view.pump_state, view.battery_state) != (
+                message.pump_state.value,
+                message.battery_state.value,
+            )
+            view.readings += 1
+            view.drug = message.drug.value
+            view.reservoir_ml = message.reservoir_ml
+            view.low_reservoir_alarm_ml = message.low_reservoir_alarm_ml
+            view.pump_state = message.pump_state.value
+            view.battery_state = message.battery_state.value
+        elif isinstance(message, DeviceInfo):
+            view.drug = message.drug.value
+        if changed or now.timestamp() - view.status_sent_s >= self._status_interval_s:
+            batch.records.append(self._status_record(view, now))
+
+    def _status_record(self, view: PumpView, now: datetime) -> OutRecord:
+        view.status_sent_s = now.timestamp()
+        status = PumpStatus(
+            pump_id=view.pump_id,
+            telemetry="ok" if view.telemetry == "ok" else "lost",
+            at=now,
+            last_record_id=view.last_record_id,
+            last_device_time=view.last_device_time,
+            reservoir_ml=view.reservoir_ml,
+            pump_state=view.pump_state,  # type: ignore[arg-type]
+            battery_state=view.battery_state,  # type: ignore[arg-type]
+        )
+        return OutRecord(
+            "pump_status",
+            f"{view.pump_id}:status:{now.timestamp():.6f}",
+            view.pump_id,
+            status.model_dump_json().encode(),
+            None,
+            True,
+        )
+
+    def _add_transitions(
+        self, transitions: list[AlertTransition], now: datetime, batch: Batch
+    ) -> None:
+        if not transitions:
+            return
+        batch.alerts_changed = True
+        touched: dict[str, None] = {}
+        for transition in transitions:
+            self.counts.alerts += 1
+            self.recent_alerts.append(transition)
+            touched[transition.pump_id] = None
+            batch.records.append(
+                OutRecord(
+                    "alert",
+                    transition.transition_id,
+                    transition.pump_id,
+                    transition.model_dump_json().encode(),
+                    line_for(transition, self.tags),
+                )
+            )
+            if transition.alert_kind == "telemetry_lost" and transition.pump_id in self.pumps:
+                view = self.pumps[transition.pump_id]
+                view.telemetry = "ok" if transition.phase.value == "end" else "lost"
+                batch.records.append(self._status_record(view, now))
+        for pump_id in touched:
+            active = ActiveAlerts(
+                pump_id=pump_id, at=now, alerts=self.engine.active_alerts(pump_id)
+            )
+            batch.records.append(
+                OutRecord(
+                    "active_alerts",
+                    f"{pump_id}:active:{now.timestamp():.6f}",
+                    pump_id,
+                    active.model_dump_json().encode(),
+                    None,
+                    True,
+                )
+            )
+
+    def tick(self, now_s: float, batch: Batch) -> None:
+        """Wall-clock checks (telemetry lost)."""
+        now = _to_datetime(now_s)
+        self._add_transitions(self.engine.on_tick(now), now, batch)
+
+    def condition(  # noqa: PLR0913
+        self,
+        kind: str,
+        active: bool,
+        text: str,
+        value: float,
+        threshold: float,
+        now_s: float,
+        batch: Batch,
+        *,
+        high: bool,
+    ) -> None:
+        """A condition the gateway detects about itself (outbox filling up)."""
+        now = _to_datetime(now_s)
+        transitions = self.engine.set_condition(
+            "_gateway",
+            kind,
+            active,
+            priority=Priority.HIGH if high else Priority.MEDIUM,
+            alert_type=AlertType.TECHNICAL,
+            latching=False,
+            text=text,
+            value=value,
+            threshold=threshold,
+            unit="records",
+            now=now,
+        )
+        self._add_transitions(transitions, now, batch)
+
+    def operator_ack(self, payload: bytes, now_s: float, batch: Batch) -> str | None:
+        """Apply an operator's acknowledgement; return an error text when it is refused."""
+        now = _to_datetime(now_s)
+        try:
+            ack = Acknowledgement.model_validate_json(payload)
+        except ValidationError as exc:
+            self.counts.acks_rejected += 1
+            return f"acknowledgement rejected: {describe_errors(exc.errors())}"
+        if self._ack_allowed is not None and ack.by not in self._ack_allowed:
+            self.counts.acks_rejected += 1
+            return f"acknowledgement rejected: operator {ack.by!r} is not on the allow-list"
+        self.counts.acks_in += 1
+        self._add_transitions(self.engine.on_acknowledgement(ack, now), now, batch)
+        return None
+
+    def poisoned_point(
+        self, record_id: str, line: bytes, reason: str, now_s: float, batch: Batch
+    ) -> None:
+        """The time-series database refused a point for good: quarantine it with its reason."""
+        self._quarantine(
+            batch, "influx", "influx_rejected", f"{record_id}: {reason}", line, _to_datetime(now_s)
+        )
+
+    def _quarantine(
+        self,
+        batch: Batch,
+        source: str,
+        kind: str,
+        reason: str,
+        raw: bytes,
+        received_at: datetime,
+        pump_id: str | None = None,
+    ) -> None:
+        self.counts.quarantined[kind] += 1
+        self._quarantine_n += 1
+        entry = Quarantined(
+            quarantine_id=f"q:{received_at.timestamp():.6f}:{self._quarantine_n}",
+            source=source,
+            reason_kind=kind,
+            reason=reason[:1000],
+            raw_hex=raw[:4096].hex(),
+            received_at=received_at,
+            pump_id=pump_id if pump_id and len(pump_id) <= 64 else None,
+        )
+        batch.quarantined.append(entry)
+        batch.records.append(
+            OutRecord("quarantine", entry.quarantine_id, None, entry.model_dump_json().encode())
+        )

@@ -1,0 +1,457 @@
+"""The service loop: sources -> pipeline -> outbox -> sinks, and the threads that run them.
+
+Data flows one way. Source threads decode bytes and hand items to one ingest
+thread through a bounded queue (a full queue stops the readers: back-pressure).
+The ingest thread validates, evaluates alerts, commits everything to the outbox
+in one transaction per batch, then acknowledges the frames to the device and
+wakes the sinks. Sinks run in their own threads and advance their own cursors.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway import __version__
+from gateway.adapters.influx import InfluxSink
+from gateway.adapters.mqtt import MqttSink
+from gateway.adapters.serial_port import SerialSource
+from gateway.config import Settings, pseudonymize_key
+from gateway.health import HealthServer, Observation, SinkObservation, SourceObservation
+from gateway.outbox import Outbox, OutboxError, OutboxFull, OutRecord
+from gateway.pipeline import AckKey, Batch, Pipeline
+from gateway.points import PointTags
+from gateway.quiet import QuietLog
+from gateway.rules import AlertEngine
+from gateway.topics import TopicBase
+from schemas.codec import Frame, FrameDecoder, FrameError, encode_ack
+from schemas.models import GatewayStatus
+
+log = logging.getLogger(__name__)
+
+INGEST_QUEUE_ITEMS = 1000
+"""Reads waiting for the ingest thread; when full, sources stop reading (back-pressure)."""
+BATCH_MAX_ITEMS = 200
+TICK_S = 1.0
+COMPACT_EVERY_S = 60.0
+ENGINE_SNAPSHOT_EVERY_S = 5.0
+RETRY_COMMIT_S = 1.0
+RECENT_IDS_ON_START = 50_000
+ENGINE_STATE_KEY = "alert_engine"
+
+
+@dataclass
+class SinkSet:
+    """The sinks the service drains the outbox to."""
+
+    mqtt: MqttSink | None = None
+    influx: InfluxSink | None = None
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        return [n for n, s in (("mqtt", self.mqtt), ("influx", self.influx)) if s is not None]
+
+
+class Gateway:
+    """One gateway: owns the outbox, the pipeline, the sources and the sinks."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.session_id = uuid.uuid4().hex[:12]
+        self.started_s = time.time()
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(INGEST_QUEUE_ITEMS)
+        self._status_seq = 0
+        self._quiet = QuietLog(log)
+        self._full = False
+        self._near_full = False
+        self._sources_seen: tuple[bool, ...] = ()
+        self._batches_done = 0
+        sink_names = ["mqtt"] + (["influx"] if settings.influx is not None else [])
+        store = settings.store
+        self.outbox = Outbox(
+            store.path,
+            sink_names,
+            durability=store.durability,
+            max_pending=store.max_pending_records,
+            retention_s=store.retention_days * 86400,
+        )
+        self.pipeline = self._build_pipeline()
+        self.topics = TopicBase(
+            prefix=settings.mqtt.topic_prefix,
+            site=settings.gateway.site,
+            station=settings.gateway.station,
+        )
+        self.sources = [SerialSource(s, self._deliver) for s in settings.sources]
+        self.sinks = self._build_sinks()
+        self._threads: list[threading.Thread] = []
+
+    def _build_pipeline(self) -> Pipeline:
+        engine = AlertEngine(self.settings.alerts, self.outbox.load_state(ENGINE_STATE_KEY))
+        gw = self.settings.gateway
+        pipeline = Pipeline(
+            engine,
+            PointTags(site=gw.site, station=gw.station),
+            pseudonymize_key=pseudonymize_key(gw),
+            status_interval_s=gw.status_interval_s,
+            ack_allowed=frozenset(gw.ack_allowed) if gw.ack_allowed is not None else None,
+        )
+        pipeline.remember(self.outbox.recent_record_ids(RECENT_IDS_ON_START))
+        return pipeline
+
+    def _build_sinks(self) -> SinkSet:
+        sinks = SinkSet()
+        sinks.mqtt = MqttSink(
+            self.settings.mqtt,
+            self.outbox,
+            self.topics,
+            birth=self._gateway_status("online"),
+            will=self._gateway_status("offline"),
+            on_ack=self._on_operator_ack,
+        )
+        if self.settings.influx is not None:
+            sinks.influx = InfluxSink(self.settings.influx, self.outbox, on_poison=self._on_poison)
+        return sinks
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every thread; returns at once."""
+        self._spawn("ingest", self._ingest_loop)
+        for source in self.sources:
+            self._spawn(f"source {source.label}", source.run, self.stop_event)
+        if self.sinks.mqtt is not None:
+            self._spawn("mqtt sink", self.sinks.mqtt.run, self.stop_event, self.wake)
+        if self.sinks.influx is not None:
+            self._spawn("influx sink", self.sinks.influx.run, self.stop_event, self.wake)
+        log.info(
+            "gateway %s/%s started (session %s); sources: %s",
+            self.settings.gateway.site,
+            self.settings.gateway.station,
+            self.session_id,
+            ", ".join(s.label for s in self.sources) or "none",
+        )
+
+    def _spawn(self, name: str, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop reading, commit what was read, let sinks finish in-flight work, close."""
+        self.stop_event.set()
+        self.wake.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.1, deadline - time.monotonic()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            log.warning("threads still running at shutdown: %s", ", ".join(alive))
+        if self.sinks.mqtt is not None:
+            self.sinks.mqtt.close()
+        self.outbox.close()
+        log.info("gateway stopped")
+
+    # -- ingest ------------------------------------------------------------------
+
+    def _deliver(self, source: SerialSource, received_s: float, items: list[Frame | FrameError]) -> bool:
+        """Called on a source thread: queue the items, waiting while the ingest is behind."""
+        while not self.stop_event.is_set():
+            try:
+                self._queue.put(("frames", source, received_s, items), timeout=0.5)
+                return True
+            except queue.Full:
+                self._quiet.warning("ingest", "ingest queue full: reading paused (back-pressure)")
+        return False
+
+    def _on_operator_ack(self, payload: bytes) -> None:
+        """Called on paho's thread: hand the payload over, nothing more."""
+        try:
+            self._queue.put_nowait(("ack", payload))
+        except queue.Full:
+            log.warning("acknowledgement dropped because the gateway is saturated; resend it")
+
+    def _on_poison(self, record_id: str, line: bytes, reason: str) -> None:
+        """Called on the influx sink's thread when the database rejects a point for good."""
+        self._queue.put(("poison", record_id, line, reason))
+
+    def _ingest_loop(self) -> None:
+        next_tick = time.monotonic()
+        next_snapshot = next_compact = time.monotonic()
+        while True:
+            items = self._take_batch(timeout_s=max(0.0, next_tick - time.monotonic()))
+            if not items and self.stop_event.is_set() and self._queue.empty():
+                return
+            batch = Batch()
+            for item in items:
+                self._apply(item, batch)
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK_S
+                self.pipeline.tick(time.time(), batch)
+                self._check_fill(batch)
+            self._check_sources(batch)
+            snapshot = batch.alerts_changed or now >= next_snapshot
+            if snapshot:
+                next_snapshot = now + ENGINE_SNAPSHOT_EVERY_S
+            self._commit(batch, snapshot)
+            self._batches_done += 1
+            if now >= next_compact:
+                next_compact = now + COMPACT_EVERY_S
+                self.outbox.compact(time.time())
+
+    def _take_batch(self, timeout_s: float) -> list[tuple[Any, ...]]:
+        try:
+            items = [self._queue.get(timeout=timeout_s)]
+        except queue.Empty:
+            return []
+        while len(items) < BATCH_MAX_ITEMS:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def _apply(self, item: tuple[Any, ...], batch: Batch) -> None:
+        kind = item[0]
+        if kind == "frames":
+            _, source, received_s, frames = item
+            self.pipeline.frames(source.label, received_s, frames, batch)
+        elif kind == "capture":
+            _, label, received_s, frames = item
+            self.pipeline.frames(label, received_s, frames, batch)
+        elif kind == "ack":
+            error = self.pipeline.operator_ack(item[1], time.time(), batch)
+            if error:
+                self._quiet.warning("operator-ack", error)
+        elif kind == "poison":
+            _, record_id, line, reason = item
+            self.pipeline.poisoned_point(record_id, line, reason, time.time(), batch)
+        for entry in batch.quarantined:
+            self._quiet.warning(f"quarantine:{entry.reason_kind}", "quarantined: %s (source %s)",
+                                entry.reason, entry.source)
+        batch.quarantined.clear()
+
+    def _commit(self, batch: Batch, snapshot: bool) -> None:
+        if not batch.records and not snapshot:
+            return
+        state = {ENGINE_STATE_KEY: self.pipeline.engine.snapshot()} if snapshot else None
+        while True:
+            try:
+                self.outbox.append(batch.records, state)
+                break
+            except OutboxFull as exc:
+                self._on_full(str(exc))
+            except OutboxError as exc:
+                self._quiet.error("outbox", "outbox write failed, retrying: %s", exc)
+            if self.stop_event.wait(RETRY_COMMIT_S) and self._queue.empty():
+                log.error("stopping with %d records not stored; the device will resend them",
+                          len(batch.records))
+                return
+        self._set_full(False)
+        self.wake.set()
+        self._send_acks(batch.acks)
+
+    def _send_acks(self, acks: dict[AckKey, int]) -> None:
+        by_label = {s.label: s for s in self.sources}
+        for key, seq in acks.items():
+            source = by_label.get(key.source)
+            if source is not None:
+                source.send(encode_ack(key.pump_id, key.boot_id, seq))
+
+    # -- outbox fill -------------------------------------------------------------
+
+    def _on_full(self, reason: str) -> None:
+        if not self._full:
+            log.error("outbox full, reading paused until the sinks catch up: %s", reason)
+        self._set_full(True)
+
+    def _set_full(self, full: bool) -> None:
+        """Raise or end the outbox_full technical alert (stored through the reserve)."""
+        if full == self._full:
+            return
+        self._full = full
+        batch = Batch()
+        self.pipeline.condition(*self._full_condition(full), time.time(), batch, high=True)
+        try:
+            self.outbox.append(batch.records)
+        except OutboxError as exc:
+            log.error("cannot store the outbox_full alert: %s", exc)
+
+    def _full_condition(self, full: bool) -> tuple[str, bool, str, float, float]:
+        limit = float(self.outbox.max_pending)
+        text = (
+            "Outbox full: the gateway has stopped accepting pump telemetry until MQTT or "
+            "InfluxDB catch up; nothing has been dropped."
+        )
+        return "outbox_full", full, text, float(self.outbox.pending()), limit
+
+    def _check_fill(self, batch: Batch) -> None:
+        limit = self.outbox.max_pending
+        pending = self.outbox.pending()
+        warn = self.settings.store.warn_at_fraction
+        near = pending >= warn * limit
+        clear = pending < 0.9 * warn * limit
+        if near != self._near_full and (near or clear):
+            self._near_full = near
+            text = (
+                f"Outbox {pending / limit:.0%} full ({pending} records wait for delivery): "
+                "check the MQTT broker and InfluxDB."
+            )
+            self.pipeline.condition(
+                "outbox_near_full", near, text, float(pending), warn * limit, time.time(),
+                batch, high=False,
+            )
+
+    # -- status ------------------------------------------------------------------
+
+    def _gateway_status(self, state: str) -> bytes:
+        self._status_seq += 1
+        status = GatewayStatus(
+            site=self.settings.gateway.site,
+            station=self.settings.gateway.station,
+            session_id=self.session_id,
+            seq=self._status_seq,
+            state=state,  # type: ignore[arg-type]
+            at=datetime.now(UTC),
+            version=__version__,
+            sources=tuple(s.status() for s in self.sources),
+        )
+        return status.model_dump_json().encode()
+
+    def _check_sources(self, batch: Batch) -> None:
+        """Store a gateway status record when a source connects or drops."""
+        connected = tuple(s.connected for s in self.sources)
+        if connected == self._sources_seen:
+            return
+        self._sources_seen = connected
+        payload = self._gateway_status("online")
+        batch.records.append(
+            OutRecord(
+                "gateway_status",
+                f"gateway:{self.session_id}:{self._status_seq}",
+                None,
+                payload,
+                None,
+                True,
+            )
+        )
+
+    # -- observation ---------------------------------------------------------------
+
+    def observe(self) -> Observation:
+        """A consistent-enough reading of counters and backlogs for /healthz, /metrics, the view."""
+        counts = self.pipeline.counts
+        now_s = time.time()
+        sinks = []
+        for name in self.sinks.names():
+            sink = self.sinks.mqtt if name == "mqtt" else self.sinks.influx
+            assert sink is not None
+            backlog, oldest_s = self.outbox.backlog(name)
+            health = sink.health()
+            sinks.append(
+                SinkObservation(
+                    name=name,
+                    connected=bool(health.get("connected")),
+                    backlog_records=backlog,
+                    oldest_age_s=None if oldest_s is None else max(0.0, now_s - oldest_s),
+                    delivered=int(health.get("published", health.get("written", 0)) or 0),
+                    last_error=health.get("last_error"),
+                    extra={k: int(v) for k, v in health.items()
+                           if isinstance(v, int) and not isinstance(v, bool)
+                           and k not in ("published", "written")},
+                )
+            )
+        lost = sum(1 for p in list(self.pipeline.pumps.values()) if p.telemetry != "ok")
+        return Observation(
+            uptime_s=now_s - self.started_s,
+            frames_in=counts.frames_in,
+            accepted_by_kind=dict(counts.accepted_by_kind),
+            quarantined_by_reason=dict(counts.quarantined),
+            duplicates=counts.duplicates,
+            alert_transitions=counts.alerts,
+            acks_in=counts.acks_in,
+            acks_rejected=counts.acks_rejected,
+            outbox_pending=self.outbox.pending(),
+            outbox_max_pending=self.outbox.max_pending,
+            outbox_full=self._full,
+            sources=tuple(
+                SourceObservation(s.label, s.connected, s.reconnects, s.bytes_in, s.last_error)
+                for s in self.sources
+            ),
+            sinks=tuple(sinks),
+            pumps_total=len(self.pipeline.pumps),
+            pumps_telemetry_lost=lost,
+            max_backlog_age_s=self.settings.health.max_backlog_age_s,
+        )
+
+    def feed(self, label: str, data: bytes, received_s: float | None = None) -> None:
+        """Push bytes from a capture through the same path as a live line (pumpgw replay)."""
+        decoder = FrameDecoder()
+        items: list[Frame | FrameError] = [*decoder.feed(data), *decoder.flush()]
+        self._queue.put(("capture", label, received_s or time.time(), items))
+
+    def drain(self, timeout_s: float = 30.0) -> bool:
+        """Wait until everything queued so far is committed (used by replay and tests)."""
+        deadline = time.monotonic() + timeout_s
+        target = self._batches_done + 2
+        while time.monotonic() < deadline:
+            if self._queue.empty() and self._batches_done >= target:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def wait_delivered(self, timeout_s: float) -> bool:
+        """Wait until every sink has delivered everything stored."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(self.outbox.backlog(n)[0] == 0 for n in self.sinks.names()):
+                return True
+            self.wake.set()
+            time.sleep(0.05)
+        return False
+
+
+def run_gateway(settings: Settings, stop: threading.Event) -> None:
+    """Run until `stop` is set: the body of `pumpgw run`."""
+    gateway = Gateway(settings)
+    health = HealthServer(settings.health.listen, gateway.observe) if settings.health.listen else None
+    if health is not None:
+        health.start()
+        log.info("health on http://%s/healthz and /metrics", settings.health.listen)
+    gateway.start()
+    try:
+        stop.wait()
+    finally:
+        gateway.stop()
+        if health is not None:
+            health.stop()
+
+
+def replay_capture(settings: Settings, capture: Path) -> dict[str, int]:
+    """Feed a capture file through the pipeline, wait for delivery, return the accounting."""
+    data = capture.read_bytes()
+    gateway = Gateway(settings.model_copy(update={"sources": []}))
+    gateway.start()
+    try:
+        gateway.feed(f"replay:{capture.name}", data)
+        gateway.drain()
+        gateway.wait_delivered(60.0)
+    finally:
+        gateway.stop()
+    counts = gateway.pipeline.counts
+    return {
+        "frames_in": counts.frames_in,
+        "accepted": counts.accepted,
+        "quarantined": sum(counts.quarantined.values()),
+        "duplicates": counts.duplicates,
+        "alert_transitions": counts.alerts,
+    }

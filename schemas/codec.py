@@ -1,0 +1,362 @@
+"""The serial wire protocol: framing, checksum and an incremental decoder.
+
+Pure: no I/O, no clock. Specified in docs/protocol.md. A frame is one ASCII line:
+
+    $PGW1,R,P0001,3fa2c1d0,42,{"device_time":...}*1A2B3C4D\\r\\n
+
+`$` starts a frame and never appears inside one (the encoder escapes it in JSON
+as \\u0024); `\\n` ends it. The checksum is CRC-32/ISO-HDLC (zlib.crc32) of the
+bytes between `$` and `*`, as 8 upper-case hex digits.
+
+Resynchronisation: outside a frame, bytes up to the next `$` are garbage
+(reported once per run). A `$` inside a frame means the frame was truncated:
+it is reported and a new frame starts there. A frame longer than
+MAX_FRAME_BYTES is reported and the rest of it is skipped up to the next `$`
+or `\\n`. The decoder never holds more than MAX_FRAME_BYTES of either.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from schemas.models import (
+    DeviceEvent,
+    DeviceInfo,
+    DeviceMessageModel,
+    Reading,
+    describe_errors,
+)
+
+PROTOCOL_VERSION: Final = 1
+SUPPORTED_PROTOCOL_VERSIONS: Final = frozenset({1})
+MAX_FRAME_BYTES: Final = 2048
+"""Longest frame, from `$` to `\\n` inclusive."""
+MAX_GARBAGE_KEPT_BYTES: Final = 256
+"""How much of a garbage run is kept for quarantine; the rest is only counted."""
+MAX_VERSION_DIGITS: Final = 4
+"""Longer version fields are malformed (keeps int() away from huge digit strings)."""
+BLANK: Final = b"\r\n"
+
+START: Final = b"$"
+END: Final = b"\n"
+MAGIC: Final = b"PGW"
+
+TYPE_INFO: Final = "I"
+TYPE_READING: Final = "R"
+TYPE_EVENT: Final = "E"
+TYPE_ACK: Final = "A"
+"""Gateway to device: every frame of this pump and boot up to `seq` is stored durably."""
+MODEL_BY_TYPE: Final[dict[str, type[DeviceMessageModel]]] = {
+    TYPE_INFO: DeviceInfo,
+    TYPE_READING: Reading,
+    TYPE_EVENT: DeviceEvent,
+}
+TYPE_BY_KIND: Final = {"info": TYPE_INFO, "reading": TYPE_READING, "event": TYPE_EVENT}
+ENVELOPE_FIELDS: Final = frozenset(
+    {"schema_version", "kind", "pump_id", "boot_id", "seq", "received_at"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A frame whose framing and checksum are good; the payload is still unvalidated JSON."""
+
+    version: int
+    msg_type: str
+    pump_id: str
+    boot_id: str
+    seq: int
+    payload: bytes
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FrameError:
+    """Bytes that are not a good frame, with a machine kind and a human reason.
+
+    Kinds: garbage, truncated, oversized, checksum, malformed, unsupported_version,
+    unknown_type.
+    """
+
+    kind: str
+    reason: str
+    raw: bytes
+    length: int
+
+
+class MessageError(ValueError):
+    """A good frame whose payload is not a valid message."""
+
+    def __init__(self, kind: str, reason: str, frame: Frame) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.frame = frame
+
+
+def crc32_hex(body: bytes) -> bytes:
+    """The frame checksum: CRC-32/ISO-HDLC as 8 upper-case hex digits."""
+    return b"%08X" % zlib.crc32(body)
+
+
+def encode_frame(msg_type: str, pump_id: str, boot_id: str, seq: int, payload: bytes) -> bytes:
+    """Build one frame around an already-encoded JSON payload."""
+    if b"$" in payload or b"\n" in payload:
+        raise ValueError("payload must not contain '$' or a newline (use encode_payload)")
+    body = b"PGW%d,%s,%s,%s,%d,%s" % (
+        PROTOCOL_VERSION,
+        msg_type.encode("ascii"),
+        pump_id.encode("ascii"),
+        boot_id.encode("ascii"),
+        seq,
+        payload,
+    )
+    return b"$" + body + b"*" + crc32_hex(body) + b"\r\n"
+
+
+def encode_payload(fields: dict[str, Any]) -> bytes:
+    """Compact ASCII JSON with `$` escaped, safe inside a frame."""
+    text = json.dumps(fields, separators=(",", ":"), ensure_ascii=True)
+    return text.replace("$", "\\u0024").encode("ascii")
+
+
+def encode_message(message: DeviceMessageModel) -> bytes:
+    """Encode a device message model as a frame (what a pump or bridge sends)."""
+    fields = message.model_dump(mode="json", exclude=set(ENVELOPE_FIELDS), exclude_none=True)
+    return encode_frame(
+        TYPE_BY_KIND[message.kind],
+        message.pump_id,
+        message.boot_id,
+        message.seq,
+        encode_payload(fields),
+    )
+
+
+def encode_ack(pump_id: str, boot_id: str, seq: int) -> bytes:
+    """The gateway's acknowledgement: frames of this pump and boot up to `seq` are stored."""
+    return encode_frame(TYPE_ACK, pump_id, boot_id, seq, b"{}")
+
+
+def parse_frame(raw: bytes) -> Frame | FrameError:
+    """Check one complete line (from `$` to `\\n`) and split its header."""
+    line = raw.rstrip(b"\r\n")
+    star = line.rfind(b"*")
+    if star == -1 or len(line) - star - 1 != 8:
+        return FrameError("malformed", "no '*' followed by an 8-digit checksum", raw, len(raw))
+    body = line[1:star]
+    if line[star + 1 :].upper() != crc32_hex(body):
+        return FrameError(
+            "checksum",
+            f"CRC-32 mismatch: frame says {line[star + 1 :].decode('ascii', 'replace')}, "
+            f"bytes give {crc32_hex(body).decode()}",
+            raw,
+            len(raw),
+        )
+    return _split_header(body, raw)
+
+
+def _split_header(body: bytes, raw: bytes) -> Frame | FrameError:
+    parts = body.split(b",", 5)
+    if len(parts) != 6 or not parts[0].startswith(MAGIC):
+        reason = "header is not PGW<version>,type,pump,boot,seq,"
+        return FrameError("malformed", reason, raw, len(raw))
+    version_text = parts[0][len(MAGIC) :]
+    if not version_text.isdigit() or len(version_text) > MAX_VERSION_DIGITS:
+        return FrameError("malformed", "protocol version is not a small number", raw, len(raw))
+    version = int(version_text)
+    if version not in SUPPORTED_PROTOCOL_VERSIONS:
+        supported = ", ".join(str(v) for v in sorted(SUPPORTED_PROTOCOL_VERSIONS))
+        return FrameError(
+            "unsupported_version",
+            f"protocol version {version} is not supported (supported: {supported})",
+            raw,
+            len(raw),
+        )
+    msg_type = parts[1].decode("ascii", "replace")
+    if msg_type not in MODEL_BY_TYPE and msg_type != TYPE_ACK:
+        return FrameError("unknown_type", f"unknown message type {msg_type!r}", raw, len(raw))
+    if not parts[4].isdigit() or len(parts[4]) > 10:
+        return FrameError("malformed", "sequence number is not an unsigned integer", raw, len(raw))
+    return Frame(
+        version,
+        msg_type,
+        parts[2].decode("ascii", "replace"),
+        parts[3].decode("ascii", "replace"),
+        int(parts[4]),
+        parts[5],
+        raw,
+    )
+
+
+class FrameDecoder:
+    """Incremental decoder: feed any chunks of bytes, get frames and errors in order."""
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self._max = max_frame_bytes
+        self._frame = bytearray()
+        self._in_frame = False
+        self._skipping = False
+        self._skipped = 0
+        self._garbage = bytearray()
+        self._garbage_len = 0
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held right now; never more than max_frame_bytes plus the kept garbage."""
+        return len(self._frame) + len(self._garbage)
+
+    def feed(self, data: bytes) -> list[Frame | FrameError]:
+        out: list[Frame | FrameError] = []
+        pos, size = 0, len(data)
+        while pos < size:
+            if self._skipping:
+                pos = self._skip_oversized(data, pos, out)
+            elif self._in_frame:
+                pos = self._read_frame(data, pos, out)
+            else:
+                pos = self._read_idle(data, pos, out)
+        return out
+
+    def flush(self) -> list[FrameError]:
+        """Report whatever is held (at end of stream): a partial frame or a garbage run."""
+        out: list[Frame | FrameError] = []
+        if self._in_frame and self._frame:
+            out.append(self._truncated("stream ended inside a frame"))
+        elif self._skipping:
+            out.append(self._oversized())
+        self._emit_garbage(out)
+        self._in_frame = self._skipping = False
+        return [e for e in out if isinstance(e, FrameError)]
+
+    def _read_idle(self, data: bytes, pos: int, out: list[Frame | FrameError]) -> int:
+        start = data.find(START, pos)
+        end = len(data) if start == -1 else start
+        if end > pos:
+            self._note_garbage(data[pos:end], out)
+        if start == -1:
+            return len(data)
+        self._emit_garbage(out)
+        self._in_frame = True
+        self._frame += START
+        return start + 1
+
+    def _read_frame(self, data: bytes, pos: int, out: list[Frame | FrameError]) -> int:
+        newline = data.find(END, pos)
+        limit = len(data) if newline == -1 else newline
+        restart = data.find(START, pos, limit)
+        chunk_end = limit if newline == -1 else newline + 1
+        stop = chunk_end if restart == -1 else restart
+        # Check the size before the restart, or a frame could grow past the cap.
+        if len(self._frame) + (stop - pos) > self._max:
+            return self._start_skipping(data, pos, out)
+        if restart != -1:
+            self._frame += data[pos:restart]
+            out.append(self._truncated("a new '$' arrived before the frame's end"))
+            return restart
+        self._frame += data[pos:chunk_end]
+        if newline != -1:
+            out.append(parse_frame(bytes(self._frame)))
+            self._frame.clear()
+            self._in_frame = False
+        return chunk_end
+
+    def _start_skipping(self, data: bytes, pos: int, out: list[Frame | FrameError]) -> int:
+        room = self._max - len(self._frame)
+        self._frame += data[pos : pos + room]
+        self._skipped = 0
+        self._in_frame = False
+        self._skipping = True
+        return pos + room
+
+    def _skip_oversized(self, data: bytes, pos: int, out: list[Frame | FrameError]) -> int:
+        newline = data.find(END, pos)
+        limit = len(data) if newline == -1 else newline
+        restart = data.find(START, pos, limit)
+        stop = restart if restart != -1 else limit
+        self._skipped += stop - pos
+        if restart != -1:
+            out.append(self._oversized())
+            return restart
+        if newline != -1:
+            self._skipped += 1
+            out.append(self._oversized())
+            return newline + 1
+        return len(data)
+
+    def _oversized(self) -> FrameError:
+        length = len(self._frame) + self._skipped
+        error = FrameError(
+            "oversized",
+            f"frame longer than {self._max} bytes (at least {length}); skipped to the next frame",
+            bytes(self._frame),
+            length,
+        )
+        self._frame.clear()
+        self._skipping = False
+        return error
+
+    def _truncated(self, why: str) -> FrameError:
+        raw = bytes(self._frame)
+        self._frame.clear()
+        self._in_frame = False
+        return FrameError("truncated", f"truncated frame of {len(raw)} bytes: {why}", raw, len(raw))
+
+    def _note_garbage(self, chunk: bytes, out: list[Frame | FrameError]) -> None:
+        if not self._garbage_len:
+            # Blank lines between frames are allowed: a run starts at its first other
+            # byte, wherever the chunks were split.
+            chunk = chunk.lstrip(BLANK)
+            if not chunk:
+                return
+        room = MAX_GARBAGE_KEPT_BYTES - len(self._garbage)
+        self._garbage += chunk[:room]
+        self._garbage_len += len(chunk)
+
+    def _emit_garbage(self, out: list[Frame | FrameError]) -> None:
+        if self._garbage_len:
+            out.append(
+                FrameError(
+                    "garbage",
+                    f"{self._garbage_len} bytes outside any frame",
+                    bytes(self._garbage),
+                    self._garbage_len,
+                )
+            )
+        self._garbage.clear()
+        self._garbage_len = 0
+
+
+def message_from_frame(frame: Frame, received_at: datetime) -> DeviceMessageModel:
+    """Validate a frame's payload into its model; raise MessageError with a readable reason."""
+    model = MODEL_BY_TYPE.get(frame.msg_type)
+    if model is None:
+        raise MessageError(
+            "unexpected_type", f"message type {frame.msg_type!r} is not sent to the gateway", frame
+        )
+    try:
+        fields = json.loads(frame.payload)
+    except (ValueError, RecursionError) as exc:
+        raise MessageError("invalid_json", f"payload is not JSON: {exc}", frame) from exc
+    if not isinstance(fields, dict):
+        raise MessageError("invalid_json", "payload is not a JSON object", frame)
+    clash = ENVELOPE_FIELDS.intersection(fields)
+    if clash:
+        raise MessageError(
+            "invalid_message", f"payload repeats header fields: {sorted(clash)}", frame
+        )
+    fields["pump_id"] = frame.pump_id
+    fields["boot_id"] = frame.boot_id
+    fields["seq"] = frame.seq
+    fields["received_at"] = received_at
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise MessageError("invalid_message", describe_errors(exc.errors()), frame) from exc
+    except RecursionError as exc:  # pragma: no cover - json.loads refuses such depth first
+        raise MessageError("invalid_message", "payload is nested too deeply", frame) from exc
