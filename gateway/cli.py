@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 
 from gateway import __version__
-from gateway.config import ConfigError, Settings, environment_keys, load_settings
+from gateway.config import ConfigError, environment_keys, load_settings
 
 log = logging.getLogger("pumpgw")
 
@@ -159,13 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
         "a live view. Ctrl-C stops everything.",
     )
     demo.add_argument("--pumps", type=int, default=10, help="number of simulated pumps (10)")
-    demo.add_argument("--speed", type=float, default=1800.0,
-                      help="simulated seconds per real second (1800: an hour every 2 s)")
+    demo.add_argument(
+        "--speed",
+        type=float,
+        default=1800.0,
+        help="simulated seconds per real second (1800: an hour every 2 s)",
+    )
     demo.add_argument("--seed", type=int, default=7, help="simulator seed")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     demo.add_argument("--no-view", action="store_true", help="log lines instead of the live view")
-    demo.add_argument("--workdir", type=Path, default=None,
-                      help="keep the outbox and logs here (default: a temporary directory)")
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep the outbox and logs here (default: a temporary directory)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     tail = sub.add_parser("tail", help="subscribe and pretty-print the topic tree")

@@ -52,7 +52,9 @@ class GatewaySection(Section):
         "anything leaves the station; also PUMPGW_GATEWAY__PSEUDONYMIZE_KEY",
     )
     pseudonymize_key_file: Path | None = None
-    status_interval_s: float = Field(10.0, gt=0, description="how often per-pump status is refreshed")
+    status_interval_s: float = Field(
+        10.0, gt=0, description="how often per-pump status is refreshed"
+    )
     ack_allowed: list[str] | None = Field(
         None,
         description="operators whose acknowledgements are accepted (the Acknowledgement 'by' "
@@ -82,7 +84,9 @@ class StoreSection(Section):
 
 
 class HealthSection(Section):
-    listen: str = Field("127.0.0.1:9108", description="host:port of /healthz and /metrics; '' disables")
+    listen: str = Field(
+        "127.0.0.1:9108", description="host:port of /healthz and /metrics; '' disables"
+    )
     max_backlog_age_s: float = Field(
         300.0, gt=0, description="/healthz is not ready when a sink's oldest record is older"
     )

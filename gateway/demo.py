@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.adapters.mqtt import MqttSettings
 from gateway.adapters.serial_port import SourceSettings
@@ -86,9 +87,25 @@ def demo_broker(workdir: Path) -> Iterator[tuple[int, str]]:
 @contextlib.contextmanager
 def demo_simulator(workdir: Path, pumps: int, speed: float, seed: int) -> Iterator[int]:
     port = free_port()
-    argv = [sys.executable, "-m", "simulator", "--transport", "tcp",
-            "--listen", f"127.0.0.1:{port}", "--pumps", str(pumps), "--scenario", "ward",
-            "--speed", str(speed), "--seed", str(seed), "--interval", str(READING_INTERVAL_S)]
+    argv = [
+        sys.executable,
+        "-m",
+        "simulator",
+        "--transport",
+        "tcp",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--pumps",
+        str(pumps),
+        "--scenario",
+        "ward",
+        "--speed",
+        str(speed),
+        "--seed",
+        str(seed),
+        "--interval",
+        str(READING_INTERVAL_S),
+    ]
     with open(workdir / "pumpsim.log", "wb") as logfile:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=logfile)
     try:
@@ -107,8 +124,9 @@ class DemoOperator:
         self._ack_to = ack_to
         self._due: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pumpgw-demo-operator",
-                                   protocol=mqtt.MQTTv5)
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id="pumpgw-demo-operator", protocol=mqtt.MQTTv5
+        )
         self._client.on_message = self._on_message
         self._client.on_connect = lambda c, u, f, rc, p: c.subscribe(alerts_filter, qos=1)
         self._client.connect_async("127.0.0.1", broker_port)
@@ -146,14 +164,24 @@ def demo_settings(workdir: Path, broker_port: int, sim_port: int) -> Settings:
     )
 
 
-def _loop(gateway: Gateway, operator: DemoOperator, header: str, live_view: bool,
-          until: float, stop: threading.Event) -> None:
+def _loop(
+    gateway: Gateway,
+    operator: DemoOperator,
+    header: str,
+    live_view: bool,
+    until: float,
+    stop: threading.Event,
+) -> None:
     if not live_view:
         while not stop.wait(2.0) and time.monotonic() < until:
             operator.poll()
             obs = gateway.observe()
-            log.info("frames %d accepted %d alerts %d", obs.frames_in,
-                     sum(obs.accepted_by_kind.values()), obs.alert_transitions)
+            log.info(
+                "frames %d accepted %d alerts %d",
+                obs.frames_in,
+                sum(obs.accepted_by_kind.values()),
+                obs.alert_transitions,
+            )
         return
     from rich.live import Live
 
@@ -162,7 +190,9 @@ def _loop(gateway: Gateway, operator: DemoOperator, header: str, live_view: bool
     def frame() -> object:
         pumps = list(gateway.pipeline.pumps.values())
         active = {p.pump_id: gateway.pipeline.engine.active_alerts(p.pump_id) for p in pumps}
-        return render(gateway.observe(), pumps, active, list(gateway.pipeline.recent_alerts), header)
+        return render(
+            gateway.observe(), pumps, active, list(gateway.pipeline.recent_alerts), header
+        )
 
     with Live(frame(), refresh_per_second=VIEW_REFRESH_PER_S, screen=False) as live:  # type: ignore[arg-type]
         while not stop.wait(1 / VIEW_REFRESH_PER_S) and time.monotonic() < until:
@@ -170,23 +200,37 @@ def _loop(gateway: Gateway, operator: DemoOperator, header: str, live_view: bool
             live.update(frame())  # type: ignore[arg-type]
 
 
-def run_demo(*, pumps: int, speed: float, seed: int, duration_s: float | None,
-             live_view: bool, workdir: Path | None, stop: threading.Event) -> int:
+def run_demo(
+    *,
+    pumps: int,
+    speed: float,
+    seed: int,
+    duration_s: float | None,
+    live_view: bool,
+    workdir: Path | None,
+    stop: threading.Event,
+) -> int:
     """Run the demo until Ctrl-C (or `duration_s`); returns the exit code."""
     keep = workdir is not None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="pumpgw-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     until = time.monotonic() + (duration_s if duration_s is not None else float("inf"))
     try:
-        with demo_broker(workdir) as (broker_port, broker_desc), \
-                demo_simulator(workdir, pumps, speed, seed) as sim_port:
+        with (
+            demo_broker(workdir) as (broker_port, broker_desc),
+            demo_simulator(workdir, pumps, speed, seed) as sim_port,
+        ):
             settings = demo_settings(workdir, broker_port, sim_port)
             gateway = Gateway(settings)
             gateway.start()
-            operator = DemoOperator(broker_port, f"{gateway.topics.prefix}/#", ack_topic(gateway.topics))
-            header = (f"broker: {broker_desc}   store: {settings.store.path}   "
-                      f"health: http://{settings.health.listen}/healthz   "
-                      f"{pumps} pumps at {speed:g}x   Ctrl-C to stop")
+            operator = DemoOperator(
+                broker_port, f"{gateway.topics.prefix}/#", ack_topic(gateway.topics)
+            )
+            header = (
+                f"broker: {broker_desc}   store: {settings.store.path}   "
+                f"health: http://{settings.health.listen}/healthz   "
+                f"{pumps} pumps at {speed:g}x   Ctrl-C to stop"
+            )
             log.info("demo: %s", header)
             try:
                 _loop(gateway, operator, header, live_view, until, stop)

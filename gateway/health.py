@@ -82,13 +82,22 @@ def health_report(obs: Observation) -> tuple[bool, dict[str, Any]]:
         "reasons": reasons,
         "uptime_s": round(obs.uptime_s, 1),
         "sources": [
-            {"name": s.name, "connected": s.connected, "reconnects": s.reconnects,
-             "last_error": s.last_error}
+            {
+                "name": s.name,
+                "connected": s.connected,
+                "reconnects": s.reconnects,
+                "last_error": s.last_error,
+            }
             for s in obs.sources
         ],
         "sinks": [
-            {"name": s.name, "connected": s.connected, "backlog_records": s.backlog_records,
-             "oldest_unsent_age_s": s.oldest_age_s, "last_error": s.last_error}
+            {
+                "name": s.name,
+                "connected": s.connected,
+                "backlog_records": s.backlog_records,
+                "oldest_unsent_age_s": s.oldest_age_s,
+                "last_error": s.last_error,
+            }
             for s in obs.sinks
         ],
         "outbox": {"pending": obs.outbox_pending, "max_pending": obs.outbox_max_pending},
@@ -100,8 +109,13 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _metric(out: list[str], name: str, kind: str, help_text: str,
-            samples: list[tuple[dict[str, str], float]]) -> None:
+def _metric(
+    out: list[str],
+    name: str,
+    kind: str,
+    help_text: str,
+    samples: list[tuple[dict[str, str], float]],
+) -> None:
     out.append(f"# HELP {name} {help_text}")
     out.append(f"# TYPE {name} {kind}")
     for labels, value in samples:
@@ -112,45 +126,137 @@ def _metric(out: list[str], name: str, kind: str, help_text: str,
 def render_metrics(obs: Observation) -> str:
     """Prometheus text exposition format."""
     out: list[str] = []
-    _metric(out, "pumpgw_frames_in_total", "counter", "Frames and garbage runs read from sources.",
-            [({}, obs.frames_in)])
-    _metric(out, "pumpgw_records_accepted_total", "counter", "Valid device messages stored.",
-            [({"kind": k}, v) for k, v in sorted(obs.accepted_by_kind.items())])
-    _metric(out, "pumpgw_quarantined_total", "counter", "Rejected frames by reason.",
-            [({"reason": k}, v) for k, v in sorted(obs.quarantined_by_reason.items())])
-    _metric(out, "pumpgw_duplicates_total", "counter", "Frames already stored (resent by device).",
-            [({}, obs.duplicates)])
-    _metric(out, "pumpgw_alert_transitions_total", "counter", "Alert transitions emitted.",
-            [({}, obs.alert_transitions)])
-    _metric(out, "pumpgw_operator_acks_total", "counter", "Operator acknowledgements by result.",
-            [({"result": "accepted"}, obs.acks_in), ({"result": "rejected"}, obs.acks_rejected)])
-    _metric(out, "pumpgw_outbox_pending_records", "gauge", "Records waiting for the slowest sink.",
-            [({}, obs.outbox_pending)])
-    _metric(out, "pumpgw_outbox_max_pending_records", "gauge", "Back-pressure limit.",
-            [({}, obs.outbox_max_pending)])
-    _metric(out, "pumpgw_outbox_full", "gauge", "1 while reading is paused by a full outbox.",
-            [({}, 1 if obs.outbox_full else 0)])
-    _metric(out, "pumpgw_sink_backlog_records", "gauge", "Records not yet delivered, per sink.",
-            [({"sink": s.name}, s.backlog_records) for s in obs.sinks])
-    _metric(out, "pumpgw_sink_oldest_unsent_age_seconds", "gauge", "Age of the oldest unsent record.",
-            [({"sink": s.name}, s.oldest_age_s or 0.0) for s in obs.sinks])
-    _metric(out, "pumpgw_sink_delivered_total", "counter", "Records acknowledged by the server.",
-            [({"sink": s.name}, s.delivered) for s in obs.sinks])
-    _metric(out, "pumpgw_sink_connected", "gauge", "1 when the sink's server is reachable.",
-            [({"sink": s.name}, 1 if s.connected else 0) for s in obs.sinks])
+    _metric(
+        out,
+        "pumpgw_frames_in_total",
+        "counter",
+        "Frames and garbage runs read from sources.",
+        [({}, obs.frames_in)],
+    )
+    _metric(
+        out,
+        "pumpgw_records_accepted_total",
+        "counter",
+        "Valid device messages stored.",
+        [({"kind": k}, v) for k, v in sorted(obs.accepted_by_kind.items())],
+    )
+    _metric(
+        out,
+        "pumpgw_quarantined_total",
+        "counter",
+        "Rejected frames by reason.",
+        [({"reason": k}, v) for k, v in sorted(obs.quarantined_by_reason.items())],
+    )
+    _metric(
+        out,
+        "pumpgw_duplicates_total",
+        "counter",
+        "Frames already stored (resent by device).",
+        [({}, obs.duplicates)],
+    )
+    _metric(
+        out,
+        "pumpgw_alert_transitions_total",
+        "counter",
+        "Alert transitions emitted.",
+        [({}, obs.alert_transitions)],
+    )
+    _metric(
+        out,
+        "pumpgw_operator_acks_total",
+        "counter",
+        "Operator acknowledgements by result.",
+        [({"result": "accepted"}, obs.acks_in), ({"result": "rejected"}, obs.acks_rejected)],
+    )
+    _metric(
+        out,
+        "pumpgw_outbox_pending_records",
+        "gauge",
+        "Records waiting for the slowest sink.",
+        [({}, obs.outbox_pending)],
+    )
+    _metric(
+        out,
+        "pumpgw_outbox_max_pending_records",
+        "gauge",
+        "Back-pressure limit.",
+        [({}, obs.outbox_max_pending)],
+    )
+    _metric(
+        out,
+        "pumpgw_outbox_full",
+        "gauge",
+        "1 while reading is paused by a full outbox.",
+        [({}, 1 if obs.outbox_full else 0)],
+    )
+    _metric(
+        out,
+        "pumpgw_sink_backlog_records",
+        "gauge",
+        "Records not yet delivered, per sink.",
+        [({"sink": s.name}, s.backlog_records) for s in obs.sinks],
+    )
+    _metric(
+        out,
+        "pumpgw_sink_oldest_unsent_age_seconds",
+        "gauge",
+        "Age of the oldest unsent record.",
+        [({"sink": s.name}, s.oldest_age_s or 0.0) for s in obs.sinks],
+    )
+    _metric(
+        out,
+        "pumpgw_sink_delivered_total",
+        "counter",
+        "Records acknowledged by the server.",
+        [({"sink": s.name}, s.delivered) for s in obs.sinks],
+    )
+    _metric(
+        out,
+        "pumpgw_sink_connected",
+        "gauge",
+        "1 when the sink's server is reachable.",
+        [({"sink": s.name}, 1 if s.connected else 0) for s in obs.sinks],
+    )
     extra = sorted({k for s in obs.sinks for k in s.extra})
     for key in extra:
-        _metric(out, f"pumpgw_sink_{key}_total", "counter", f"Sink counter {key}.",
-                [({"sink": s.name}, s.extra[key]) for s in obs.sinks if key in s.extra])
-    _metric(out, "pumpgw_source_connected", "gauge", "1 when the serial line is open.",
-            [({"source": s.name}, 1 if s.connected else 0) for s in obs.sources])
-    _metric(out, "pumpgw_source_reconnects_total", "counter", "Times a line was reopened.",
-            [({"source": s.name}, s.reconnects) for s in obs.sources])
-    _metric(out, "pumpgw_source_bytes_total", "counter", "Bytes read per line.",
-            [({"source": s.name}, s.bytes_in) for s in obs.sources])
-    _metric(out, "pumpgw_pumps", "gauge", "Pumps seen, by telemetry state.",
-            [({"telemetry": "ok"}, obs.pumps_total - obs.pumps_telemetry_lost),
-             ({"telemetry": "lost"}, obs.pumps_telemetry_lost)])
+        _metric(
+            out,
+            f"pumpgw_sink_{key}_total",
+            "counter",
+            f"Sink counter {key}.",
+            [({"sink": s.name}, s.extra[key]) for s in obs.sinks if key in s.extra],
+        )
+    _metric(
+        out,
+        "pumpgw_source_connected",
+        "gauge",
+        "1 when the serial line is open.",
+        [({"source": s.name}, 1 if s.connected else 0) for s in obs.sources],
+    )
+    _metric(
+        out,
+        "pumpgw_source_reconnects_total",
+        "counter",
+        "Times a line was reopened.",
+        [({"source": s.name}, s.reconnects) for s in obs.sources],
+    )
+    _metric(
+        out,
+        "pumpgw_source_bytes_total",
+        "counter",
+        "Bytes read per line.",
+        [({"source": s.name}, s.bytes_in) for s in obs.sources],
+    )
+    _metric(
+        out,
+        "pumpgw_pumps",
+        "gauge",
+        "Pumps seen, by telemetry state.",
+        [
+            ({"telemetry": "ok"}, obs.pumps_total - obs.pumps_telemetry_lost),
+            ({"telemetry": "lost"}, obs.pumps_telemetry_lost),
+        ],
+    )
     return "\n".join(out) + "\n"
 
 
@@ -163,7 +269,9 @@ class HealthServer:
         handler = self._handler()
         self._server = ThreadingHTTPServer((host, int(port)), handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="health", daemon=True
+        )
 
     @property
     def port(self) -> int:
@@ -181,15 +289,17 @@ class HealthServer:
         observe = self._observe
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 path = self.path.split("?")[0]
                 if path == "/healthz":
                     ready, body = health_report(observe())
-                    self._send(200 if ready else 503, "application/json",
-                               json.dumps(body, indent=2).encode())
+                    self._send(
+                        200 if ready else 503,
+                        "application/json",
+                        json.dumps(body, indent=2).encode(),
+                    )
                 elif path == "/metrics":
-                    self._send(200, "text/plain; version=0.0.4",
-                               render_metrics(observe()).encode())
+                    self._send(200, "text/plain; version=0.0.4", render_metrics(observe()).encode())
                 else:
                     self._send(404, "text/plain", b"try /healthz or /metrics\n")
 
@@ -200,7 +310,7 @@ class HealthServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                log.debug("health: " + format, *args)
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("health: %s", format % args)
 
         return Handler

@@ -25,7 +25,9 @@ def _summary(kind: str, data: dict[str, Any]) -> str:
     if kind == "event":
         extra = {k: data[k] for k in ("bolus_ml", "withdrawn_ml", "filled_ml") if data.get(k)}
         return f"{data['event']} {extra if extra else ''}".rstrip()
-    return f"{data.get('model', '')} firmware {data.get('firmware', '')} drug {data.get('drug', '')}"
+    return (
+        f"{data.get('model', '')} firmware {data.get('firmware', '')} drug {data.get('drug', '')}"
+    )
 
 
 def _when(kind: str, data: dict[str, Any]) -> str:
@@ -40,7 +42,9 @@ def render(records: list[StoredRecord], out: TextIO, as_json: bool) -> None:
         if as_json:
             out.write(json.dumps({"kind": record.kind, **data}) + "\n")
         else:
-            out.write(f"{_when(record.kind, data)}  {record.kind:<8} {_summary(record.kind, data)}\n")
+            out.write(
+                f"{_when(record.kind, data)}  {record.kind:<8} {_summary(record.kind, data)}\n"
+            )
 
 
 def print_history(path: Path, pump_id: str, *, limit: int, as_json: bool) -> int:

@@ -5,7 +5,7 @@ SQLite in WAL mode. One table of records in arrival order, one cursor per sink
 state that must survive a restart (the alert engine's snapshot), committed in the
 same transaction as the records it belongs to.
 
-Full policy (docs/outbox.md): `append` raises OutboxFull once `max_pending` rows
+Full policy (docs/outbox.md): `append` raises OutboxFullError once `max_pending` rows
 wait for the slowest sink, or when SQLite reports the disk full. The service then
 stops reading its sources (back-pressure) and raises a technical alert; nothing
 is dropped. State records (alerts, status) keep a reserve of HEADROOM_ROWS so the
@@ -47,7 +47,7 @@ class OutboxError(Exception):
     """The outbox cannot do what was asked; the message says what to check."""
 
 
-class OutboxFull(OutboxError):
+class OutboxFullError(OutboxError):
     """No room for more records: the limit or the disk. Nothing was written."""
 
 
@@ -137,12 +137,12 @@ class Outbox:
     def pending(self) -> int:
         """Rows not yet delivered to the slowest sink."""
         low = min(self._cursors.values(), default=self._last_seq)
-        return self._last_seq - low
+        return int(self._last_seq - low)
 
     def append(self, records: Sequence[OutRecord], state: Mapping[str, bytes] | None = None) -> int:
         """Store records (and state) in one transaction; return the last seq."""
         if not records and not state:
-            return self._last_seq
+            return int(self._last_seq)
         with self._lock:
             self._check_room(records)
             try:
@@ -151,7 +151,7 @@ class Outbox:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 if "full" in str(exc).lower():
-                    raise OutboxFull(f"the disk holding {self.path} is full: {exc}") from exc
+                    raise OutboxFullError(f"the disk holding {self.path} is full: {exc}") from exc
                 raise OutboxError(f"cannot write the outbox at {self.path}: {exc}") from exc
 
     def _check_room(self, records: Sequence[OutRecord]) -> None:
@@ -159,7 +159,7 @@ class Outbox:
         if all(r.kind in PRIORITY_KINDS for r in records):
             limit += HEADROOM_ROWS
         if self.pending() + len(records) > limit:
-            raise OutboxFull(
+            raise OutboxFullError(
                 f"{self.pending()} records wait for delivery (limit {self.max_pending}); "
                 "a sink is down or too slow"
             )
@@ -181,7 +181,7 @@ class Outbox:
         last = db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0]
         db.execute("COMMIT")
         self._last_seq = int(last)
-        return self._last_seq
+        return int(self._last_seq)
 
     def read(self, sink: str, after_seq: int, limit: int) -> list[StoredRecord]:
         """Rows after `after_seq`, oldest first."""

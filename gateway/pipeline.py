@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,6 +36,9 @@ from schemas.models import (
 )
 
 RECENT_ALERTS_KEPT = 12
+BOOTS_REMEMBERED = 4
+SEQS_REMEMBERED = 20_000
+"""Per pump boot, sequence numbers kept for duplicate detection above the gap-free floor."""
 RETAINED_KINDS = frozenset({"info", "pump_status", "active_alerts", "gateway_status"})
 
 
@@ -85,9 +88,42 @@ class Batch:
     """The outcome of one batch: records to commit and device acknowledgements to send after."""
 
     records: list[OutRecord] = field(default_factory=list)
-    acks: dict[AckKey, int] = field(default_factory=dict)
+    acks: dict[AckKey, list[int]] = field(default_factory=dict)
     alerts_changed: bool = False
     quarantined: list[Quarantined] = field(default_factory=list)
+
+
+class SeqWindow:
+    """Sequence numbers seen in one pump boot: all at or below `floor`, plus a bounded set above."""
+
+    def __init__(self) -> None:
+        self.floor = -1
+        self.above: set[int] = set()
+
+    def add(self, seq: int) -> bool:
+        """Note `seq`; False when it was seen before."""
+        if seq <= self.floor or seq in self.above:
+            return False
+        self.above.add(seq)
+        while self.floor + 1 in self.above:
+            self.floor += 1
+            self.above.discard(self.floor)
+        if len(self.above) > SEQS_REMEMBERED:
+            # A gap that never fills (a frame damaged for good): give up on the oldest half.
+            self.floor = sorted(self.above)[SEQS_REMEMBERED // 2]
+            self.above = {s for s in self.above if s > self.floor}
+        return True
+
+
+def ack_runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """Contiguous (first, last) runs of sequence numbers, for range acknowledgements."""
+    runs: list[tuple[int, int]] = []
+    for seq in sorted(set(seqs)):
+        if runs and seq == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], seq)
+        else:
+            runs.append((seq, seq))
+    return runs
 
 
 def pseudonym(key: bytes, value: str) -> str:
@@ -118,7 +154,7 @@ class Pipeline:
         self._key = pseudonymize_key
         self._status_interval_s = status_interval_s
         self._ack_allowed = ack_allowed
-        self._last_seq: dict[str, tuple[str, int]] = {}
+        self._seen: dict[str, OrderedDict[str, SeqWindow]] = {}
         self._quarantine_n = 0
         self.recent_alerts: deque[AlertTransition] = deque(maxlen=RECENT_ALERTS_KEPT)
 
@@ -131,12 +167,14 @@ class Pipeline:
                 self._note_seq(pump_id, boot_id, int(seq))
 
     def _note_seq(self, pump_id: str, boot_id: str, seq: int) -> bool:
-        """Record a device sequence number; False when it was already seen (a replay)."""
-        last = self._last_seq.get(pump_id)
-        if last is not None and last[0] == boot_id and seq <= last[1]:
-            return False
-        self._last_seq[pump_id] = (boot_id, seq)
-        return True
+        """Record a device sequence number; False when it was already seen (a resend)."""
+        boots = self._seen.setdefault(pump_id, OrderedDict())
+        window = boots.get(boot_id)
+        if window is None:
+            window = boots[boot_id] = SeqWindow()
+            if len(boots) > BOOTS_REMEMBERED:
+                boots.popitem(last=False)
+        return window.add(seq)
 
     def frames(
         self, source: str, received_s: float, items: list[Frame | FrameError], batch: Batch
@@ -149,7 +187,7 @@ class Pipeline:
                 self._quarantine(batch, source, item.kind, item.reason, item.raw, received_at)
                 continue
             ack = AckKey(source, item.pump_id, item.boot_id)
-            batch.acks[ack] = max(batch.acks.get(ack, -1), item.seq)
+            batch.acks.setdefault(ack, []).append(item.seq)
             self._frame(source, item, received_at, batch)
 
     def _frame(self, source: str, frame: Frame, received_at: datetime, batch: Batch) -> None:
@@ -219,8 +257,8 @@ class Pipeline:
             last_record_id=view.last_record_id,
             last_device_time=view.last_device_time,
             reservoir_ml=view.reservoir_ml,
-            pump_state=view.pump_state,  # type: ignore[arg-type]
-            battery_state=view.battery_state,  # type: ignore[arg-type]
+            pump_state=view.pump_state,
+            battery_state=view.battery_state,
         )
         return OutRecord(
             "pump_status",
@@ -275,7 +313,7 @@ class Pipeline:
         now = _to_datetime(now_s)
         self._add_transitions(self.engine.on_tick(now), now, batch)
 
-    def condition(  # noqa: PLR0913
+    def condition(
         self,
         kind: str,
         active: bool,

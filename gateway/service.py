@@ -21,12 +21,12 @@ from typing import Any
 
 from gateway import __version__
 from gateway.adapters.influx import InfluxSink
-from gateway.adapters.mqtt import MqttSink
+from gateway.adapters.mqtt import MqttSink, ReceivedAck
 from gateway.adapters.serial_port import SerialSource
 from gateway.config import Settings, pseudonymize_key
 from gateway.health import HealthServer, Observation, SinkObservation, SourceObservation
-from gateway.outbox import Outbox, OutboxError, OutboxFull, OutRecord
-from gateway.pipeline import AckKey, Batch, Pipeline
+from gateway.outbox import Outbox, OutboxError, OutboxFullError, OutRecord, StoredRecord
+from gateway.pipeline import AckKey, Batch, Pipeline, ack_runs
 from gateway.points import PointTags
 from gateway.quiet import QuietLog
 from gateway.rules import AlertEngine
@@ -67,7 +67,8 @@ class Gateway:
         self.session_id = uuid.uuid4().hex[:12]
         self.started_s = time.time()
         self.stop_event = threading.Event()
-        self.wake = threading.Event()
+        self.wake_mqtt = threading.Event()
+        self.wake_influx = threading.Event()
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(INGEST_QUEUE_ITEMS)
         self._status_seq = 0
         self._quiet = QuietLog(log)
@@ -95,7 +96,11 @@ class Gateway:
         self._threads: list[threading.Thread] = []
 
     def _build_pipeline(self) -> Pipeline:
-        engine = AlertEngine(self.settings.alerts, self.outbox.load_state(ENGINE_STATE_KEY))
+        try:
+            engine = AlertEngine(self.settings.alerts, self.outbox.load_state(ENGINE_STATE_KEY))
+        except ValueError as exc:
+            log.error("saved alert state unusable (%s): starting with no active alerts", exc)
+            engine = AlertEngine(self.settings.alerts)
         gw = self.settings.gateway
         pipeline = Pipeline(
             engine,
@@ -129,9 +134,9 @@ class Gateway:
         for source in self.sources:
             self._spawn(f"source {source.label}", source.run, self.stop_event)
         if self.sinks.mqtt is not None:
-            self._spawn("mqtt sink", self.sinks.mqtt.run, self.stop_event, self.wake)
+            self._spawn("mqtt sink", self.sinks.mqtt.run, self.stop_event, self.wake_mqtt)
         if self.sinks.influx is not None:
-            self._spawn("influx sink", self.sinks.influx.run, self.stop_event, self.wake)
+            self._spawn("influx sink", self.sinks.influx.run, self.stop_event, self.wake_influx)
         log.info(
             "gateway %s/%s started (session %s); sources: %s",
             self.settings.gateway.site,
@@ -148,7 +153,7 @@ class Gateway:
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop reading, commit what was read, let sinks finish in-flight work, close."""
         self.stop_event.set()
-        self.wake.set()
+        self._wake_sinks()
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(max(0.1, deadline - time.monotonic()))
@@ -162,7 +167,9 @@ class Gateway:
 
     # -- ingest ------------------------------------------------------------------
 
-    def _deliver(self, source: SerialSource, received_s: float, items: list[Frame | FrameError]) -> bool:
+    def _deliver(
+        self, source: SerialSource, received_s: float, items: list[Frame | FrameError]
+    ) -> bool:
         """Called on a source thread: queue the items, waiting while the ingest is behind."""
         while not self.stop_event.is_set():
             try:
@@ -172,16 +179,16 @@ class Gateway:
                 self._quiet.warning("ingest", "ingest queue full: reading paused (back-pressure)")
         return False
 
-    def _on_operator_ack(self, payload: bytes) -> None:
+    def _on_operator_ack(self, received: ReceivedAck) -> None:
         """Called on paho's thread: hand the payload over, nothing more."""
         try:
-            self._queue.put_nowait(("ack", payload))
+            self._queue.put_nowait(("ack", received.payload))
         except queue.Full:
             log.warning("acknowledgement dropped because the gateway is saturated; resend it")
 
-    def _on_poison(self, record_id: str, line: bytes, reason: str) -> None:
+    def _on_poison(self, record: StoredRecord, reason: str) -> None:
         """Called on the influx sink's thread when the database rejects a point for good."""
-        self._queue.put(("poison", record_id, line, reason))
+        self._queue.put(("poison", record.record_id, record.line or b"", reason))
 
     def _ingest_loop(self) -> None:
         next_tick = time.monotonic()
@@ -236,8 +243,12 @@ class Gateway:
             _, record_id, line, reason = item
             self.pipeline.poisoned_point(record_id, line, reason, time.time(), batch)
         for entry in batch.quarantined:
-            self._quiet.warning(f"quarantine:{entry.reason_kind}", "quarantined: %s (source %s)",
-                                entry.reason, entry.source)
+            self._quiet.warning(
+                f"quarantine:{entry.reason_kind}",
+                "quarantined: %s (source %s)",
+                entry.reason,
+                entry.source,
+            )
         batch.quarantined.clear()
 
     def _commit(self, batch: Batch, snapshot: bool) -> None:
@@ -248,24 +259,35 @@ class Gateway:
             try:
                 self.outbox.append(batch.records, state)
                 break
-            except OutboxFull as exc:
+            except OutboxFullError as exc:
                 self._on_full(str(exc))
             except OutboxError as exc:
                 self._quiet.error("outbox", "outbox write failed, retrying: %s", exc)
             if self.stop_event.wait(RETRY_COMMIT_S) and self._queue.empty():
-                log.error("stopping with %d records not stored; the device will resend them",
-                          len(batch.records))
+                log.error(
+                    "stopping with %d records not stored; the device will resend them",
+                    len(batch.records),
+                )
                 return
         self._set_full(False)
-        self.wake.set()
+        self._wake_sinks()
         self._send_acks(batch.acks)
 
-    def _send_acks(self, acks: dict[AckKey, int]) -> None:
+    def _wake_sinks(self) -> None:
+        self.wake_mqtt.set()
+        self.wake_influx.set()
+
+    def _send_acks(self, acks: dict[AckKey, list[int]]) -> None:
+        """Tell each device which frames are stored: one range per gap-free run."""
         by_label = {s.label: s for s in self.sources}
-        for key, seq in acks.items():
+        for key, seqs in acks.items():
             source = by_label.get(key.source)
-            if source is not None:
-                source.send(encode_ack(key.pump_id, key.boot_id, seq))
+            if source is None:
+                continue
+            frames = [
+                encode_ack(key.pump_id, key.boot_id, last, first) for first, last in ack_runs(seqs)
+            ]
+            source.send(b"".join(frames))
 
     # -- outbox fill -------------------------------------------------------------
 
@@ -307,8 +329,14 @@ class Gateway:
                 "check the MQTT broker and InfluxDB."
             )
             self.pipeline.condition(
-                "outbox_near_full", near, text, float(pending), warn * limit, time.time(),
-                batch, high=False,
+                "outbox_near_full",
+                near,
+                text,
+                float(pending),
+                warn * limit,
+                time.time(),
+                batch,
+                high=False,
             )
 
     # -- status ------------------------------------------------------------------
@@ -320,7 +348,7 @@ class Gateway:
             station=self.settings.gateway.station,
             session_id=self.session_id,
             seq=self._status_seq,
-            state=state,  # type: ignore[arg-type]
+            state=state,
             at=datetime.now(UTC),
             version=__version__,
             sources=tuple(s.status() for s in self.sources),
@@ -365,9 +393,13 @@ class Gateway:
                     oldest_age_s=None if oldest_s is None else max(0.0, now_s - oldest_s),
                     delivered=int(health.get("published", health.get("written", 0)) or 0),
                     last_error=health.get("last_error"),
-                    extra={k: int(v) for k, v in health.items()
-                           if isinstance(v, int) and not isinstance(v, bool)
-                           and k not in ("published", "written")},
+                    extra={
+                        k: int(v)
+                        for k, v in health.items()
+                        if isinstance(v, int)
+                        and not isinstance(v, bool)
+                        and k not in ("published", "written")
+                    },
                 )
             )
         lost = sum(1 for p in list(self.pipeline.pumps.values()) if p.telemetry != "ok")
@@ -415,7 +447,7 @@ class Gateway:
         while time.monotonic() < deadline:
             if all(self.outbox.backlog(n)[0] == 0 for n in self.sinks.names()):
                 return True
-            self.wake.set()
+            self._wake_sinks()
             time.sleep(0.05)
         return False
 
@@ -423,7 +455,9 @@ class Gateway:
 def run_gateway(settings: Settings, stop: threading.Event) -> None:
     """Run until `stop` is set: the body of `pumpgw run`."""
     gateway = Gateway(settings)
-    health = HealthServer(settings.health.listen, gateway.observe) if settings.health.listen else None
+    health = (
+        HealthServer(settings.health.listen, gateway.observe) if settings.health.listen else None
+    )
     if health is not None:
         health.start()
         log.info("health on http://%s/healthz and /metrics", settings.health.listen)

@@ -7,7 +7,7 @@ rich renderable; the demo redraws it in place.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from rich.console import Group
 from rich.panel import Panel
@@ -40,27 +40,50 @@ def _alerts_cell(alerts: Sequence[AlertTransition]) -> Text:
     return text
 
 
-def pump_table(pumps: Iterable[PumpView], active: dict[str, Sequence[AlertTransition]],
-               now_s: float) -> Table:
+def pump_table(
+    pumps: Iterable[PumpView], active: Mapping[str, Sequence[AlertTransition]], now_s: float
+) -> Table:
     table = Table(title="Pumps", expand=True, title_justify="left")
-    for column in ("Pump", "Drug", "Reservoir (pump est.)", "Pump state", "Battery", "Seen",
-                   "Readings", "Active alerts"):
+    for column in (
+        "Pump",
+        "Drug",
+        "Reservoir (pump est.)",
+        "Pump state",
+        "Battery",
+        "Seen",
+        "Readings",
+        "Active alerts",
+    ):
         table.add_column(column)
     for view in sorted(pumps, key=lambda p: p.pump_id):
         seen = f"{now_s - view.last_received_s:4.0f} s ago" if view.last_received_s else "-"
-        state = Text(view.pump_state or "-",
-                     style="bold red" if view.pump_state in ("stopped", "stalled") else "")
+        state = Text(
+            view.pump_state or "-",
+            style="bold red" if view.pump_state in ("stopped", "stalled") else "",
+        )
         if view.telemetry != "ok":
             state = Text("telemetry lost", style="bold magenta")
-        table.add_row(view.pump_id, view.drug, _reservoir(view), state, view.battery_state or "-",
-                      seen, str(view.readings), _alerts_cell(active.get(view.pump_id, ())))
+        table.add_row(
+            view.pump_id,
+            view.drug,
+            _reservoir(view),
+            state,
+            view.battery_state or "-",
+            seen,
+            str(view.readings),
+            _alerts_cell(active.get(view.pump_id, ())),
+        )
     return table
 
 
 def status_line(obs: Observation) -> Text:
-    parts = [f"frames {obs.frames_in}", f"accepted {sum(obs.accepted_by_kind.values())}",
-             f"quarantined {sum(obs.quarantined_by_reason.values())}",
-             f"duplicates {obs.duplicates}", f"alert transitions {obs.alert_transitions}"]
+    parts = [
+        f"frames {obs.frames_in}",
+        f"accepted {sum(obs.accepted_by_kind.values())}",
+        f"quarantined {sum(obs.quarantined_by_reason.values())}",
+        f"duplicates {obs.duplicates}",
+        f"alert transitions {obs.alert_transitions}",
+    ]
     for sink in obs.sinks:
         state = "up" if sink.connected else "DOWN"
         parts.append(f"{sink.name} {state} backlog {sink.backlog_records}")
@@ -74,17 +97,25 @@ def recent_table(recent: Iterable[AlertTransition]) -> Table:
     for column in ("Time", "Pump", "Priority", "Phase", "Alert", "Text"):
         table.add_column(column, overflow="fold")
     for alert in reversed(list(recent)):
-        table.add_row(alert.at.strftime("%H:%M:%S"), alert.pump_id,
-                      Text(alert.priority.value, style=PRIORITY_STYLE.get(alert.priority.value, "")),
-                      alert.phase.value + (f" by {alert.acknowledged_by}" if
-                                           alert.phase.value == "acknowledged" else ""),
-                      alert.alert_kind, alert.text)
+        table.add_row(
+            alert.at.strftime("%H:%M:%S"),
+            alert.pump_id,
+            Text(alert.priority.value, style=PRIORITY_STYLE.get(alert.priority.value, "")),
+            alert.phase.value
+            + (f" by {alert.acknowledged_by}" if alert.phase.value == "acknowledged" else ""),
+            alert.alert_kind,
+            alert.text,
+        )
     return table
 
 
-def render(obs: Observation, pumps: Iterable[PumpView],
-           active: dict[str, Sequence[AlertTransition]], recent: Iterable[AlertTransition],
-           header: str) -> Group:
+def render(
+    obs: Observation,
+    pumps: Iterable[PumpView],
+    active: Mapping[str, Sequence[AlertTransition]],
+    recent: Iterable[AlertTransition],
+    header: str,
+) -> Group:
     now_s = time.time()
     return Group(
         Panel(Text(header + "\n" + INTENDED_USE, style="dim"), title="pumpgw demo"),

@@ -9,15 +9,18 @@ as \\u0024); `\\n` ends it. The checksum is CRC-32/ISO-HDLC (zlib.crc32) of the
 bytes between `$` and `*`, as 8 upper-case hex digits.
 
 Resynchronisation: outside a frame, bytes up to the next `$` are garbage
-(reported once per run). A `$` inside a frame means the frame was truncated:
-it is reported and a new frame starts there. A frame longer than
-MAX_FRAME_BYTES is reported and the rest of it is skipped up to the next `$`
-or `\\n`. The decoder never holds more than MAX_FRAME_BYTES of either.
+(reported once per run; blank lines are not garbage). A `$` inside a frame means
+the frame was truncated: it is reported and a new frame starts there. A frame
+that grows past MAX_FRAME_BYTES is reported as oversized and the rest of it is
+skipped up to the next `$` or `\\n`. The decoder never holds more than
+MAX_FRAME_BYTES of a frame plus MAX_GARBAGE_KEPT_BYTES of garbage, and its output
+does not depend on how the input was split into chunks.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +29,8 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from schemas.models import (
+    BOOT_ID_PATTERN,
+    PUMP_ID_PATTERN,
     DeviceEvent,
     DeviceInfo,
     DeviceMessageModel,
@@ -39,6 +44,8 @@ MAX_FRAME_BYTES: Final = 2048
 """Longest frame, from `$` to `\\n` inclusive."""
 MAX_GARBAGE_KEPT_BYTES: Final = 256
 """How much of a garbage run is kept for quarantine; the rest is only counted."""
+MAX_HEADER_SEQ: Final = 9_999_999_999
+"""Ten digits fit the header; the models then limit seq to 2**32 - 1."""
 MAX_VERSION_DIGITS: Final = 4
 """Longer version fields are malformed (keeps int() away from huge digit strings)."""
 BLANK: Final = b"\r\n"
@@ -58,6 +65,8 @@ MODEL_BY_TYPE: Final[dict[str, type[DeviceMessageModel]]] = {
     TYPE_EVENT: DeviceEvent,
 }
 TYPE_BY_KIND: Final = {"info": TYPE_INFO, "reading": TYPE_READING, "event": TYPE_EVENT}
+_PUMP_ID: Final = re.compile(PUMP_ID_PATTERN.replace("$", r"\Z"))
+_BOOT_ID: Final = re.compile(BOOT_ID_PATTERN.replace("$", r"\Z"))
 ENVELOPE_FIELDS: Final = frozenset(
     {"schema_version", "kind", "pump_id", "boot_id", "seq", "received_at"}
 )
@@ -106,9 +115,13 @@ def crc32_hex(body: bytes) -> bytes:
 
 
 def encode_frame(msg_type: str, pump_id: str, boot_id: str, seq: int, payload: bytes) -> bytes:
-    """Build one frame around an already-encoded JSON payload."""
+    """Build one frame around an already-encoded JSON payload; ValueError if it cannot be one."""
     if b"$" in payload or b"\n" in payload:
         raise ValueError("payload must not contain '$' or a newline (use encode_payload)")
+    if not _PUMP_ID.match(pump_id) or not _BOOT_ID.match(boot_id):
+        raise ValueError(f"pump_id {pump_id!r} or boot_id {boot_id!r} is not a valid header id")
+    if len(msg_type) != 1 or not msg_type.isascii() or not 0 <= seq <= MAX_HEADER_SEQ:
+        raise ValueError(f"message type {msg_type!r} or sequence number {seq} is not valid")
     body = b"PGW%d,%s,%s,%s,%d,%s" % (
         PROTOCOL_VERSION,
         msg_type.encode("ascii"),
@@ -138,9 +151,23 @@ def encode_message(message: DeviceMessageModel) -> bytes:
     )
 
 
-def encode_ack(pump_id: str, boot_id: str, seq: int) -> bytes:
-    """The gateway's acknowledgement: frames of this pump and boot up to `seq` are stored."""
-    return encode_frame(TYPE_ACK, pump_id, boot_id, seq, b"{}")
+def encode_ack(pump_id: str, boot_id: str, seq: int, from_seq: int | None = None) -> bytes:
+    """The gateway's acknowledgement: frames `from_seq`..`seq` of this pump and boot are stored.
+
+    Without `from_seq` it is cumulative (everything up to `seq`).
+    """
+    payload = b"{}" if from_seq is None else b'{"from":%d}' % from_seq
+    return encode_frame(TYPE_ACK, pump_id, boot_id, seq, payload)
+
+
+def ack_range(frame: Frame) -> tuple[int, int]:
+    """The (first, last) sequence numbers an `A` frame acknowledges; first is 0 if cumulative."""
+    try:
+        fields = json.loads(frame.payload)
+    except ValueError:
+        return 0, frame.seq
+    first = fields.get("from", 0) if isinstance(fields, dict) else 0
+    return (first if isinstance(first, int) and 0 <= first <= frame.seq else 0), frame.seq
 
 
 def parse_frame(raw: bytes) -> Frame | FrameError:
@@ -183,15 +210,16 @@ def _split_header(body: bytes, raw: bytes) -> Frame | FrameError:
         return FrameError("unknown_type", f"unknown message type {msg_type!r}", raw, len(raw))
     if not parts[4].isdigit() or len(parts[4]) > 10:
         return FrameError("malformed", "sequence number is not an unsigned integer", raw, len(raw))
-    return Frame(
-        version,
-        msg_type,
-        parts[2].decode("ascii", "replace"),
-        parts[3].decode("ascii", "replace"),
-        int(parts[4]),
-        parts[5],
-        raw,
-    )
+    pump_id = parts[2].decode("ascii", "replace")
+    boot_id = parts[3].decode("ascii", "replace")
+    # Ids are checked here, not only by the models: an ack must be able to echo them.
+    if not _PUMP_ID.match(pump_id):
+        reason = f"pump_id {pump_id!r} is not 1-64 of A-Z a-z 0-9 _ . -"
+        return FrameError("malformed", reason, raw, len(raw))
+    if not _BOOT_ID.match(boot_id):
+        reason = f"boot_id {boot_id!r} is not 1-16 of A-Z a-z 0-9"
+        return FrameError("malformed", reason, raw, len(raw))
+    return Frame(version, msg_type, pump_id, boot_id, int(parts[4]), parts[5], raw)
 
 
 class FrameDecoder:
@@ -339,6 +367,52 @@ def message_from_frame(frame: Frame, received_at: datetime) -> DeviceMessageMode
         raise MessageError(
             "unexpected_type", f"message type {frame.msg_type!r} is not sent to the gateway", frame
         )
+    document = _with_header(frame, received_at)
+    if document is not None:
+        try:
+            return model.model_validate_json(document)
+        except ValidationError as exc:
+            errors = exc.errors()
+            if not any(e["type"] == "json_invalid" for e in errors):
+                raise MessageError("invalid_message", describe_errors(errors), frame) from exc
+    return _validate_parsed(model, frame, received_at)  # reports bad JSON in json's words
+
+
+def _with_header(frame: Frame, received_at: datetime) -> bytes | None:
+    """The payload object with the header fields spliced in, or None to take the slow path.
+
+    The fast path parses and validates in one pass (pydantic's JSON mode). It is taken only
+    when no header field name appears anywhere in the payload, so a payload can never
+    override the header, and when the ids need no JSON escaping; otherwise the slow path
+    decides, with the same result.
+    """
+    payload = frame.payload
+    if (
+        not payload.startswith(b"{")
+        or _ENVELOPE_NAME.search(payload)
+        or not _PLAIN_ID.fullmatch(frame.pump_id)
+        or not _PLAIN_ID.fullmatch(frame.boot_id)
+    ):
+        return None
+    rest = payload[1:]
+    separator = b"" if rest.lstrip(b" \t\r\n").startswith(b"}") else b","
+    header = (
+        f'{{"pump_id":"{frame.pump_id}","boot_id":"{frame.boot_id}",'
+        f'"seq":{frame.seq},"received_at":"{received_at.isoformat()}"'
+    )
+    return header.encode() + separator + rest
+
+
+_ENVELOPE_NAME: Final = re.compile(
+    b'"(?:%s)"' % b"|".join(name.encode() for name in sorted(ENVELOPE_FIELDS))
+)
+_PLAIN_ID: Final = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _validate_parsed(
+    model: type[DeviceMessageModel], frame: Frame, received_at: datetime
+) -> DeviceMessageModel:
+    """The slow path: parse with json, check header clashes, then validate the dict."""
     try:
         fields = json.loads(frame.payload)
     except (ValueError, RecursionError) as exc:
@@ -358,5 +432,5 @@ def message_from_frame(frame: Frame, received_at: datetime) -> DeviceMessageMode
         return model.model_validate(fields)
     except ValidationError as exc:
         raise MessageError("invalid_message", describe_errors(exc.errors()), frame) from exc
-    except RecursionError as exc:  # pragma: no cover - json.loads refuses such depth first
+    except RecursionError as exc:  # defensive: pydantic repr()s bad values, which recurses
         raise MessageError("invalid_message", "payload is nested too deeply", frame) from exc

@@ -13,18 +13,19 @@ gateway's clock when the frame's last byte arrived.
 
 from __future__ import annotations
 
-import math
+import re
 import reprlib
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
-    AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    StrictFloat,
     model_validator,
 )
 
@@ -56,28 +57,36 @@ MAX_CONCENTRATION_MG_PER_ML = 100.0
 MAX_DELIVERED_TOTAL_ML = 1_000_000.0
 MAX_SEQ = 2**32 - 1
 
-PumpId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-BootId = Annotated[str, Field(pattern=r"^[0-9A-Za-z]{1,16}$")]
-Seq = Annotated[int, Field(ge=0, le=MAX_SEQ)]
+PUMP_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+BOOT_ID_PATTERN = r"^[0-9A-Za-z]{1,16}$"
+PumpId = Annotated[str, Field(pattern=PUMP_ID_PATTERN)]
+BootId = Annotated[str, Field(pattern=BOOT_ID_PATTERN)]
+Seq = Annotated[int, Field(ge=0, le=MAX_SEQ, strict=True)]
 
 
-def _finite(value: float) -> float:
-    if not math.isfinite(value):
-        raise ValueError("must be a finite number (NaN and infinity are rejected)")
+_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+
+
+def _not_a_number(value: object) -> object:
+    if isinstance(value, int | float) or (
+        isinstance(value, str) and ":" not in value and _NUMBER.fullmatch(value)
+    ):
+        raise ValueError("must be an ISO 8601 date-time with a UTC offset, not a number")
     return value
 
 
-# Field constraints go before the validator: only then does pydantic export them to JSON
-# Schema as minimum/maximum (after it, they become keywords no JSON Schema validator knows).
-Volume_ml = Annotated[float, Field(ge=0.0, le=MAX_DELIVERED_TOTAL_ML), AfterValidator(_finite)]
-ReservoirVolume_ml = Annotated[
-    float, Field(ge=0.0, le=MAX_RESERVOIR_CAPACITY_ML), AfterValidator(_finite)
-]
-Capacity_ml = Annotated[float, Field(gt=0.0, le=MAX_RESERVOIR_CAPACITY_ML), AfterValidator(_finite)]
-Rate_ml_per_day = Annotated[
-    float, Field(ge=0.0, le=MAX_BASAL_RATE_ML_PER_DAY), AfterValidator(_finite)
-]
-Percent = Annotated[float, Field(ge=0.0, le=100.0), AfterValidator(_finite)]
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_not_a_number)]
+"""An aware date-time; numbers (which pydantic would read as Unix time) are rejected."""
+
+
+# Numbers are strict (no "12.5" strings, no booleans); Frozen's allow_inf_nan=False rejects
+# NaN and infinity in every float field. Keep constraints in Field() and ahead of any
+# AfterValidator: after one, pydantic exports them as keywords no JSON Schema validator knows.
+Volume_ml = Annotated[float, Field(ge=0.0, le=MAX_DELIVERED_TOTAL_ML, strict=True)]
+ReservoirVolume_ml = Annotated[float, Field(ge=0.0, le=MAX_RESERVOIR_CAPACITY_ML, strict=True)]
+Capacity_ml = Annotated[float, Field(gt=0.0, le=MAX_RESERVOIR_CAPACITY_ML, strict=True)]
+Rate_ml_per_day = Annotated[float, Field(ge=0.0, le=MAX_BASAL_RATE_ML_PER_DAY, strict=True)]
+Percent = Annotated[float, Field(ge=0.0, le=100.0, strict=True)]
 
 
 class Drug(StrEnum):
@@ -159,8 +168,8 @@ class DeviceMessage(Frozen):
     pump_id: PumpId
     boot_id: BootId
     seq: Seq
-    device_time: AwareDatetime
-    received_at: AwareDatetime
+    device_time: Timestamp
+    received_at: Timestamp
 
     @model_validator(mode="after")
     def _device_clock_plausible(self) -> Self:
@@ -207,7 +216,7 @@ class Reading(DeviceMessage):
     low_reservoir_alarm_ml: ReservoirVolume_ml
     basal_rate_ml_per_day: Rate_ml_per_day
     delivered_total_ml: Volume_ml
-    bolus_count_24h: Annotated[int, Field(ge=0, le=1000)] = 0
+    bolus_count_24h: Annotated[int, Field(ge=0, le=1000, strict=True)] = 0
     battery_state: BatteryState = BatteryState.OK
     battery_remaining_pct: Percent | None = None
     alarms: tuple[DeviceAlarm, ...] = ()
@@ -231,9 +240,9 @@ class Prescription(Frozen):
     """The programmed therapy (DOMAIN.md 1.1, 1.2)."""
 
     basal_rate_ml_per_day: Rate_ml_per_day
-    bolus_dose_ml: Annotated[float, Field(ge=0.0, le=10.0), AfterValidator(_finite)] = 0.0
-    bolus_lockout_min: Annotated[int, Field(ge=0, le=7 * 24 * 60)] = 0
-    boluses_per_day_max: Annotated[int, Field(ge=0, le=100)] = 0
+    bolus_dose_ml: Annotated[float, Field(ge=0.0, le=10.0, strict=True)] = 0.0
+    bolus_lockout_min: Annotated[int, Field(ge=0, le=7 * 24 * 60, strict=True)] = 0
+    boluses_per_day_max: Annotated[int, Field(ge=0, le=100, strict=True)] = 0
     low_reservoir_alarm_ml: ReservoirVolume_ml = 2.0
 
 
@@ -247,7 +256,7 @@ class DeviceInfo(DeviceMessage):
     reservoir_capacity_ml: Capacity_ml
     drug: Drug
     concentration_mg_per_ml: Annotated[
-        float, Field(gt=0.0, le=MAX_CONCENTRATION_MG_PER_ML), AfterValidator(_finite)
+        float, Field(gt=0.0, le=MAX_CONCENTRATION_MG_PER_ML, strict=True)
     ]
     prescription: Prescription
 
@@ -280,7 +289,7 @@ class DeviceEvent(DeviceMessage):
 
     kind: Literal["event"] = "event"
     event: EventKind
-    bolus_ml: Annotated[float, Field(gt=0.0, le=10.0), AfterValidator(_finite)] | None = None
+    bolus_ml: Annotated[float, Field(gt=0.0, le=10.0, strict=True)] | None = None
     withdrawn_ml: ReservoirVolume_ml | None = None
     filled_ml: ReservoirVolume_ml | None = None
 
@@ -312,15 +321,15 @@ class AlertTransition(Frozen):
     phase: Phase
     inactivation: Inactivation = Inactivation.ENABLED
     latching: bool
-    value: float | None = None
-    threshold: float | None = None
+    value: StrictFloat | None = None
+    threshold: StrictFloat | None = None
     unit: Annotated[str, Field(max_length=16)] | None = None
     text: Annotated[str, Field(max_length=500)]
-    at: AwareDatetime
-    device_time: AwareDatetime | None = None
+    at: Timestamp
+    device_time: Timestamp | None = None
     cause_record_id: str | None = None
     acknowledged_by: Annotated[str, Field(max_length=128)] | None = None
-    acknowledged_at: AwareDatetime | None = None
+    acknowledged_at: Timestamp | None = None
     intended_use: IntendedUse = INTENDED_USE
 
     @property
@@ -338,14 +347,14 @@ class Acknowledgement(Frozen):
     schema_version: Literal[1] = 1
     alert_id: Annotated[str, Field(min_length=1, max_length=160)]
     by: Annotated[str, Field(min_length=1, max_length=128)]
-    at: AwareDatetime | None = None
+    at: Timestamp | None = None
     note: Annotated[str, Field(max_length=500)] | None = None
 
 
 class SourceStatus(Frozen):
     url: str
     connected: bool
-    reconnects: Annotated[int, Field(ge=0)] = 0
+    reconnects: Annotated[int, Field(ge=0, strict=True)] = 0
     last_error: str | None = None
 
 
@@ -359,7 +368,7 @@ class GatewayStatus(Frozen):
     session_id: str
     seq: Seq
     state: Literal["online", "offline"]
-    at: AwareDatetime
+    at: Timestamp
     version: str
     sources: tuple[SourceStatus, ...] = ()
     intended_use: IntendedUse = INTENDED_USE
@@ -376,10 +385,10 @@ class PumpStatus(Frozen):
     kind: Literal["pump_status"] = "pump_status"
     pump_id: PumpId
     telemetry: Literal["ok", "lost"]
-    at: AwareDatetime
+    at: Timestamp
     last_record_id: str | None = None
-    last_device_time: AwareDatetime | None = None
-    reservoir_ml: float | None = None
+    last_device_time: Timestamp | None = None
+    reservoir_ml: StrictFloat | None = None
     pump_state: PumpState | None = None
     battery_state: BatteryState | None = None
 
@@ -390,7 +399,7 @@ class ActiveAlerts(Frozen):
     schema_version: Literal[1] = 1
     kind: Literal["active_alerts"] = "active_alerts"
     pump_id: PumpId
-    at: AwareDatetime
+    at: Timestamp
     alerts: tuple[AlertTransition, ...]
     intended_use: IntendedUse = INTENDED_USE
 
@@ -405,7 +414,7 @@ class Quarantined(Frozen):
     reason_kind: Annotated[str, Field(pattern=r"^[a-z0-9_]{1,40}$")]
     reason: str
     raw_hex: str
-    received_at: AwareDatetime
+    received_at: Timestamp
     pump_id: str | None = None
 
     @property

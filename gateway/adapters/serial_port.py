@@ -33,12 +33,14 @@ class SourceSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    url: str = Field(min_length=1, description="/dev/ttyUSB0, a pty path, socket://h:p, rfc2217://h:p")
+    url: str = Field(
+        min_length=1, description="/dev/ttyUSB0, a pty path, socket://h:p, rfc2217://h:p"
+    )
     name: str | None = Field(None, description="label in logs and metrics (default: the url)")
     baudrate: int = Field(115200, gt=0, le=4_000_000)
     bytesize: Literal[5, 6, 7, 8] = 8
     parity: Literal["N", "E", "O", "M", "S"] = "N"
-    stopbits: Literal[1, 1.5, 2] = 1
+    stopbits: float = Field(1, description="1, 1.5 or 2")
     rtscts: bool = False
 
     @property
@@ -75,12 +77,17 @@ def _open(settings: SourceSettings) -> serial.SerialBase:
 
 
 def _read(port: serial.SerialBase, label: str) -> bytes:
+    """Wait up to READ_TIMEOUT_S for a byte, then take whatever else is already there."""
     try:
         first = port.read(1)
         if not first:
             return b""
-        waiting = port.in_waiting
-        return first + (port.read(min(waiting, READ_CHUNK_BYTES)) if waiting else b"")
+        # in_waiting is only 0 or 1 on socket://, so read without waiting instead.
+        port.timeout = 0
+        try:
+            return first + port.read(READ_CHUNK_BYTES)
+        finally:
+            port.timeout = READ_TIMEOUT_S
     except (serial.SerialException, OSError, TypeError) as exc:
         # TypeError: pyserial's posix read on a closed fd raises it during unplug.
         raise SourceError(label, f"read failed: {exc}") from exc

@@ -1,0 +1,615 @@
+"""The InfluxDB sink: drains the outbox's line protocol to InfluxDB v2 or v1 in batches.
+
+v2 (InfluxDB 2.x, VictoriaMetrics, anything with /api/v2/write) goes through
+influxdb-client's low-level WriteService, synchronously; v1 (InfluxDB 1.x /write?db=)
+through urllib3. Never influxdb-client's batching mode: it drops data after its retries.
+The outbox is the buffer; a batch is acknowledged there only after a 2xx.
+
+Errors (third-party exceptions become these in `_mapped_errors` and `error_for_status`):
+
+    InfluxError                  root
+    ├── InfluxUnavailableError   retry with backoff, no limit: connection, timeout, 408, 429, 5xx
+    ├── InfluxRejectedError      the server refused these points (400, 413, 422): bisect, poison
+    ├── InfluxRefusedError       a person must act (401, 403, 404, other 4xx): retry slowly
+    └── InfluxConfigError        a secret file cannot be read at start
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import email.utils
+import json
+import logging
+import random
+import stat
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol
+from urllib.parse import quote, urlsplit
+
+import urllib3
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from gateway.outbox import Outbox, OutboxError, StoredRecord
+from gateway.quiet import QuietLog
+
+log = logging.getLogger(__name__)
+
+SINK_NAME: Final = "influx"
+GZIP_LEVEL: Final = 1
+"""Level 1 compresses line protocol about 18x at ~500 MB/s; level 9 is 6x slower for 25 % less."""
+IDLE_WAIT_S: Final = 0.5
+"""Longest wait for new rows when nobody sets `wake` (the event may be shared with other sinks)."""
+RETRY_AFTER_MAX_S: Final = 600.0
+"""A server's Retry-After is honoured up to this."""
+REASON_MAX_CHARS: Final = 500
+RETRYABLE_STATUSES: Final = frozenset({408, 429})
+REJECTED_STATUSES: Final = frozenset({400, 413, 422})
+MAX_JITTER_ATTEMPT: Final = 32
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class InfluxError(Exception):
+    """Root of the sink's errors; `status` is the HTTP status when there was an answer."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason if status is None else f"HTTP {status}: {reason}")
+        self.reason = reason
+        self.status = status
+
+
+class InfluxUnavailableError(InfluxError):
+    """Worth retrying: the server is unreachable, overloaded or failing for now."""
+
+    def __init__(self, reason: str, status: int | None = None, retry_after_s: float | None = None):
+        super().__init__(reason, status)
+        self.retry_after_s = retry_after_s
+
+
+class InfluxRejectedError(InfluxError):
+    """The server refused the points themselves; resending them unchanged cannot succeed."""
+
+
+class InfluxRefusedError(InfluxError):
+    """The server refused the request (credentials, bucket, database): a person must act."""
+
+
+class InfluxConfigError(InfluxError):
+    """The sink cannot start: the message names the key and the file."""
+
+
+def server_reason(body: bytes | str | None) -> str:
+    """The server's error text: InfluxDB's JSON `error`/`message`, else the body itself."""
+    if body is None:
+        return "no response body"
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        decoded = json.loads(text)
+        text = str(decoded.get("error") or decoded.get("message") or text)
+    return text.strip()[:REASON_MAX_CHARS] or "empty response body"
+
+
+def retry_after_s(value: str | None, now_s: float) -> float | None:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date); None if absent."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - now_s
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX_S)
+
+
+def error_for_status(
+    status: int, body: bytes | str | None, headers: Mapping[str, str] | None, now_s: float
+) -> InfluxError | None:
+    """The error an HTTP answer means, or None for a 2xx."""
+    if 200 <= status <= 299:
+        return None
+    reason = server_reason(body)
+    if status >= 500 or status in RETRYABLE_STATUSES:
+        after = retry_after_s((headers or {}).get("Retry-After"), now_s)
+        return InfluxUnavailableError(reason, status, after)
+    if status in REJECTED_STATUSES:
+        return InfluxRejectedError(reason, status)
+    return InfluxRefusedError(reason, status)
+
+
+@contextlib.contextmanager
+def _mapped_errors(url: str) -> Iterator[None]:
+    """Turn transport failures (urllib3, sockets) into InfluxUnavailable."""
+    try:
+        yield
+    except urllib3.exceptions.HTTPError as exc:
+        raise InfluxUnavailableError(f"cannot reach {url}: {exc}") from exc
+    except OSError as exc:
+        raise InfluxUnavailableError(f"cannot reach {url}: {exc}") from exc
+
+
+def backoff_s(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
+    """Capped exponential backoff with jitter: uniform in [d/2, d], d = min(max, initial * 2^n)."""
+    ceiling = min(max_s, initial_s * 2.0 ** min(attempt, MAX_JITTER_ATTEMPT))
+    return ceiling / 2 + rng.random() * ceiling / 2
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def _check_secret_file(path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is not a regular file")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(f"{path} is readable by group or others; run: chmod 600 {path}")
+    return path
+
+
+def read_secret(value: SecretStr | None, path: Path | None, key: str) -> str | None:
+    """A secret from its setting (environment) or else its owner-only file."""
+    if value is not None:
+        return value.get_secret_value()
+    if path is None:
+        return None
+    try:
+        _check_secret_file(path)
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, ValueError) as exc:
+        raise InfluxConfigError(f"influx.{key}: {exc}") from exc
+
+
+class InfluxSettings(BaseModel):
+    """The [influx] section; secrets from PUMPGW_INFLUX__TOKEN / __PASSWORD or owner-only files."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = Field(description="base URL, e.g. http://127.0.0.1:8086")
+    api: Literal["v1", "v2"] = Field("v2", description="v2: /api/v2/write; v1: /write?db=")
+    org: str | None = Field(None, description="v2 organisation (required for v2)")
+    bucket: str = Field("pumps", min_length=1, description="v2 bucket, or the v1 database")
+    token: SecretStr | None = Field(None, description="API token; better PUMPGW_INFLUX__TOKEN")
+    token_file: Path | None = Field(None, description="file holding the token (mode 600)")
+    username: str | None = Field(None, description="v1 user (HTTP basic authentication)")
+    password: SecretStr | None = Field(None, description="v1 password; PUMPGW_INFLUX__PASSWORD")
+    password_file: Path | None = Field(None, description="file holding the v1 password (mode 600)")
+    batch_size: int = Field(5000, ge=1, le=100_000, description="outbox rows per write request")
+    timeout_s: float = Field(10.0, gt=0, le=600, description="per request")
+    gzip: bool = Field(True, description="compress request bodies")
+    verify_tls: bool = Field(True, description="verify the server certificate (https)")
+    ca_file: Path | None = Field(None, description="CA bundle for a private CA (https)")
+    retry_initial_s: float = Field(0.5, gt=0, description="first backoff after a failure")
+    retry_max_s: float = Field(30.0, gt=0, description="backoff cap; also the auth-failure pace")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("use http://host:port or https://host:port")
+        if parts.username or parts.password:
+            raise ValueError("put credentials in token/password settings, not in the URL")
+        return value.rstrip("/")
+
+    @field_validator("token_file", "password_file")
+    @classmethod
+    def _owner_only(cls, value: Path | None) -> Path | None:
+        return _check_secret_file(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InfluxSettings:
+        if self.api == "v2" and not self.org:
+            raise ValueError("org is required when api = 'v2'")
+        has_password = self.password is not None or self.password_file is not None
+        if has_password and not self.username:
+            raise ValueError("password needs username")
+        if self.username and self.api == "v2":
+            raise ValueError("username/password are for api = 'v1'; v2 uses a token")
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError("retry_max_s must be at least retry_initial_s")
+        return self
+
+    def display_url(self) -> str:
+        """Where points go, without secrets."""
+        target = f"org {self.org}, bucket" if self.api == "v2" else "database"
+        return f"{self.url} ({self.api}, {target} {self.bucket})"
+
+
+# --- transports ---------------------------------------------------------------------------
+
+
+class Transport(Protocol):
+    """Posts one encoded body (see encode_body); raises an InfluxError unless the answer is 2xx."""
+
+    def post(self, body: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def encode_body(points: Sequence[StoredRecord], gzip: bool) -> bytes:
+    """The request body for points: their lines joined by newlines, gzipped if asked."""
+    body = b"\n".join([p.line for p in points if p.line is not None])
+    return zlib.compress(body, GZIP_LEVEL, wbits=31) if gzip else body  # wbits=31: gzip
+
+
+class V1Transport:
+    """POST /write?db=&precision=n over urllib3 (InfluxDB 1.x and compatibles)."""
+
+    def __init__(self, settings: InfluxSettings, token: str | None, password: str | None) -> None:
+        self.url = f"{settings.url}/write?db={quote(settings.bucket, safe='')}&precision=n"
+        self._headers = {"Content-Type": "text/plain; charset=utf-8"}
+        if settings.gzip:
+            self._headers["Content-Encoding"] = "gzip"
+        if token is not None:
+            self._headers["Authorization"] = f"Token {token}"
+        elif settings.username is not None:
+            pair = f"{settings.username}:{password or ''}".encode()
+            self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        self._pool = urllib3.PoolManager(
+            num_pools=1,
+            maxsize=1,
+            retries=False,
+            timeout=urllib3.Timeout(total=settings.timeout_s),
+            cert_reqs="CERT_REQUIRED" if settings.verify_tls else "CERT_NONE",
+            ca_certs=str(settings.ca_file) if settings.ca_file else None,
+        )
+
+    def post(self, body: bytes) -> None:
+        with _mapped_errors(self.url):
+            answer = self._pool.request("POST", self.url, body=body, headers=self._headers)
+        error = error_for_status(answer.status, answer.data, answer.headers, time.time())
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        self._pool.clear()
+
+
+class V2Transport:
+    """POST /api/v2/write through influxdb-client's WriteService (synchronous, no retries)."""
+
+    def __init__(self, settings: InfluxSettings, token: str | None) -> None:
+        # Imported here: loading the configuration should not pay for influxdb-client.
+        from influxdb_client.client.influxdb_client import InfluxDBClient
+        from influxdb_client.rest import ApiException
+        from influxdb_client.service.write_service import WriteService
+
+        self._api_exception = ApiException
+        self._gzip = settings.gzip
+        self._org = settings.org or ""
+        self._bucket = settings.bucket
+        self.url = f"{settings.url}/api/v2/write"
+        self._client = InfluxDBClient(
+            url=settings.url,
+            token=token or "",  # empty: no Authorization header
+            org=self._org,
+            timeout=int(settings.timeout_s * 1000),
+            enable_gzip=False,  # we compress ourselves, faster (GZIP_LEVEL)
+            verify_ssl=settings.verify_tls,
+            ssl_ca_cert=str(settings.ca_file) if settings.ca_file else None,
+            retries=False,
+        )
+        self._service: Any = WriteService(self._client.api_client)  # type: ignore[no-untyped-call]
+
+    def post(self, body: bytes) -> None:
+        extra: dict[str, Any] = {"content_encoding": "gzip"} if self._gzip else {}
+        try:
+            with _mapped_errors(self.url):
+                self._service.post_write(
+                    org=self._org,
+                    bucket=self._bucket,
+                    body=body,
+                    precision="ns",
+                    content_type="text/plain; charset=utf-8",
+                    **extra,
+                )
+        except self._api_exception as exc:
+            status = int(exc.status or 0)
+            if status == 0:  # the client's own wrapper for TLS failures
+                raise InfluxUnavailableError(f"cannot reach {self.url}: {exc.reason}") from exc
+            headers = dict(exc.headers or {})
+            raise (
+                error_for_status(status, exc.body, headers, time.time())
+                or InfluxUnavailableError(str(exc), status)
+            ) from exc
+
+    def close(self) -> None:
+        self._client.close()  # type: ignore[no-untyped-call]
+
+
+def make_transport(settings: InfluxSettings) -> Transport:
+    """The transport for the configured API, with its secrets read now."""
+    token = read_secret(settings.token, settings.token_file, "token_file")
+    if settings.api == "v2":
+        return V2Transport(settings, token)
+    password = read_secret(settings.password, settings.password_file, "password_file")
+    return V1Transport(settings, token, password)
+
+
+# --- the sink -----------------------------------------------------------------------------
+
+
+class StoppedError(Exception):
+    """The stop event was set while the sink was waiting to retry."""
+
+
+@dataclass(slots=True)
+class SinkStats:
+    """Counters for /healthz and /metrics."""
+
+    connected: bool = False
+    last_error: str | None = None
+    written: int = 0
+    batches: int = 0
+    retries: int = 0
+    poisoned: int = 0
+    backoff_s: float = 0.0
+    last_success_at_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Outbox rows read together: the points among them and their encoded request body."""
+
+    rows: int
+    last_seq: int
+    points: list[StoredRecord]
+    body: bytes
+
+
+PoisonCallback = Callable[[StoredRecord, str], None]
+
+
+class InfluxSink:
+    """Drains the outbox to InfluxDB: batches, backoff without limit, bisection of rejects."""
+
+    def __init__(
+        self,
+        settings: InfluxSettings,
+        outbox: Outbox,
+        *,
+        on_poison: PoisonCallback,
+        name: str = SINK_NAME,
+        transport: Transport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = name
+        self._outbox = outbox
+        self._on_poison = on_poison
+        self._transport = transport if transport is not None else make_transport(settings)
+        self._rng = rng or random.Random()  # jitter only, not cryptography
+        self._quiet = QuietLog(log)
+        self._stats = SinkStats()
+        self._changed = threading.Condition()
+        self._attempt = 0
+        self._closed = False
+        self._executor: ThreadPoolExecutor | None = None
+        self.sent_up_to = outbox.cursor(name)
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, wake: threading.Event) -> None:
+        """Drain until `stop` is set, waiting on `wake` when nothing is pending; then close."""
+        try:
+            while not stop.is_set():
+                wake.clear()
+                self._drain_guarded(stop)
+                wake.wait(IDLE_WAIT_S)
+        finally:
+            self.close()
+
+    def _drain_guarded(self, stop: threading.Event) -> int:
+        try:
+            return self.drain(stop)
+        except StoppedError:
+            return 0
+        except OutboxError as exc:
+            self._quiet.error("outbox", "influx sink cannot read the outbox: %s", exc)
+            self._note_failure(str(exc), connected=self._stats.connected)
+        except Exception as exc:  # a sink thread must never die silently
+            log.exception("influx sink: unexpected error, retrying")
+            self._note_failure(f"unexpected: {exc!r}", connected=self._stats.connected)
+        with contextlib.suppress(StoppedError):
+            self._pause(stop, self.settings.retry_max_s)
+        return 0
+
+    def close(self) -> None:
+        """Stop the read-ahead thread and release the HTTP connections (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+            self._transport.close()
+
+    # -- draining --------------------------------------------------------------------------
+
+    def drain(self, stop: threading.Event) -> int:
+        """Deliver every pending batch, reading the next while this one is written; return rows."""
+        delivered = 0
+        batch = self._prepare(self.sent_up_to)
+        while batch is not None and not stop.is_set():
+            upcoming: Future[Batch | None] | None = None
+            if batch.rows == self.settings.batch_size:  # a full batch: more may be waiting
+                upcoming = self._reader().submit(self._prepare, batch.last_seq)
+            self._deliver_batch(batch, stop)
+            delivered += batch.rows
+            batch = upcoming.result() if upcoming is not None else None
+        return delivered
+
+    def drain_once(self, stop: threading.Event) -> int:
+        """Deliver one batch of rows after `sent_up_to`; return how many rows it covered."""
+        batch = self._prepare(self.sent_up_to)
+        if batch is None:
+            return 0
+        self._deliver_batch(batch, stop)
+        return batch.rows
+
+    def _reader(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-read-ahead")
+        return self._executor
+
+    def _prepare(self, after_seq: int) -> Batch | None:
+        """Read the rows after `after_seq` and encode their points into one request body."""
+        rows = self._outbox.read(self.name, after_seq, self.settings.batch_size)
+        if not rows:
+            return None
+        points = [row for row in rows if row.line is not None]
+        body = encode_body(points, self.settings.gzip) if points else b""
+        return Batch(rows=len(rows), last_seq=rows[-1].seq, points=points, body=body)
+
+    def _deliver_batch(self, batch: Batch, stop: threading.Event) -> None:
+        if batch.points:
+            try:
+                self._post_until_answered(batch.body, len(batch.points), stop)
+            except InfluxRejectedError:
+                self._bisect(batch.points, stop)
+        self._acknowledge(batch.last_seq)
+
+    def _deliver(self, points: list[StoredRecord], stop: threading.Event) -> None:
+        """Write points, retrying until written; isolate rejected points by halving."""
+        body = encode_body(points, self.settings.gzip)
+        try:
+            self._post_until_answered(body, len(points), stop)
+        except InfluxRejectedError as exc:
+            if len(points) == 1:
+                self._poison(points[0], exc)
+                return
+            self._bisect(points, stop)
+
+    def _bisect(self, points: list[StoredRecord], stop: threading.Event) -> None:
+        middle = len(points) // 2
+        self._deliver(points[:middle], stop)
+        self._acknowledge(points[middle - 1].seq)
+        self._deliver(points[middle:], stop)
+
+    def _post_until_answered(self, body: bytes, points: int, stop: threading.Event) -> None:
+        """Post until a 2xx (return) or a rejection (raise InfluxRejectedError); retry the rest."""
+        while True:
+            if stop.is_set():
+                raise StoppedError
+            try:
+                self._transport.post(body)
+            except InfluxUnavailableError as exc:
+                self._retry_later(exc, stop, exc.retry_after_s)
+            except InfluxRefusedError as exc:
+                self._quiet.error(
+                    "refused",
+                    "InfluxDB refused the writes (%s); check the token, user, org and "
+                    "bucket/database. Retrying every %.0f s; nothing is dropped.",
+                    exc,
+                    self.settings.retry_max_s,
+                )
+                self._retry_later(exc, stop, self.settings.retry_max_s)
+            except InfluxRejectedError as exc:
+                self._note_answer(error=str(exc))
+                raise
+            else:
+                self._note_written(points)
+                return
+
+    def _retry_later(self, exc: InfluxError, stop: threading.Event, wait_s: float | None) -> None:
+        """Note the failure and wait: `wait_s`, or the next backoff step when None."""
+        if not isinstance(exc, InfluxRefusedError):
+            self._quiet.warning(
+                "unavailable", "InfluxDB unavailable (%s); retrying with backoff", exc
+            )
+        if wait_s is None:
+            wait_s = backoff_s(
+                self._attempt, self.settings.retry_initial_s, self.settings.retry_max_s, self._rng
+            )
+        self._attempt += 1
+        self._note_failure(str(exc), connected=False, backoff=wait_s)
+        self._pause(stop, wait_s)
+
+    def _pause(self, stop: threading.Event, wait_s: float) -> None:
+        if stop.wait(wait_s):
+            raise StoppedError
+
+    def _poison(self, record: StoredRecord, exc: InfluxError) -> None:
+        reason = str(exc)  # "HTTP 400: <the server's reason>"
+        self._quiet.warning(
+            "poison", "InfluxDB rejected record %s for good: %s", record.record_id, reason
+        )
+        with self._changed:
+            self._stats.poisoned += 1
+        self._on_poison(record, reason)
+        self._acknowledge(record.seq)
+
+    def _acknowledge(self, seq: int) -> None:
+        if seq > self.sent_up_to:
+            self._outbox.ack(self.name, seq)
+            self.sent_up_to = seq
+            with self._changed:
+                self._changed.notify_all()
+
+    # -- health ----------------------------------------------------------------------------
+
+    def _note_written(self, points: int) -> None:
+        if self._attempt:
+            log.info("InfluxDB writes resumed after %d retries", self._attempt)
+            self._quiet.forget("unavailable")
+            self._quiet.forget("refused")
+        self._attempt = 0
+        with self._changed:
+            s = self._stats
+            s.connected, s.last_error, s.backoff_s = True, None, 0.0
+            s.written += points
+            s.batches += 1
+            s.last_success_at_s = time.time()
+            self._changed.notify_all()
+
+    def _note_answer(self, error: str) -> None:
+        with self._changed:
+            self._stats.connected, self._stats.last_error = True, error
+            self._changed.notify_all()
+
+    def _note_failure(self, error: str, *, connected: bool, backoff: float = 0.0) -> None:
+        with self._changed:
+            s = self._stats
+            s.connected, s.last_error, s.backoff_s = connected, error, backoff
+            s.retries += 1
+            self._changed.notify_all()
+
+    def health(self) -> dict[str, Any]:
+        """For /healthz and /metrics; `connected` is False while writes fail or are refused."""
+        with self._changed:
+            s = self._stats
+            return {
+                "connected": s.connected,
+                "last_error": s.last_error,
+                "written": s.written,
+                "batches": s.batches,
+                "retries": s.retries,
+                "poisoned": s.poisoned,
+                "backoff_s": s.backoff_s,
+                "last_success_at_s": s.last_success_at_s,
+                "sent_up_to": self.sent_up_to,
+            }
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float) -> bool:
+        """Block until predicate(health()) holds or the timeout passes; return whether it held."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while not predicate(self.health()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+        return True

@@ -1,0 +1,833 @@
+"""MQTT sink: drains the outbox to a broker with paho-mqtt 2.x and receives operator acks.
+
+Two threads. paho's network thread (`loop_start`) runs the callbacks, which only
+hand data over (a queue and an event) and tolerate being called twice. The sink
+thread (`run`) owns every piece of delivery state. docs/topics.md is the user's
+view of what is published where.
+
+Delivery: every record is published with QoS 1 and counts as delivered only when
+its PUBACK arrives with a success reason code (matched by mid), never because
+publish() returned success. Records wait in a bounded window in outbox order;
+the outbox cursor advances over the contiguous acknowledged prefix only. A lost
+connection makes every unacknowledged record in the window unsent again; they are
+re-published, with the same record_id, once connected (at-least-once).
+
+Backlog: when the oldest unread row is older than `historical_after_s`, the rows
+stored so far become a replay lane published at `replay_rate_per_s`, while rows
+stored from then on go out at once in a live lane. The cursor follows the replay
+lane and jumps over the live lane's acknowledged prefix when the replay is done.
+One replay at a time: rows that age in the live lane meanwhile go out at full
+speed (still flagged historical).
+
+A record the broker denies (PUBACK >= 0x80) stays in the window and is retried;
+it holds the cursor back, so later records keep flowing only until the window
+(inflight_max) is full of records waiting behind it.
+
+Errors (the paho seam below maps paho's codes and exceptions to these):
+
+    MqttError                  anything this adapter reports
+     ├── MqttConfigError       settings that cannot work (password file, TLS files)
+     └── MqttRefusedError           the broker said no: reason_code, topic (None: CONNECT)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import ssl
+import stat
+import threading
+import time
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.exception import MQTTException
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from gateway.outbox import Outbox, StoredRecord
+from gateway.quiet import QuietLog
+from gateway.topics import (
+    DEFAULT_PREFIX,
+    TopicBase,
+    ack_topic,
+    is_retained,
+    segment_problem,
+    status_topic,
+    topic_for,
+)
+
+log = logging.getLogger(__name__)
+
+SINK_NAME: Final = "mqtt"
+QOS: Final = 1
+RECONNECT_MIN_DELAY_S: Final = 1
+DENIED_RETRY_S: Final = 30.0
+"""A record the broker refused (PUBACK >= 0x80) is offered again after this long."""
+IDLE_WAIT_S: Final = 1.0
+BUSY_WAIT_S: Final = 0.05
+"""While waiting for PUBACKs, new outbox rows are looked for at least this often."""
+REPLAY_BURST_S: Final = 0.1
+"""The replay rate limiter lets this many seconds' worth of rows out at once."""
+SHUTDOWN_DRAIN_S: Final = 2.0
+MAX_ACK_BYTES: Final = 16_384
+"""A larger message on the ack topic is dropped unread (an Acknowledgement is < 1 KiB)."""
+SERVER_RECEIVE_MAX: Final = 65_535
+DISCONNECT_WITH_WILL: Final = 0x04
+"""MQTT 5 DISCONNECT reason: the broker publishes the will (`offline`) on a clean stop too."""
+SCHEMES: Final = {"mqtt": 1883, "mqtts": 8883}
+
+
+class MqttError(Exception):
+    """Something this adapter cannot do; the message says what to check."""
+
+
+class MqttConfigError(MqttError):
+    """The settings cannot work (unreadable password file, bad TLS files)."""
+
+
+class MqttRefusedError(MqttError):
+    """The broker refused a CONNECT (topic None) or a PUBLISH to `topic`."""
+
+    def __init__(self, message: str, reason_code: int, topic: str | None = None) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+        self.topic = topic
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+class MqttTls(BaseModel):
+    """`[mqtt.tls]`: files for an mqtts:// broker; the system CAs are used without ca_file."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ca_file: Path | None = Field(None, description="PEM CA bundle that signed the broker")
+    cert_file: Path | None = Field(None, description="PEM client certificate (mutual TLS)")
+    key_file: Path | None = Field(None, description="PEM key of cert_file")
+    insecure_skip_verify: bool = Field(
+        False, description="do not verify the broker's certificate (tests only; warns at start)"
+    )
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> MqttTls:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        return self != MqttTls()
+
+
+class MqttSettings(BaseModel):
+    """`[mqtt]`: the broker, credentials, TLS, the delivery window and the topic prefix."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = Field("mqtt://localhost:1883", description="mqtt://host:port or mqtts://host:port")
+    protocol: Literal["5", "3.1.1"] = Field("5", description='"5" (default) or "3.1.1"')
+    client_id: str | None = Field(None, description="default: pumpgw-{site}-{station}")
+    username: str | None = None
+    password: SecretStr | None = Field(None, description="or env PUMPGW_MQTT__PASSWORD")
+    password_file: Path | None = Field(None, description="file holding the password, mode 600")
+    tls: MqttTls = MqttTls()
+    keepalive_s: int = Field(30, ge=5, le=65_535)
+    inflight_max: int = Field(
+        1000, ge=1, le=65_535, description="records published and not yet acknowledged"
+    )
+    replay_rate_per_s: float = Field(2000.0, gt=0, description="publish rate of a backlog")
+    historical_after_s: float = Field(
+        5.0, ge=0, description="rows older than this when published are flagged historical"
+    )
+    reconnect_max_s: int = Field(30, ge=1, le=3600, description="reconnect backoff ceiling")
+    topic_prefix: str = Field(DEFAULT_PREFIX, description="first topic level")
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in SCHEMES:
+            raise ValueError("use mqtt://host:port or mqtts://host:port")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("put credentials in mqtt.username and mqtt.password, not in the url")
+        if not parts.hostname or parts.path not in ("", "/") or parts.query:
+            raise ValueError("use mqtt://host:port (a host, an optional port, nothing else)")
+        try:
+            parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from exc
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        problem = segment_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("password_file")
+    @classmethod
+    def _private_file(cls, value: Path | None) -> Path | None:
+        problem = None if value is None else _private_file_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttSettings:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set mqtt.password or mqtt.password_file, not both")
+        if self.tls.configured and not self.uses_tls:
+            raise ValueError("mqtt.tls is set but the url is mqtt://; use mqtts://")
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.url.startswith("mqtts://")
+
+    @property
+    def host(self) -> str:
+        return urllib.parse.urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urllib.parse.urlsplit(self.url)
+        return parts.port or SCHEMES[parts.scheme]
+
+    def display_url(self) -> str:
+        """The broker address for logs and screens (never credentials)."""
+        return f"{'mqtts' if self.uses_tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def password_value(self) -> str | None:
+        """The password from the setting, the environment or password_file."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is None:
+            return None
+        problem = _private_file_problem(self.password_file)
+        if problem is not None:
+            raise MqttConfigError(f"mqtt.password_file: {problem}")
+        try:
+            return self.password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise MqttConfigError(f"mqtt.password_file: cannot read it: {exc.strerror}") from exc
+
+
+def _private_file_problem(path: Path) -> str | None:
+    """Why a secret file must not be used (missing, or open to group/others), or None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"{path} is readable by group or others; run: chmod 600 {path}"
+    return None
+
+
+# --- the paho seam: paho's return codes, reason codes and exceptions become ours here ---
+
+CONNECT_HINTS: Final = {
+    0x84: 'the broker does not speak this MQTT version; try mqtt.protocol = "3.1.1"',
+    0x85: "the broker rejected the client id; set mqtt.client_id",
+    0x86: "check mqtt.username and the password (PUMPGW_MQTT__PASSWORD or mqtt.password_file)",
+    0x87: "check mqtt.username, the password and the broker's ACL for this user",
+    0x88: "the broker is unavailable; retrying",
+    0x89: "the broker is busy; retrying",
+    0x8A: "this client is banned by the broker; ask its administrator",
+    0x8C: "the broker wants another authentication method",
+}
+
+
+def connect_refusal(code: int, name: str, url: str) -> MqttRefusedError:
+    """A refused CONNACK as our error, with what to do about it."""
+    hint = CONNECT_HINTS.get(code, "see the broker's log")
+    message = f"broker {url} refused the connection: {name} (0x{code:02X}); {hint}"
+    return MqttRefusedError(message, code)
+
+
+def publish_denial(code: int, name: str, topic: str) -> MqttRefusedError:
+    """A PUBACK with a failure reason code as our error."""
+    return MqttRefusedError(
+        f"broker denied publishing to {topic}: {name} (0x{code:02X}); the records stay in the "
+        f"outbox and are retried every {DENIED_RETRY_S:.0f} s (check the broker's ACL)",
+        code,
+        topic,
+    )
+
+
+def publish_problem(rc: MQTTErrorCode) -> str | None:
+    """Why publish() did not take a message for sending (None: it did; still not delivered)."""
+    if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+        return None
+    if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+        return "not connected"
+    if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+        return "paho's queue is full"
+    return mqtt.error_string(rc)
+
+
+def reason(code: ReasonCode) -> tuple[int, str]:
+    """The numeric value and name of a paho reason code (3.1.1 codes arrive converted)."""
+    return code.value, code.getName()
+
+
+@contextlib.contextmanager
+def paho_errors(what: str, error: type[MqttError] = MqttError) -> Iterator[None]:
+    """Raise paho's and ssl's exceptions during `what` as `error`."""
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError, ssl.SSLError, MQTTException) as exc:
+        raise error(f"{what}: {exc}") from exc
+
+
+def user_properties(props: Properties | None) -> tuple[tuple[str, str], ...]:
+    """MQTT 5 user properties of a received message (empty for 3.1.1)."""
+    pairs = getattr(props, "UserProperty", None) or []
+    return tuple((str(k), str(v)) for k, v in pairs)
+
+
+# --- delivery window --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedAck:
+    """A message received on the ack topic, handed to the service unvalidated."""
+
+    topic: str
+    payload: bytes
+    user_properties: tuple[tuple[str, str], ...] = ()
+
+
+OnAck = Callable[[ReceivedAck], None]
+
+
+@dataclass(slots=True)
+class _Slot:
+    record: StoredRecord
+    mid: int | None = None
+    acked: bool = False
+    retry_at_s: float = 0.0
+
+
+class _Lane:
+    """Rows of one outbox range (after_seq, upto_seq] in seq order until acknowledged."""
+
+    def __init__(self, after_seq: int, upto_seq: int | None = None) -> None:
+        self.read_to = after_seq
+        self.acked_to = after_seq
+        self.upto = upto_seq
+        self.read_all = upto_seq is not None and after_seq >= upto_seq
+        self.slots: OrderedDict[int, _Slot] = OrderedDict()
+
+    @property
+    def done(self) -> bool:
+        return self.read_all and not self.slots
+
+    def take(self, rows: list[StoredRecord], asked: int) -> list[_Slot]:
+        """Add rows read after read_to; rows past upto_seq are left for the next lane."""
+        if self.upto is not None:
+            kept = [r for r in rows if r.seq <= self.upto]
+            self.read_all = len(kept) < len(rows) or len(rows) < asked
+            rows = kept
+        new = [_Slot(r) for r in rows]
+        for slot in new:
+            self.slots[slot.record.seq] = slot
+        if rows:
+            self.read_to = rows[-1].seq
+        return new
+
+    def advance(self) -> bool:
+        """Drop the acknowledged prefix; return whether acked_to moved."""
+        moved = False
+        while self.slots:
+            seq, slot = next(iter(self.slots.items()))
+            if not slot.acked:
+                break
+            del self.slots[seq]
+            self.acked_to, moved = seq, True
+        if self.done and self.upto is not None and self.acked_to < self.upto:
+            self.acked_to, moved = self.upto, True
+        return moved
+
+    def unsend(self) -> None:
+        """The connection is gone: nothing unacknowledged is on its way any more."""
+        for slot in self.slots.values():
+            if not slot.acked:
+                slot.mid, slot.retry_at_s = None, 0.0
+
+    def due(self, now_m: float) -> Iterator[_Slot]:
+        return (s for s in self.slots.values() if s.mid is None and not s.acked
+                and s.retry_at_s <= now_m)
+
+
+class _Bucket:
+    """Token bucket for the replay rate."""
+
+    def __init__(self, rate_per_s: float) -> None:
+        self.rate = rate_per_s
+        self.burst = max(1.0, rate_per_s * REPLAY_BURST_S)
+        self.tokens = self.burst
+        self._at = time.monotonic()
+
+    def refill(self, now_m: float) -> int:
+        self.tokens = min(self.burst, self.tokens + (now_m - self._at) * self.rate)
+        self._at = now_m
+        return int(self.tokens)
+
+    def wait_s(self) -> float:
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+
+# --- the sink ---------------------------------------------------------------------------
+
+
+class MqttSink:
+    """Publishes outbox records to the broker, birth/will on the status topic, acks in."""
+
+    name = SINK_NAME
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        outbox: Outbox,
+        topics: TopicBase,
+        *,
+        birth: bytes,
+        will: bytes,
+        on_ack: OnAck,
+    ) -> None:
+        self.settings = settings
+        self._outbox = outbox
+        self._topics = topics
+        self._birth = birth
+        self._will = will
+        self._on_ack = on_ack
+        self._v5 = settings.protocol == "5"
+        self.client_id = settings.client_id or f"pumpgw-{topics.site}-{topics.station}"
+        self._status_topic = status_topic(topics)
+        self._ack_topic = ack_topic(topics)
+        self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._kick = threading.Event()
+        self._quiet = QuietLog(log)
+        self._live = _Lane(outbox.cursor(SINK_NAME))
+        self._replay: _Lane | None = None
+        self._bucket = _Bucket(settings.replay_rate_per_s)
+        self._throttled = False
+        self._mids: dict[int, _Slot] = {}
+        self._connected = False
+        self._ever_connected = False
+        self._window_wire = settings.inflight_max
+        self._refused_key = "refused"
+        self._loop_running = False
+        self.last_error: str | None = None
+        self.published = self.denied = self.reconnects = self.historical = 0
+        self.unroutable = self.refusals = self.acks_received = self.acks_dropped = 0
+        self._client = self._make_client()
+
+    # -- client set-up ---------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+            clean_session=None if self._v5 else True,
+        )
+        if log.isEnabledFor(logging.DEBUG):  # paho logs every lost connection as ERROR
+            client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        # Our window is the only in-flight limit (paho's would count dropped messages);
+        # the queue cap is a safety net: the window never holds more than inflight_max.
+        client.max_inflight_messages_set(0)
+        client.max_queued_messages_set(s.inflight_max + 64)
+        client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, s.reconnect_max_s)
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password_value())
+        if s.uses_tls:
+            self._set_tls(client, s.tls)
+        client.will_set(self._status_topic, self._will, qos=QOS, retain=True)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    @staticmethod
+    def _set_tls(client: mqtt.Client, tls: MqttTls) -> None:
+        with paho_errors("mqtt.tls", MqttConfigError):
+            client.tls_set(
+                ca_certs=str(tls.ca_file) if tls.ca_file else None,
+                certfile=str(tls.cert_file) if tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls.key_file else None,
+                cert_reqs=ssl.CERT_NONE if tls.insecure_skip_verify else ssl.CERT_REQUIRED,
+            )
+            client.tls_insecure_set(tls.insecure_skip_verify)
+
+    def update_birth(self, birth: bytes) -> None:
+        """The GatewayStatus `online` payload published at the next (re)connect."""
+        self._birth = birth
+
+    # -- paho callbacks: paho's thread; they only hand data over ---------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
+                    reason_code: ReasonCode, properties: Properties | None) -> None:
+        if reason_code.is_failure:
+            self._hand_over("refused", *reason(reason_code))
+            return
+        # A fresh session each time: paho's own copies of unacknowledged messages are
+        # dropped here, before paho re-sends them after this callback returns; the sink
+        # thread re-publishes them from its window, so nothing is lost and each record
+        # goes out once per connection rather than twice.
+        client.drop_out_messages()
+        # Subscribe before the birth: whoever sees `online` can rely on acks being heard.
+        client.subscribe(self._ack_topic, qos=QOS)
+        client.publish(self._status_topic, self._birth, qos=QOS, retain=True)
+        receive_max = getattr(properties, "ReceiveMaximum", SERVER_RECEIVE_MAX)
+        self._hand_over("connected", int(receive_max))
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._hand_over("unreachable")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
+                       reason_code: ReasonCode, properties: Properties | None) -> None:
+        self._hand_over("disconnected", *reason(reason_code))
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,
+                    reason_code: ReasonCode, properties: Properties | None) -> None:
+        self._hand_over("puback", mid, *reason(reason_code))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if len(message.payload) > MAX_ACK_BYTES:
+            self.acks_dropped += 1
+            self._quiet.warning("ack-size", "dropped a %d-byte message on %s (limit %d)",
+                                len(message.payload), message.topic, MAX_ACK_BYTES)
+            return
+        self.acks_received += 1
+        props = user_properties(message.properties)
+        ack = ReceivedAck(message.topic, bytes(message.payload), props)
+        try:
+            self._on_ack(ack)
+        except Exception as exc:  # noqa: BLE001 - a service bug must not stop paho's thread
+            self._quiet.error("on-ack", "the acknowledgement handler failed: %r", exc)
+
+    def _hand_over(self, *event: Any) -> None:
+        self._events.put(event)
+        self._kick.set()
+
+    # -- the sink thread -------------------------------------------------------------
+
+    def run(self, stop: threading.Event, wake: threading.Event) -> None:
+        """Connect, drain the outbox until `stop` is set, then say `offline` and disconnect."""
+        if self.settings.tls.insecure_skip_verify:
+            log.warning("mqtt.tls.insecure_skip_verify is on: the broker's certificate is NOT "
+                        "verified, so anyone on the network path can pose as %s",
+                        self.settings.display_url())
+        with paho_errors(f"cannot start MQTT to {self.settings.display_url()}"):
+            self._client.connect_async(self.settings.host, self.settings.port,
+                                       self.settings.keepalive_s, **self._clean_start())
+            self._client.loop_start()
+        self._loop_running = True
+        try:
+            while not stop.is_set():
+                self._kick.clear()
+                wake.clear()
+                self._step()
+                self._wait(wake)
+        finally:
+            self._shutdown()
+
+    def _clean_start(self) -> dict[str, Any]:
+        return {"clean_start": True} if self._v5 else {}
+
+    def _step(self) -> None:
+        self._drain_events()
+        if self._connected:
+            now_m = time.monotonic()
+            self._send_live(now_m)
+            self._send_replay(now_m)
+        self._advance()
+
+    def _wait(self, wake: threading.Event) -> None:
+        """Sleep until paho reports (in flight or disconnected), rows arrive, or a timer is due."""
+        timeout_s = self._timer_s(time.monotonic())
+        if not self._connected or self._mids:
+            self._kick.wait(min(timeout_s, BUSY_WAIT_S))
+        else:
+            wake.wait(timeout_s)
+
+    def _timer_s(self, now_m: float) -> float:
+        """Time until a denied record may be retried or the replay earns a token."""
+        later = [s.retry_at_s for lane in self._lanes() for s in lane.slots.values()
+                 if s.mid is None and not s.acked and s.retry_at_s > now_m]
+        timer_s = min(later, default=now_m + IDLE_WAIT_S) - now_m
+        if self._throttled:
+            timer_s = min(timer_s, self._bucket.wait_s())
+        return max(0.0, min(timer_s, IDLE_WAIT_S))
+
+    def _lanes(self) -> list[_Lane]:
+        return [self._live] if self._replay is None else [self._replay, self._live]
+
+    # -- events from paho --------------------------------------------------------------
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            getattr(self, f"_event_{event[0]}")(*event[1:])
+
+    def _event_connected(self, receive_max: int) -> None:
+        self._unsend_all()
+        self._window_wire = max(1, min(self.settings.inflight_max, receive_max))
+        if self._ever_connected:
+            self.reconnects += 1
+        log.info("MQTT connected to %s as %s", self.settings.display_url(), self.client_id)
+        self._connected = self._ever_connected = True
+        self.last_error = None
+        self._quiet.forget("unreachable")
+        self._quiet.forget(self._refused_key)
+
+    def _event_refused(self, code: int, name: str) -> None:
+        error = connect_refusal(code, name, self.settings.display_url())
+        self.refusals += 1
+        self.last_error = str(error)
+        self._refused_key = f"refused:{code}"
+        self._quiet.error(self._refused_key, "%s", error)
+
+    def _event_unreachable(self) -> None:
+        what = "TCP connect or TLS handshake" if self.settings.uses_tls else "TCP connect"
+        self.last_error = (f"cannot reach the broker at {self.settings.display_url()} "
+                           f"({what} failed); retrying")
+        self._quiet.warning("unreachable", "%s", self.last_error)
+
+    def _event_disconnected(self, code: int, name: str) -> None:
+        self._unsend_all()
+        if self._connected:
+            self.last_error = f"connection to {self.settings.display_url()} lost: {name}"
+            log.warning("%s; reconnecting (unacknowledged records will be sent again)",
+                        self.last_error)
+        self._connected = False
+
+    def _event_puback(self, mid: int, code: int, name: str) -> None:
+        slot = self._mids.pop(mid, None)
+        if slot is None:
+            return  # birth, will, or a publish of a connection already given up
+        slot.mid = None
+        if code < 0x80:
+            slot.acked = True
+            self.published += 1
+            return
+        topic = topic_for(slot.record.kind, slot.record.pump_id, self._topics)
+        error = publish_denial(code, name, topic)
+        self.denied += 1
+        self.last_error = str(error)
+        slot.retry_at_s = time.monotonic() + DENIED_RETRY_S
+        self._quiet.error(f"denied:{topic}:{code}", "%s", error)
+
+    def _unsend_all(self) -> None:
+        self._mids.clear()
+        for lane in self._lanes():
+            lane.unsend()
+
+    # -- publishing --------------------------------------------------------------------
+
+    def _send_live(self, now_m: float) -> None:
+        lane = self._live
+        budget = self._window_wire - len(self._mids)
+        sent, ok = self._publish_due(lane, now_m, budget)
+        room = min(budget - sent, self.settings.inflight_max - self._held())
+        if not ok or room <= 0:
+            return
+        rows = self._outbox.read(SINK_NAME, lane.read_to, room)
+        if rows and self._replay is None and self._is_historical(rows[0], time.time()):
+            self._start_replay(rows)
+            return
+        for slot in lane.take(rows, room):
+            if not self._publish(slot):
+                return
+
+    def _send_replay(self, now_m: float) -> None:
+        lane = self._replay
+        self._throttled = False
+        if lane is None:
+            return
+        tokens = self._bucket.refill(now_m)
+        cap = max(1, self.settings.inflight_max // 2)
+        wire = min(self._window_wire - len(self._mids), cap - self._count_sent(lane))
+        budget = min(tokens, wire)
+        spent, ok = self._publish_due(lane, now_m, budget)
+        room = min(budget - spent, cap - len(lane.slots), self.settings.inflight_max - self._held())
+        if ok and room > 0 and not lane.read_all:
+            for slot in lane.take(self._outbox.read(SINK_NAME, lane.read_to, room), room):
+                if not self._publish(slot):
+                    break
+                spent += 1
+        self._bucket.tokens -= spent
+        # Out of tokens before out of room: wake when the next token is earned.
+        self._throttled = spent >= tokens and tokens < wire
+
+    def _start_replay(self, rows: list[StoredRecord]) -> None:
+        """Bound the current lane at the last stored row; rows after it go out live."""
+        count, _oldest = self._outbox.backlog(SINK_NAME)
+        last_seq = max(self._outbox.cursor(SINK_NAME) + count, rows[-1].seq)
+        self._replay, self._live = self._live, _Lane(last_seq)
+        self._replay.upto = last_seq
+        self._replay.take(rows, len(rows))
+        self._replay.read_all = rows[-1].seq >= last_seq
+        log.info("MQTT backlog of %d records: replaying at %.0f/s, flagged historical",
+                 count, self.settings.replay_rate_per_s)
+
+    def _publish_due(self, lane: _Lane, now_m: float, budget: int) -> tuple[int, bool]:
+        """Publish slots that wait to be (re)sent; return how many, and False if paho refused."""
+        sent = 0
+        for slot in list(lane.due(now_m)):
+            if sent >= budget:
+                break
+            if not self._publish(slot):
+                return sent, False
+            sent += 1
+        return sent, True
+
+    def _held(self) -> int:
+        return sum(len(lane.slots) for lane in self._lanes())
+
+    @staticmethod
+    def _count_sent(lane: _Lane) -> int:
+        return sum(1 for s in lane.slots.values() if s.mid is not None)
+
+    def _is_historical(self, record: StoredRecord, now_s: float) -> bool:
+        return now_s - record.stored_at_s > self.settings.historical_after_s
+
+    def _publish(self, slot: _Slot) -> bool:
+        """Hand one record to paho; False means stop sending for now."""
+        record = slot.record
+        try:
+            topic = topic_for(record.kind, record.pump_id, self._topics)
+        except ValueError as exc:
+            self._skip_unroutable(slot, str(exc))
+            return True
+        historical = self._is_historical(record, time.time())
+        retain = record.retain or is_retained(record.kind)
+        try:
+            with paho_errors(f"publish to {topic}"):
+                info = self._client.publish(topic, record.payload, qos=QOS, retain=retain,
+                                            properties=self._properties(record, historical))
+        except MqttError as exc:
+            self._skip_unroutable(slot, str(exc))
+            return True
+        problem = publish_problem(info.rc)
+        if problem is not None:
+            self._quiet.warning(f"publish:{problem}", "MQTT publish deferred: %s", problem)
+            return False
+        slot.mid = info.mid
+        self._mids[info.mid] = slot
+        self.historical += historical
+        return True
+
+    def _skip_unroutable(self, slot: _Slot, why: str) -> None:
+        # Retrying cannot help and would stop every later record; the row stays in the
+        # outbox (and in InfluxDB), so it is counted and logged, not silently lost.
+        slot.acked = True
+        self.unroutable += 1
+        self._quiet.error(f"unroutable:{slot.record.kind}", "record %s not published to MQTT: %s",
+                          slot.record.record_id, why)
+
+    def _properties(self, record: StoredRecord, historical: bool) -> Properties | None:
+        if not self._v5:
+            return None
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.PayloadFormatIndicator = 1
+        props.ContentType = "application/json"
+        pairs = [("record_id", record.record_id)]
+        if historical:
+            pairs.append(("historical", "true"))
+        props.UserProperty = pairs
+        return props
+
+    def _advance(self) -> None:
+        replay, live = self._replay, self._live
+        if replay is None:
+            if live.advance():
+                self._outbox.ack(SINK_NAME, live.acked_to)
+            return
+        live.advance()
+        if replay.advance():
+            self._outbox.ack(SINK_NAME, replay.acked_to)
+        if replay.done:
+            self._replay = None
+            self._outbox.ack(SINK_NAME, max(live.acked_to, replay.acked_to))
+            log.info("MQTT backlog replayed; publishing live")
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Wait a little for PUBACKs of what is in flight, then leave saying `offline`."""
+        deadline = time.monotonic() + SHUTDOWN_DRAIN_S
+        self._drain_events()
+        while self._connected and self._mids and time.monotonic() < deadline:
+            self._kick.wait(BUSY_WAIT_S)
+            self._kick.clear()
+            self._drain_events()
+            self._advance()
+        if not self._v5 and self._client.is_connected():
+            self._say_offline(deadline)
+        self.close()
+
+    def _say_offline(self, deadline: float) -> None:
+        """MQTT 3.1.1 has no 'disconnect with will': publish the `offline` status ourselves."""
+        try:
+            with paho_errors("publish offline status"):
+                info = self._client.publish(self._status_topic, self._will, qos=QOS, retain=True)
+                info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        except MqttError as exc:
+            log.warning("could not publish the offline status: %s", exc)
+
+    def close(self) -> None:
+        """Disconnect (MQTT 5: asking the broker to publish the will) and stop paho's thread.
+
+        Safe to call more than once.
+        """
+        if not self._loop_running:
+            return
+        self._loop_running = False
+        with_will = ReasonCode(PacketTypes.DISCONNECT, identifier=DISCONNECT_WITH_WILL)
+        self._client.disconnect(reasoncode=with_will if self._v5 else None)
+        self._client.loop_stop()
+        self._connected = False
+
+    # -- observation -------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """For /healthz and /metrics: state, last error and counters (plain ints)."""
+        return {
+            "connected": self._client.is_connected(),
+            "last_error": self.last_error,
+            "published": self.published,
+            "denied": self.denied,
+            "inflight": len(self._mids),
+            "reconnects": self.reconnects,
+            "refused": self.refusals,
+            "historical": self.historical,
+            "unroutable": self.unroutable,
+            "acks_received": self.acks_received,
+            "acks_dropped": self.acks_dropped,
+        }

@@ -1,0 +1,436 @@
+"""`pumpgw tail`: subscribe to a station's topic tree and print one line per message.
+
+`render_message` is pure: topic and payload in, one printable line out. It parses the
+payload with the schemas models and renders each kind compactly; a payload that is not
+JSON, has an unknown kind or fails validation is shown raw and truncated. Control
+characters are escaped, so a payload can neither break the one-line format nor send
+escape sequences to the terminal. `run_tail` is the paho-mqtt shell around it: paho's
+thread only queues what arrives, the caller's thread renders and writes, with rich
+colours on a terminal and plain text otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import urllib.parse
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, TextIO
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel, ValidationError
+
+from schemas.models import (
+    MODELS_BY_KIND,
+    Acknowledgement,
+    ActiveAlerts,
+    AlertTransition,
+    DeviceEvent,
+    DeviceInfo,
+    GatewayStatus,
+    PumpStatus,
+    Quarantined,
+    Reading,
+    describe_errors,
+)
+
+MAX_RAW_CHARS: Final = 160
+MAX_ERROR_CHARS: Final = 160
+MAX_BASE_LEVELS: Final = 3
+"""`{prefix}/{site}/{station}`: the most of a filter's literal start that is left out."""
+POLL_S: Final = 0.2
+KEEPALIVE_S: Final = 30
+RECONNECT_MIN_S: Final = 1
+RECONNECT_MAX_S: Final = 30
+DEFAULT_PORTS: Final = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883}
+TLS_SCHEMES: Final = frozenset({"mqtts", "ssl"})
+PROTOCOLS: Final = {
+    "5": MQTTProtocolVersion.MQTTv5,
+    "3.1.1": MQTTProtocolVersion.MQTTv311,
+    "311": MQTTProtocolVersion.MQTTv311,
+}
+FATAL_CONNACK: Final = frozenset({"Bad user name or password", "Not authorized", "Banned"})
+"""Refusals that retrying cannot fix: tail stops with exit code 1."""
+
+PRIORITY_STYLE: Final = {"PH": "bold white on red", "PM": "bold black on yellow", "PL": "cyan"}
+WARN, BAD, GOOD, DIM, MARK = "yellow", "bold red", "green", "dim", "magenta"
+
+Segment = tuple[str, str]
+"""A piece of a line and its rich style ("" for none)."""
+
+
+# --- pure rendering ---------------------------------------------------------------------
+
+
+def render_message(
+    topic: str, payload: bytes, *, historical: bool, base: str, retained: bool = False
+) -> str:
+    """One plain line for one message: short topic, markers and a summary of the payload."""
+    segments = render_segments(topic, payload, historical=historical, base=base, retained=retained)
+    return "".join(text for text, _ in segments)
+
+
+def render_segments(
+    topic: str, payload: bytes, *, historical: bool, base: str, retained: bool = False
+) -> list[Segment]:
+    """The same line as styled segments, for a terminal."""
+    segments: list[Segment] = [(short_topic(topic, base), DIM), ("  ", "")]
+    if historical:
+        segments.append(("[historical] ", MARK))
+    if retained:
+        segments.append(("[retained] ", DIM))
+    segments.extend(_summary(topic, payload))
+    return [(_printable(text), style) for text, style in segments]
+
+
+def short_topic(topic: str, base: str) -> str:
+    """The topic without `base/` in front (the whole topic if it lies outside `base`)."""
+    base = base.rstrip("/")
+    if base and topic.startswith(base + "/"):
+        return topic[len(base) + 1 :]
+    return topic
+
+
+def filter_base(topic_filter: str) -> str:
+    """The literal start of a filter, up to `{prefix}/{site}/{station}`, to shorten topics by."""
+    literal = []
+    for level in topic_filter.split("/")[:MAX_BASE_LEVELS]:
+        if level in ("+", "#"):
+            break
+        literal.append(level)
+    if len(literal) == len(topic_filter.split("/")):
+        literal = literal[:-1]  # a filter for one exact topic: keep its last level visible
+    return "/".join(literal)
+
+
+def _summary(topic: str, payload: bytes) -> list[Segment]:
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return _raw("not JSON", payload)
+    if not isinstance(data, dict):
+        return _raw("not a JSON object", payload)
+    kind = data.get("kind")
+    if kind is None and topic.endswith("/ack"):
+        kind = "acknowledgement"
+    model = MODELS_BY_KIND.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        return _raw(f"unknown kind {str(kind)[:40]!r}", payload)
+    try:
+        message = model.model_validate(data)
+    except ValidationError as exc:
+        problem = _clip(describe_errors(exc.errors()), MAX_ERROR_CHARS)
+        return [(f"invalid {kind}: {problem}", WARN), *_raw(" raw", payload)]
+    return RENDERERS[type(message)](message)
+
+
+def _raw(why: str, payload: bytes) -> list[Segment]:
+    text = payload.decode("utf-8", errors="replace")
+    return [(f"{why} ({len(payload)} B): ", WARN), (_clip(text, MAX_RAW_CHARS), "")]
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def _priority(priority: str) -> Segment:
+    return (priority, PRIORITY_STYLE.get(priority, ""))
+
+
+def _reading(r: Reading) -> list[Segment]:
+    low = r.reservoir_ml <= r.low_reservoir_alarm_ml
+    battery = f"battery {r.battery_state}"
+    if r.battery_remaining_pct is not None:
+        battery += f" {r.battery_remaining_pct:.0f}%"
+    segments: list[Segment] = [
+        (f"{r.pump_id} reading #{r.seq} ", ""),
+        (f"reservoir {r.reservoir_ml:.2f} mL (est.)", WARN if low else ""),
+        (f" rate {r.basal_rate_ml_per_day:.3f} mL/d delivered {r.delivered_total_ml:.2f} mL ", ""),
+        (str(r.pump_state), "" if r.pump_state == "running" else BAD),
+        (" ", ""),
+        (battery, "" if r.battery_state == "ok" else WARN),
+    ]
+    for index, alarm in enumerate(r.alarms):
+        segments += [(" alarms: " if index == 0 else ", ", ""), (alarm.code, "")]
+        segments += [("(", ""), _priority(alarm.priority), (")", "")]
+    return segments
+
+
+def _alert(a: AlertTransition) -> list[Segment]:
+    by = f" (acknowledged by {a.acknowledged_by})" if a.acknowledged_by else ""
+    return [
+        (f"{a.pump_id} ALERT ", BAD if a.phase == "start" else ""),
+        _priority(a.priority),
+        (f" {a.phase} {a.alert_kind}: {a.text}{by}", ""),
+    ]
+
+
+def _pump_status(s: PumpStatus) -> list[Segment]:
+    segments: list[Segment] = [
+        (f"{s.pump_id} status telemetry ", ""),
+        (s.telemetry, "" if s.telemetry == "ok" else BAD),
+    ]
+    if s.reservoir_ml is not None:
+        segments.append((f" reservoir {s.reservoir_ml:.2f} mL (est.)", ""))
+    if s.pump_state is not None:
+        segments.append((f" {s.pump_state}", "" if s.pump_state == "running" else BAD))
+    if s.battery_state is not None:
+        segments.append((f" battery {s.battery_state}", "" if s.battery_state == "ok" else WARN))
+    return segments
+
+
+def _active_alerts(a: ActiveAlerts) -> list[Segment]:
+    segments: list[Segment] = [(f"{a.pump_id} active alerts {len(a.alerts)}", "")]
+    for index, alert in enumerate(a.alerts):
+        segments += [(": " if index == 0 else ", ", ""), (alert.alert_kind, ""), ("(", "")]
+        segments += [_priority(alert.priority), (")", "")]
+    return segments
+
+
+def _gateway_status(g: GatewayStatus) -> list[Segment]:
+    connected = sum(source.connected for source in g.sources)
+    return [
+        (f"gateway {g.site}/{g.station} ", ""),
+        (g.state, GOOD if g.state == "online" else BAD),
+        (f" session {g.session_id} seq {g.seq} version {g.version}", ""),
+        (f" sources {connected}/{len(g.sources)} connected", ""),
+    ]
+
+
+def _quarantine(q: Quarantined) -> list[Segment]:
+    pump = f" pump {q.pump_id}" if q.pump_id else ""
+    reason = _clip(q.reason, MAX_ERROR_CHARS)
+    return [("QUARANTINE ", BAD), (f"{q.reason_kind}: {reason}{pump} from {q.source}", "")]
+
+
+def _info(i: DeviceInfo) -> list[Segment]:
+    return [
+        (
+            f"{i.pump_id} info {i.model} serial {i.serial} firmware {i.firmware} {i.drug} "
+            f"{i.concentration_mg_per_ml:g} mg/mL capacity {i.reservoir_capacity_ml:.1f} mL "
+            f"rate {i.prescription.basal_rate_ml_per_day:.3f} mL/d",
+            "",
+        )
+    ]
+
+
+def _event(e: DeviceEvent) -> list[Segment]:
+    details = ""
+    if e.bolus_ml is not None:
+        details += f" bolus {e.bolus_ml:.3f} mL"
+    if e.withdrawn_ml is not None:
+        details += f" withdrawn {e.withdrawn_ml:.2f} mL"
+    if e.filled_ml is not None:
+        details += f" filled {e.filled_ml:.2f} mL"
+    return [(f"{e.pump_id} event #{e.seq} {e.event}{details}", "")]
+
+
+def _acknowledgement(a: Acknowledgement) -> list[Segment]:
+    note = f": {a.note}" if a.note else ""
+    return [(f"ACK {a.alert_id} by {a.by}{note}", "")]
+
+
+RENDERERS: Final[dict[type[BaseModel], Callable[[Any], list[Segment]]]] = {
+    Reading: _reading,
+    AlertTransition: _alert,
+    PumpStatus: _pump_status,
+    ActiveAlerts: _active_alerts,
+    GatewayStatus: _gateway_status,
+    Quarantined: _quarantine,
+    DeviceInfo: _info,
+    DeviceEvent: _event,
+    Acknowledgement: _acknowledgement,
+}
+
+
+# --- the MQTT shell ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Received:
+    topic: str
+    payload: bytes
+    historical: bool
+    retained: bool
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class _Status:
+    text: str
+    fatal: bool = False
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """`mqtt://host[:port]` or `mqtts://host[:port]`; raise ValueError naming the problem."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in DEFAULT_PORTS:
+        raise ValueError(f"{url!r}: use mqtt://host:port or mqtts://host:port")
+    if not parts.hostname:
+        raise ValueError(f"{url!r}: no host")
+    try:
+        port = parts.port or DEFAULT_PORTS[parts.scheme]
+    except ValueError as exc:
+        raise ValueError(f"{url!r}: the port is not a number from 0 to 65535") from exc
+    return BrokerAddress(parts.hostname, port, parts.scheme in TLS_SCHEMES)
+
+
+def is_historical(properties: Properties | None) -> bool:
+    """Whether an MQTT 5 user property `historical=true` marks a replayed message."""
+    pairs = getattr(properties, "UserProperty", None) or []
+    return any(key == "historical" and str(value).lower() == "true" for key, value in pairs)
+
+
+def run_tail(
+    url: str,
+    topic_filter: str,
+    *,
+    stop: threading.Event,
+    username: str | None = None,
+    password: str | None = None,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+    protocol: str = "5",
+) -> int:
+    """Print every message under `topic_filter` until `stop` is set; return the exit code."""
+    try:
+        address = parse_broker_url(url)
+    except ValueError as exc:
+        print(f"pumpgw tail: {exc}", file=err)
+        return 2
+    version = PROTOCOLS.get(protocol)
+    if version is None:
+        print(f"pumpgw tail: protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}", file=err)
+        return 2
+    events: queue.Queue[_Received | _Status] = queue.Queue()
+    client = _client(version, events, topic_filter, url)
+    if username is not None:
+        client.username_pw_set(username, password)
+    if address.tls or ca_file is not None:
+        client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file)
+    client.connect_async(address.host, address.port, keepalive=KEEPALIVE_S)
+    client.loop_start()
+    try:
+        return _print_events(events, _Printer(out), filter_base(topic_filter), stop)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _print_events(
+    events: queue.Queue[_Received | _Status], printer: _Printer, base: str, stop: threading.Event
+) -> int:
+    while not stop.is_set():
+        try:
+            event = events.get(timeout=POLL_S)
+        except queue.Empty:
+            continue
+        stamp = datetime.now().astimezone() if isinstance(event, _Status) else event.at
+        if isinstance(event, _Status):
+            printer.line(stamp, [(f"-- {event.text}", BAD if event.fatal else DIM)])
+            if event.fatal:
+                return 1
+            continue
+        segments = render_segments(
+            event.topic,
+            event.payload,
+            historical=event.historical,
+            base=base,
+            retained=event.retained,
+        )
+        printer.line(stamp, segments)
+    return 0
+
+
+def _client(
+    version: MQTTProtocolVersion,
+    events: queue.Queue[_Received | _Status],
+    topic_filter: str,
+    url: str,
+) -> mqtt.Client:
+    """A paho client whose callbacks only queue events (they run on paho's thread)."""
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"pumpgw-tail-{uuid.uuid4().hex[:8]}",
+        protocol=version,
+        clean_session=None if version == MQTTProtocolVersion.MQTTv5 else True,
+    )
+    client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+
+    def on_connect(
+        c: mqtt.Client, _u: Any, _f: Any, code: ReasonCode, _p: Properties | None
+    ) -> None:
+        if code.is_failure:
+            events.put(_Status(f"{url} refused the connection: {code}", str(code) in FATAL_CONNACK))
+            return
+        events.put(_Status(f"connected to {url}"))
+        c.subscribe(topic_filter, qos=1)
+
+    def on_subscribe(
+        _c: mqtt.Client, _u: Any, _mid: int, codes: list[ReasonCode], _p: Properties | None
+    ) -> None:
+        if any(code.is_failure for code in codes):
+            events.put(_Status(f"the broker refused the subscription to {topic_filter}", True))
+        else:
+            events.put(_Status(f"subscribed to {topic_filter}"))
+
+    def on_disconnect(
+        _c: mqtt.Client, _u: Any, _f: Any, code: ReasonCode, _p: Properties | None
+    ) -> None:
+        events.put(_Status(f"disconnected from {url} ({code}); reconnecting"))
+
+    def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        historical = is_historical(getattr(msg, "properties", None))
+        at = datetime.now().astimezone()
+        events.put(_Received(msg.topic, bytes(msg.payload), historical, bool(msg.retain), at))
+
+    client.on_connect, client.on_subscribe = on_connect, on_subscribe
+    client.on_disconnect, client.on_message = on_disconnect, on_message
+    client.on_connect_fail = lambda _c, _u: events.put(_Status(f"cannot reach {url}; retrying"))
+    return client
+
+
+class _Printer:
+    """Writes lines: rich colours when `out` is a terminal, plain text otherwise."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._console: Any = None
+        if out.isatty():
+            from rich.console import Console
+
+            self._console = Console(file=out, highlight=False, soft_wrap=True)
+
+    def line(self, at: datetime, segments: list[Segment]) -> None:
+        stamp = at.strftime("%H:%M:%S.%f")[:-3]
+        if self._console is not None:
+            from rich.text import Text
+
+            self._console.print(Text.assemble((stamp + " ", DIM), *segments))
+            return
+        self._out.write(stamp + " " + "".join(text for text, _ in segments) + "\n")
+        self._out.flush()

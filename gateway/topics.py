@@ -1,0 +1,139 @@
+"""MQTT topic naming: the topic tree of one station under a configurable prefix.
+
+Pure: no I/O. docs/topics.md describes every topic, its payload, QoS and retain flag.
+
+    {prefix}/{site}/{station}/pumps/{pump_id}/telemetry      Reading
+    {prefix}/{site}/{station}/pumps/{pump_id}/info           DeviceInfo (retained)
+    {prefix}/{site}/{station}/pumps/{pump_id}/events         DeviceEvent
+    {prefix}/{site}/{station}/pumps/{pump_id}/alerts         AlertTransition
+    {prefix}/{site}/{station}/pumps/{pump_id}/alerts/active  ActiveAlerts (retained)
+    {prefix}/{site}/{station}/pumps/{pump_id}/status         PumpStatus (retained)
+    {prefix}/{site}/{station}/gateway/status                 GatewayStatus (retained, birth/will)
+    {prefix}/{site}/{station}/gateway/alerts                 AlertTransition, pump "_gateway"
+    {prefix}/{site}/{station}/gateway/alerts/active          ActiveAlerts, "_gateway" (retained)
+    {prefix}/{site}/{station}/deadletter                     Quarantined
+    {prefix}/{site}/{station}/ack                            Acknowledgement (operators publish)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+DEFAULT_PREFIX: Final = "pumpgw"
+GATEWAY_PUMP_ID: Final = "_gateway"
+"""The pump id of the gateway's own technical alerts."""
+FORBIDDEN_CHARS: Final = frozenset("+#/\x00")
+MAX_SEGMENT_CHARS: Final = 128
+
+PUMP_LEAVES: Final[dict[str, str]] = {
+    "reading": "telemetry",
+    "info": "info",
+    "event": "events",
+    "alert": "alerts",
+    "active_alerts": "alerts/active",
+    "pump_status": "status",
+}
+GATEWAY_LEAVES: Final[dict[str, str]] = {
+    "alert": "alerts",
+    "active_alerts": "alerts/active",
+}
+RETAINED_KINDS: Final = frozenset({"info", "pump_status", "active_alerts", "gateway_status"})
+"""Kinds published retained: the current state a late subscriber needs."""
+KINDS: Final = frozenset({*PUMP_LEAVES, "gateway_status", "quarantine"})
+
+
+def segment_problem(value: str) -> str | None:
+    """What makes `value` unusable as one topic level, or None if it is fine."""
+    if not value:
+        return "must not be empty (it becomes a topic level)"
+    if len(value) > MAX_SEGMENT_CHARS:
+        return f"longer than {MAX_SEGMENT_CHARS} characters"
+    bad = sorted(FORBIDDEN_CHARS.intersection(value))
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        return f"{value!r} contains {shown}; '+', '#', '/' and NUL are refused"
+    if value.startswith("$"):
+        return f"{value!r} starts with '$', which brokers reserve ($SYS)"
+    return None
+
+
+def check_segment(key: str, value: str) -> str:
+    """Return `value` if it is usable as one topic level; raise ValueError naming `key`."""
+    problem = segment_problem(value)
+    if problem is not None:
+        raise ValueError(f"{key}: {problem}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TopicBase:
+    """The station's place in the tree; validated when built."""
+
+    site: str
+    station: str
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        check_segment("mqtt.topic_prefix", self.prefix)
+        check_segment("gateway.site", self.site)
+        check_segment("gateway.station", self.station)
+
+    @property
+    def root(self) -> str:
+        """`{prefix}/{site}/{station}`: every topic of this station starts here."""
+        return f"{self.prefix}/{self.site}/{self.station}"
+
+
+def is_retained(kind: str) -> bool:
+    """Whether records of this kind are published with the retain flag."""
+    return kind in RETAINED_KINDS
+
+
+def topic_for(kind: str, pump_id: str | None, base: TopicBase) -> str:
+    """The topic of one outbox record; raise ValueError for an unknown kind or a bad pump id."""
+    if kind == "gateway_status":
+        return status_topic(base)
+    if kind == "quarantine":
+        return deadletter_topic(base)
+    if kind not in PUMP_LEAVES:
+        raise ValueError(f"kind: {kind!r} has no topic (known: {', '.join(sorted(KINDS))})")
+    if pump_id is None:
+        raise ValueError(f"pump_id: a {kind!r} record needs a pump id")
+    if pump_id == GATEWAY_PUMP_ID:
+        return _gateway_topic(kind, base)
+    check_segment("pump_id", pump_id)
+    return f"{base.root}/pumps/{pump_id}/{PUMP_LEAVES[kind]}"
+
+
+def _gateway_topic(kind: str, base: TopicBase) -> str:
+    leaf = GATEWAY_LEAVES.get(kind)
+    if leaf is None:
+        raise ValueError(f"kind: no {kind!r} records exist for pump {GATEWAY_PUMP_ID}")
+    return f"{base.root}/gateway/{leaf}"
+
+
+def status_topic(base: TopicBase) -> str:
+    """Retained GatewayStatus: birth `online`, last will `offline`."""
+    return f"{base.root}/gateway/status"
+
+
+def deadletter_topic(base: TopicBase) -> str:
+    """Quarantined frames with their reason."""
+    return f"{base.root}/deadletter"
+
+
+def ack_topic(base: TopicBase) -> str:
+    """Where operators publish Acknowledgement JSON; the gateway subscribes."""
+    return f"{base.root}/ack"
+
+
+def pump_filter(base: TopicBase, pump_id: str) -> str:
+    """Everything about one pump."""
+    check_segment("pump_id", pump_id)
+    return f"{base.root}/pumps/{pump_id}/#"
+
+
+def subscription_filter(base: TopicBase) -> str:
+    """Everything of this station (a dashboard's subscription)."""
+    return f"{base.root}/#"

@@ -1,0 +1,106 @@
+"""Topic naming: the documented tree, the retain set, and validation of every segment."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.topics import (
+    GATEWAY_PUMP_ID,
+    KINDS,
+    TopicBase,
+    ack_topic,
+    deadletter_topic,
+    is_retained,
+    pump_filter,
+    status_topic,
+    subscription_filter,
+    topic_for,
+)
+
+BASE = TopicBase(site="north", station="ward-3")
+
+
+@pytest.mark.parametrize(
+    ("kind", "leaf"),
+    [
+        ("reading", "pumps/P0001/telemetry"),
+        ("info", "pumps/P0001/info"),
+        ("event", "pumps/P0001/events"),
+        ("alert", "pumps/P0001/alerts"),
+        ("active_alerts", "pumps/P0001/alerts/active"),
+        ("pump_status", "pumps/P0001/status"),
+        ("gateway_status", "gateway/status"),
+        ("quarantine", "deadletter"),
+    ],
+)
+def test_topic_for_places_each_kind_in_the_documented_tree(kind: str, leaf: str) -> None:
+    assert topic_for(kind, "P0001", BASE) == f"pumpgw/north/ward-3/{leaf}"
+
+
+def test_every_known_kind_has_a_topic() -> None:
+    assert {k for k in KINDS if topic_for(k, "P1", BASE)} == KINDS
+
+
+def test_gateway_alerts_go_to_the_gateway_subtree() -> None:
+    assert topic_for("alert", GATEWAY_PUMP_ID, BASE) == "pumpgw/north/ward-3/gateway/alerts"
+    assert (
+        topic_for("active_alerts", GATEWAY_PUMP_ID, BASE)
+        == "pumpgw/north/ward-3/gateway/alerts/active"
+    )
+
+
+def test_gateway_pump_id_cannot_overwrite_the_gateway_status() -> None:
+    with pytest.raises(ValueError, match="_gateway"):
+        topic_for("pump_status", GATEWAY_PUMP_ID, BASE)
+
+
+def test_station_level_kinds_ignore_the_pump_id() -> None:
+    assert topic_for("quarantine", None, BASE) == deadletter_topic(BASE)
+    assert topic_for("gateway_status", None, BASE) == status_topic(BASE)
+
+
+def test_fixed_topics_and_filters() -> None:
+    base = TopicBase(site="s", station="t", prefix="acme")
+    assert ack_topic(base) == "acme/s/t/ack"
+    assert status_topic(base) == "acme/s/t/gateway/status"
+    assert subscription_filter(base) == "acme/s/t/#"
+    assert pump_filter(base, "P9") == "acme/s/t/pumps/P9/#"
+    assert base.root == "acme/s/t"
+
+
+def test_retained_kinds_are_exactly_the_state_messages() -> None:
+    retained = {k for k in KINDS if is_retained(k)}
+    assert retained == {"info", "pump_status", "active_alerts", "gateway_status"}
+
+
+def test_unknown_kind_is_refused_with_the_known_ones_listed() -> None:
+    with pytest.raises(ValueError, match=r"kind: 'bogus'.*reading"):
+        topic_for("bogus", "P1", BASE)
+
+
+def test_pump_record_without_pump_id_is_refused() -> None:
+    with pytest.raises(ValueError, match="pump_id"):
+        topic_for("reading", None, BASE)
+
+
+@pytest.mark.parametrize("bad", ["a+b", "a#", "a/b", "a\x00b", "", "$SYS"])
+@pytest.mark.parametrize(
+    ("field", "key"),
+    [("site", "gateway.site"), ("station", "gateway.station"), ("prefix", "mqtt.topic_prefix")],
+)
+def test_bad_segment_is_refused_naming_the_key(bad: str, field: str, key: str) -> None:
+    values = {"site": "s", "station": "t", "prefix": "p", field: bad}
+    with pytest.raises(ValueError, match=f"^{key}:"):
+        TopicBase(**values)
+
+
+@pytest.mark.parametrize("bad", ["P/1", "P+", "#", "\x00"])
+def test_bad_pump_id_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match=r"^pump_id:"):
+        topic_for("reading", bad, BASE)
+
+
+def test_topic_base_is_immutable() -> None:
+    with pytest.raises(AttributeError):
+        BASE.site = "other"  # type: ignore[misc]
+
