@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from gateway.adapters.mqtt import MqttSettings
 from gateway.adapters.serial_port import SourceSettings
 from gateway.config import GatewaySection, HealthSection, Settings, StoreSection
+from gateway.health import HealthServer
 from gateway.service import Gateway
 from gateway.topics import ack_topic
 
@@ -222,6 +223,8 @@ def run_demo(
         ):
             settings = demo_settings(workdir, broker_port, sim_port)
             gateway = Gateway(settings)
+            health = HealthServer(settings.health.listen, gateway.observe)
+            health.start()
             gateway.start()
             operator = DemoOperator(
                 broker_port, f"{gateway.topics.prefix}/#", ack_topic(gateway.topics)
@@ -237,6 +240,7 @@ def run_demo(
             finally:
                 operator.close()
                 gateway.stop()
+                health.stop()
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
