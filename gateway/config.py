@@ -51,7 +51,9 @@ class GatewaySection(Section):
         description="when set, pump ids are replaced by a keyed hash (HMAC-SHA256) before "
         "anything leaves the station; also PUMPGW_GATEWAY__PSEUDONYMIZE_KEY",
     )
-    pseudonymize_key_file: Path | None = None
+    pseudonymize_key_file: Path | None = Field(
+        None, description="file holding the pseudonymisation key (mode 600)"
+    )
     status_interval_s: float = Field(
         10.0, gt=0, description="how often per-pump status is refreshed"
     )
