@@ -46,6 +46,10 @@ OCCLUSION_FACTOR: Final = 0.6
 REFILL_TOLERANCE_ML: Final = {20.0: 1.0, 40.0: 2.0}
 REFILL_TOLERANCE_SHARE: Final = 0.145
 """Refill discrepancy tolerance max(14.5 % of delivered, 1 mL / 2 mL) (DOMAIN.md 3)."""
+REFILL_HORIZON_DAYS: Final = 7.0 + 1.0
+"""[D] A fault-free pump stays further than this from its alarm volume: withdrawal began 1-7
+days before the 2 mL alarm (DOMAIN.md 2.1), the gateway's refill-due advisory horizon, plus
+a day so that advisory stays quiet."""
 CLOCK_DRIFT_PPM: Final = 200.0
 """[D] A poor crystal: about 17 s per day."""
 CLOCK_JUMP_S: Final = 3600.0
@@ -131,8 +135,9 @@ def _max_use_ml(spec: PumpSpec, days: float) -> float:
 
 
 def _comfortable(spec: PumpSpec, rng: Random, duration_s: float) -> PumpStatus:
-    """Filled enough not to reach the alarm volume during the run."""
-    need = spec.low_reservoir_alarm_ml + _max_use_ml(spec, _days(duration_s)) + 1.0
+    """Filled enough to stay beyond the refill horizon for the whole run."""
+    days = _days(duration_s) + REFILL_HORIZON_DAYS
+    need = spec.low_reservoir_alarm_ml + _max_use_ml(spec, days)
     fill = min(spec.capacity_ml, max(need, rng.uniform(0.4, 0.95) * spec.capacity_ml))
     return _with_history(status_after_fill(spec, fill), rng)
 
@@ -159,8 +164,8 @@ def normal(pump_id: str, rng: Random, duration_s: float) -> PumpSetup:
 
 def low_reservoir(pump_id: str, rng: Random, duration_s: float) -> PumpSetup:
     spec = random_spec(pump_id, rng)
-    basal_half_ml = spec.basal_rate_ml_per_day * _days(duration_s, 0.5)
-    fill = min(spec.capacity_ml, spec.low_reservoir_alarm_ml + basal_half_ml)
+    half_run_ml = _max_use_ml(spec, _days(duration_s, 0.5))  # boluses too: not before half
+    fill = min(spec.capacity_ml, spec.low_reservoir_alarm_ml + half_run_ml)
     status = _with_history(status_after_fill(spec, fill), rng)
     return _setup(spec, status, FaultPlan(eri_at_s=_battery(rng)))
 
@@ -269,7 +274,8 @@ SCENARIOS: Final[dict[str, Scenario]] = {
         Scenario("motor-stall", "three short motor stalls, then a permanent one at 80 %: "
                  "no delivery while stalled", motor_stall),
         Scenario("over-infusion", "from 10 % on the drive delivers +25 % (beyond 14.5 %): "
-                 "the pump's estimate overstates the reservoir", over_infusion),
+                 "the pump's estimate overstates the reservoir (the gateway needs more "
+                 "than a day of readings: its flow window is 24 h)", over_infusion),
         Scenario("under-infusion", "catheter occlusion (-40 %), invisible to the motor; the "
                  "refill at 70 % withdraws more than expected", under_infusion),
         Scenario("battery-eri", "low battery reset at 20 %, then a premature ERI at 40 %",

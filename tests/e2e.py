@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import tomllib
+import urllib.error
+import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,10 +27,29 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from tests.servers import free_port
 
 PROCESS_STOP_S = 15.0
+HTTP_TIMEOUT_S = 5.0
+POLL_S = 0.1
+COLLECTOR_SESSION_EXPIRY_S = 3600
+COLLECTOR_RECONNECT_MAX_S = 1
+"""The collector comes back within a second of a broker restart, before its queue overflows."""
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, poll_s: float = POLL_S) -> bool:
+    """Poll `predicate` until it holds or `timeout_s` passes; return whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True
 
 
 def toml_value(value: Any) -> str:
@@ -189,27 +213,139 @@ class GatewayProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def health_url(self) -> str:
+        """http://host:port of /healthz and /metrics, from the config's [health] listen."""
+        listen = tomllib.loads(self.config.read_text())["health"]["listen"]
+        return f"http://{listen}"
+
+    def health(self) -> tuple[int, dict[str, Any]] | None:
+        """(HTTP status, body) of /healthz, or None while nothing answers."""
+        try:
+            with urllib.request.urlopen(  # noqa: S310 - a loopback URL from our own config
+                f"{self.health_url}/healthz", timeout=HTTP_TIMEOUT_S
+            ) as response:
+                return int(response.status), json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), json.loads(exc.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def metrics(self) -> Metrics | None:
+        """The parsed /metrics, or None while nothing answers."""
+        try:
+            with urllib.request.urlopen(  # noqa: S310 - a loopback URL from our own config
+                f"{self.health_url}/metrics", timeout=HTTP_TIMEOUT_S
+            ) as response:
+                return Metrics.parse(response.read().decode())
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def wait_metrics(self, predicate: Callable[[Metrics], bool], timeout_s: float) -> Metrics:
+        """Poll /metrics until `predicate` holds; return the last reading (it may not hold)."""
+        last = Metrics([])
+
+        def check() -> bool:
+            nonlocal last
+            last = self.metrics() or last
+            return predicate(last)
+
+        wait_until(check, timeout_s, poll_s=0.2)
+        return last
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Samples of a Prometheus text exposition: (name, labels, value)."""
+
+    samples: list[tuple[str, dict[str, str], float]]
+
+    @classmethod
+    def parse(cls, text: str) -> Metrics:
+        samples = []
+        for line in text.splitlines():
+            match = _SAMPLE.match(line)
+            if match is None or line.startswith("#"):
+                continue
+            labels = dict(_LABEL.findall(match.group(2) or ""))
+            samples.append((match.group(1), labels, float(match.group(3))))
+        return cls(samples)
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sum of every sample of `name` whose labels include `labels` (0 if none)."""
+        return sum(
+            v
+            for n, have, v in self.samples
+            if n == name and all(have.get(k) == want for k, want in labels.items())
+        )
+
+    def by_label(self, name: str, label: str) -> dict[str, float]:
+        """Samples of `name` keyed by one label's value."""
+        return {have.get(label, ""): v for n, have, v in self.samples if n == name}
+
+
+def outbox_record_ids(
+    path: Path, kinds: Iterable[str] = ("reading", "info", "event")
+) -> Counter[str]:
+    """How often each record id of these kinds is stored in an outbox (read-only)."""
+    kinds = tuple(kinds)
+    marks = ", ".join("?" for _ in kinds)
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            f"SELECT record_id FROM records WHERE kind IN ({marks})",  # noqa: S608
+            kinds,
+        ).fetchall()
+    finally:
+        db.close()
+    return Counter(str(r[0]) for r in rows)
+
 
 class Collector:
     """Subscribes (before anything is published) and keeps every message by kind and id."""
 
     def __init__(
-        self, port: int, topic_filter: str, *, protocol: MQTTProtocolVersion = mqtt.MQTTv5
+        self,
+        port: int,
+        topic_filter: str,
+        *,
+        protocol: MQTTProtocolVersion = mqtt.MQTTv5,
+        user: tuple[str, str] | None = None,
+        persistent: bool = False,
     ) -> None:
+        """persistent: keep the session (and messages queued for it) across broker restarts."""
         self.by_kind: dict[str, Counter[str]] = defaultdict(Counter)
         self.payloads: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.retained: dict[str, bytes] = {}
         self.historical = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # wait_for predicates may call ids() or count()
         self._changed = threading.Condition(self._lock)
         self._subscribed = threading.Event()
+        v5 = protocol == mqtt.MQTTv5
         self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, protocol=protocol, client_id=f"collector-{free_port()}"
+            CallbackAPIVersion.VERSION2,
+            protocol=protocol,
+            client_id=f"collector-{free_port()}",
+            clean_session=None if v5 else not persistent,
         )
+        if user is not None:
+            self._client.username_pw_set(*user)
+        self._client.reconnect_delay_set(1, COLLECTOR_RECONNECT_MAX_S)
         self._client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, qos=1)
         self._client.on_subscribe = lambda c, u, m, rc, p: self._subscribed.set()
         self._client.on_message = self._on_message
-        self._client.connect("127.0.0.1", port)
+        props = None
+        if v5 and persistent:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = COLLECTOR_SESSION_EXPIRY_S
+        if v5:
+            self._client.connect("127.0.0.1", port, clean_start=not persistent, properties=props)
+        else:
+            self._client.connect("127.0.0.1", port)
         self._client.loop_start()
         assert self._subscribed.wait(10), "collector could not subscribe"
 
@@ -240,6 +376,24 @@ class Collector:
     def device_ids(self) -> set[str]:
         """Ids of every device message received: readings, device info and events."""
         return self.ids("reading", "info", "event")
+
+    def count(self, *kinds: str) -> int:
+        """Distinct ids received of these kinds."""
+        with self._lock:
+            return sum(len(self.by_kind[kind]) for kind in kinds)
+
+    def conflicting_ids(self, *kinds: str) -> set[str]:
+        """Ids received more than once with different payloads (a duplicate must be identical)."""
+        seen: dict[str, str] = {}
+        conflicts: set[str] = set()
+        with self._lock:
+            for kind in kinds:
+                for data in self.payloads[kind]:
+                    key = _record_key(kind, data)
+                    text = json.dumps(data, sort_keys=True)
+                    if seen.setdefault(key, text) != text:
+                        conflicts.add(key)
+        return conflicts
 
     def duplicates(self, kind: str) -> int:
         with self._lock:
