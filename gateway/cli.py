@@ -135,6 +135,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from gateway.ingest import load_ingest_settings, run_ingest
+
+    settings = load_ingest_settings(args.config)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    run_ingest(settings, stop)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pumpgw", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,12 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
         "broker (Mosquitto if installed, otherwise an embedded one) and a local store, and shows "
         "a live view. Ctrl-C stops everything.",
     )
-    demo.add_argument("--pumps", type=int, default=10, help="number of simulated pumps (10)")
+    demo.add_argument(
+        "--pumps", type=int, default=13, help="simulated pumps; 13 shows every scenario once (13)"
+    )
     demo.add_argument(
         "--speed",
         type=float,
-        default=1800.0,
-        help="simulated seconds per real second (1800: an hour every 2 s)",
+        default=3600.0,
+        help="simulated seconds per real second (3600: an hour a second)",
     )
     demo.add_argument("--seed", type=int, default=7, help="simulator seed")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
@@ -194,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("capture", type=Path, help="a file written by pumpsim --transport file")
     replay.add_argument("--config", type=Path, required=True, help="the TOML configuration file")
     replay.set_defaults(func=cmd_replay)
+
+    ingest = sub.add_parser(
+        "ingest",
+        help="central worker: gateways' telemetry from MQTT to InfluxDB (scale-out)",
+        description="Takes a share of every gateway's telemetry, events and alerts from the "
+        "broker (an MQTT 5 shared subscription), stores each message in its own outbox, "
+        "acknowledges it, and writes it to InfluxDB. Run several with the same [ingest] group "
+        "and different client ids to split the load (docs/scaling.md).",
+    )
+    ingest.add_argument(
+        "--config", type=Path, required=True, help="TOML with [mqtt], [influx], [store], [ingest]"
+    )
+    ingest.set_defaults(func=cmd_ingest)
     return parser
 
 

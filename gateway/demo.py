@@ -38,6 +38,8 @@ ACK_AFTER_S = 6.0
 VIEW_REFRESH_PER_S = 4
 READING_INTERVAL_S = 1800
 """Simulated seconds between a pump's readings in the demo."""
+EPISODE_READINGS = 200
+"""Readings per pump in one demo episode: 100 simulated hours, in which every scenario plays."""
 
 
 def free_port() -> int:
@@ -85,37 +87,67 @@ def demo_broker(workdir: Path) -> Iterator[tuple[int, str]]:
         proc.wait(10)
 
 
-@contextlib.contextmanager
-def demo_simulator(workdir: Path, pumps: int, speed: float, seed: int) -> Iterator[int]:
-    port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "simulator",
-        "--transport",
-        "tcp",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--pumps",
-        str(pumps),
-        "--scenario",
-        "ward",
-        "--speed",
-        str(speed),
-        "--seed",
-        str(seed),
-        "--interval",
-        str(READING_INTERVAL_S),
-    ]
-    with open(workdir / "pumpsim.log", "wb") as logfile:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=logfile)
-    try:
-        if not _wait_port(port, 15):
-            raise RuntimeError(f"the simulator did not start; see {workdir / 'pumpsim.log'}")
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
+class SimulatedWard:
+    """Runs `pumpsim` episodes back to back on one TCP port, so the scenarios replay forever.
+
+    Each episode is a bounded run (EPISODE_READINGS readings per pump); the next one starts
+    with new boot ids, as if every pump had been refilled and restarted, so latched alerts
+    resolve and end.
+    """
+
+    def __init__(self, workdir: Path, pumps: int, speed: float, seed: int) -> None:
+        self.port = free_port()
+        self.episodes = 0
+        self._workdir = workdir
+        self._argv = [
+            sys.executable,
+            "-m",
+            "simulator",
+            "--transport",
+            "tcp",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--pumps",
+            str(pumps),
+            "--scenario",
+            "ward",
+            "--speed",
+            str(speed),
+            "--interval",
+            str(READING_INTERVAL_S),
+            "--count",
+            str(EPISODE_READINGS),
+        ]
+        self._seed = seed
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo ward", daemon=True)
+
+    def start(self) -> None:
+        self._launch()
+        if not _wait_port(self.port, 15):
+            raise RuntimeError(f"the simulator did not start; see {self._workdir / 'pumpsim.log'}")
+        self._thread.start()
+
+    def _launch(self) -> None:
+        self.episodes += 1
+        argv = [*self._argv, "--seed", str(self._seed + self.episodes)]
+        with open(self._workdir / "pumpsim.log", "ab") as logfile:
+            self._proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=logfile)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                self._launch()
+            self._stop.wait(0.5)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait(10)
 
 
 class DemoOperator:
@@ -217,10 +249,10 @@ def run_demo(
     workdir.mkdir(parents=True, exist_ok=True)
     until = time.monotonic() + (duration_s if duration_s is not None else float("inf"))
     try:
-        with (
-            demo_broker(workdir) as (broker_port, broker_desc),
-            demo_simulator(workdir, pumps, speed, seed) as sim_port,
-        ):
+        ward = SimulatedWard(workdir, pumps, speed, seed)
+        with demo_broker(workdir) as (broker_port, broker_desc):
+            ward.start()
+            sim_port = ward.port
             settings = demo_settings(workdir, broker_port, sim_port)
             gateway = Gateway(settings)
             health = HealthServer(settings.health.listen, gateway.observe)
@@ -239,6 +271,7 @@ def run_demo(
                 _loop(gateway, operator, header, live_view, until, stop)
             finally:
                 operator.close()
+                ward.stop()
                 gateway.stop()
                 health.stop()
     finally:
