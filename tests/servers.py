@@ -330,6 +330,8 @@ class Mosquitto(ServerProcess):
             f"log_dest file {self.broker_log}",
             "log_type all",
             "connection_messages true",
+            # tests count every message: never let the broker drop a slow subscriber's queue
+            "max_queued_messages 0",
             # run as whoever started us (as root, stay root): the files here are private
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
         ]
