@@ -12,11 +12,12 @@ import signal
 import sys
 import threading
 import time
+import tomllib
 from pathlib import Path
 from types import FrameType
 
 from gateway import __version__
-from gateway.config import ConfigError, environment_keys, load_settings
+from gateway.config import ConfigError, Settings, environment_keys, load_settings
 
 log = logging.getLogger("pumpgw")
 
@@ -65,9 +66,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_ingest_config(path: Path) -> bool:
+    """An [ingest] table marks an ingest worker's file (checked with its own model)."""
+    try:
+        return "ingest" in tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # load_settings reports it
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        settings = load_settings(args.file)
+        if _is_ingest_config(args.file):
+            from gateway.ingest import load_ingest_settings
+
+            settings: Settings = load_ingest_settings(args.file)
+        else:
+            settings = load_settings(args.file)
     except ConfigError as exc:
         print(f"{args.file}: {len(exc.problems)} problem(s):", file=sys.stderr)
         for problem in exc.problems:
@@ -141,7 +155,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     settings = load_ingest_settings(args.config)
     stop = threading.Event()
     _stop_on_signals(stop)
-    run_ingest(settings, stop)
+    retired = run_ingest(settings, stop, retire=args.retire)
+    if args.retire and not retired:
+        print("stopped before the worker left its group; run --retire again", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -217,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ingest.add_argument(
         "--config", type=Path, required=True, help="TOML with [mqtt], [influx], [store], [ingest]"
+    )
+    ingest.add_argument(
+        "--retire",
+        action="store_true",
+        help="take this worker out of its group for good: unsubscribe, ingest what its session "
+        "still holds, wait until InfluxDB has it all, end the session and exit",
     )
     ingest.set_defaults(func=cmd_ingest)
     return parser

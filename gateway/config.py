@@ -13,7 +13,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -28,6 +28,7 @@ from gateway.adapters.mqtt import MqttSettings
 from gateway.adapters.serial_port import SourceSettings
 from gateway.rules import RulesConfig
 
+S = TypeVar("S", bound="Settings")
 SEGMENT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -148,13 +149,18 @@ def _format_errors(exc: ValidationError) -> list[str]:
 
 def load_settings(path: Path | None, **overrides: Any) -> Settings:
     """Read the TOML file (if any), apply PUMPGW_* variables, validate; raise ConfigError."""
+    return load_settings_as(Settings, path, **overrides)
+
+
+def load_settings_as(settings_class: type[S], path: Path | None, **overrides: Any) -> S:
+    """load_settings for a Settings subclass (the ingest worker's)."""
     if path is not None and not path.is_file():
         raise ConfigError([f"{path}: no such configuration file"])
-    file_settings = type(
-        "FileSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}}
-    )
+    config = {**settings_class.model_config, "toml_file": path}
+    name = f"File{settings_class.__name__}"
+    file_settings = type(name, (settings_class,), {"model_config": config})
     try:
-        settings: Settings = file_settings(**overrides)
+        settings: S = file_settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc)) from exc
     except (OSError, ValueError) as exc:

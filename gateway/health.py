@@ -69,6 +69,8 @@ def health_report(obs: Observation) -> tuple[bool, dict[str, Any]]:
     for sink in obs.sinks:
         if not sink.connected:
             reasons.append(f"{sink.name} not connected: {sink.last_error or 'connecting'}")
+        elif sink.last_error:  # connected, yet refusing records (an ACL denial)
+            reasons.append(f"{sink.name}: {sink.last_error}")
         if sink.oldest_age_s is not None and sink.oldest_age_s > obs.max_backlog_age_s:
             reasons.append(
                 f"{sink.name}: oldest unsent record is {sink.oldest_age_s:.0f} s old "

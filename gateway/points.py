@@ -8,8 +8,10 @@ measurement + tag set + timestamp. Device records carry `boot` as a tag (it chan
 when the pump restarts) and their timestamp is the device time in whole microseconds
 times 1000 plus `seq % 1000` in the sub-microsecond digits, so two records of one pump
 that share a device time (a clock stepping back) still get distinct keys, while the same
-record always gets the same key. Alert transitions use their `at` time with a hash of the
-alert id and the phase code in those digits.
+record always gets the same key. An alert transition caused by a device message sits at that
+message's device time, on the readings' time axis, so a replay of the same frames recreates
+the same points; one without a cause message (an acknowledgement, telemetry loss starting)
+sits at its gateway time `at`. A hash of the alert id and the phase code fill those digits.
 
 Every value a dashboard needs is a number: VictoriaMetrics cannot store strings (1.79
 turns a string field into a series of zeros), so readings carry states as codes and only
@@ -116,9 +118,12 @@ def point_time_ns(device_time: datetime, seq: int) -> int:
 
 
 def alert_time_ns(alert: AlertTransition) -> int:
-    """An alert transition's timestamp: `at` in microseconds, alert id hash and phase below."""
+    """An alert transition's timestamp: cause device time, else `at`; alert hash, phase below."""
+    # Not `at` alone: transitions of one read share it (an alert latched and present again
+    # in the same batch would overwrite each other), and a replay would give them a new one.
+    moment = alert.device_time or alert.at
     bucket = zlib.crc32(alert.alert_id.encode()) % ALERT_ID_BUCKETS
-    return epoch_us(alert.at) * 1000 + bucket * len(PHASE_CODES) + PHASE_CODES[alert.phase]
+    return epoch_us(moment) * 1000 + bucket * len(PHASE_CODES) + PHASE_CODES[alert.phase]
 
 
 @dataclass(frozen=True, slots=True)

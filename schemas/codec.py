@@ -178,10 +178,10 @@ def parse_frame(raw: bytes) -> Frame | FrameError:
         return FrameError("malformed", "no '*' followed by an 8-digit checksum", raw, len(raw))
     body = line[1:star]
     if line[star + 1 :].upper() != crc32_hex(body):
+        said = repr(line[star + 1 :].decode("ascii", "replace"))[1:-1]  # no control characters
         return FrameError(
             "checksum",
-            f"CRC-32 mismatch: frame says {line[star + 1 :].decode('ascii', 'replace')}, "
-            f"bytes give {crc32_hex(body).decode()}",
+            f"CRC-32 mismatch: frame says {said}, bytes give {crc32_hex(body).decode()}",
             raw,
             len(raw),
         )

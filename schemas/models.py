@@ -451,7 +451,7 @@ def describe_errors(errors: list[Any]) -> str:
     """One readable line per pydantic error: field, value and rule."""
     parts = []
     for err in errors:
-        loc = ".".join(str(p) for p in err.get("loc", ()))
+        loc = ".".join(_show_key(p) for p in err.get("loc", ()))
         message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         if not loc:
             parts.append(message)
@@ -460,6 +460,12 @@ def describe_errors(errors: list[Any]) -> str:
         else:
             parts.append(f"{loc}={_show(err.get('input'))}: {message}")
     return "; ".join(parts)
+
+
+def _show_key(part: object) -> str:
+    """A location part as is when it is a plain name or index, else bounded and escaped."""
+    text = str(part)
+    return text if text.isprintable() and len(text) <= 60 else _show(text)
 
 
 def _show(value: object) -> str:

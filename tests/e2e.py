@@ -30,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.servers import free_port
+from tests.servers import Mosquitto, free_port
 
 PROCESS_STOP_S = 15.0
 HTTP_TIMEOUT_S = 5.0
@@ -50,6 +50,28 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 
             return False
         time.sleep(poll_s)
     return True
+
+
+UNBOUNDED_QUEUES = "max_queued_messages 0"
+
+
+def unbounded_queues(broker: Mosquitto) -> Mosquitto:
+    """Restart `broker` without its per-client limit of 1000 queued QoS 1 messages.
+
+    Mosquitto drops messages for a subscriber that falls that far behind ("Outgoing messages
+    are being dropped"); a Python collector on a loaded CI machine can, and a test must not
+    mistake the broker's drop for the gateway's loss. A restart keeps the config file.
+    """
+    text = broker.config_file.read_text()
+    if UNBOUNDED_QUEUES not in text.splitlines():
+        broker.config_file.write_text(f"{UNBOUNDED_QUEUES}\n{text}")
+        broker.restart()
+    return broker
+
+
+def broker_dropped(broker: Mosquitto) -> bool:
+    """Whether the broker logged that it dropped messages for a slow client."""
+    return "are being dropped" in broker.broker_log.read_text(errors="replace")
 
 
 def toml_value(value: Any) -> str:
@@ -321,6 +343,8 @@ class Collector:
         self.by_kind: dict[str, Counter[str]] = defaultdict(Counter)
         self.payloads: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.retained: dict[str, bytes] = {}
+        self.topics: dict[str, set[str]] = defaultdict(set)
+        """Topics each kind arrived on."""
         self.historical = 0
         self._lock = threading.RLock()  # wait_for predicates may call ids() or count()
         self._changed = threading.Condition(self._lock)
@@ -365,6 +389,7 @@ class Collector:
                 self.retained[msg.topic] = bytes(msg.payload)
             self.by_kind[kind][key] += 1
             self.payloads[kind].append(data)
+            self.topics[kind].add(msg.topic)
             if user.get("historical") == "true":
                 self.historical += 1
             self._changed.notify_all()

@@ -46,6 +46,9 @@ GZIP_LEVEL: Final = 1
 """Level 1 compresses line protocol about 18x at ~500 MB/s; level 9 is 6x slower for 25 % less."""
 IDLE_WAIT_S: Final = 0.5
 """Longest wait for new rows when nobody sets `wake` (the event may be shared with other sinks)."""
+WRITE_EVERY_S: Final = 1.0
+"""After a write, rows gather this long before the next one (a full batch goes at once): one
+request a second at a ward's pace instead of one per ingest commit (docs/performance.md)."""
 RETRY_AFTER_MAX_S: Final = 600.0
 """A server's Retry-After is honoured up to this."""
 REASON_MAX_CHARS: Final = 500
@@ -405,12 +408,14 @@ class InfluxSink:
     # -- life cycle ------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, wake: threading.Event) -> None:
-        """Drain until `stop` is set, waiting on `wake` when nothing is pending; then close."""
+        """Drain until `stop` is set, at most every WRITE_EVERY_S unless batches are full."""
         try:
             while not stop.is_set():
                 wake.clear()
-                self._drain_guarded(stop)
-                wake.wait(IDLE_WAIT_S)
+                if self._drain_guarded(stop):
+                    stop.wait(WRITE_EVERY_S)
+                else:
+                    wake.wait(IDLE_WAIT_S)
         finally:
             self.close()
 

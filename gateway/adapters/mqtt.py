@@ -21,7 +21,10 @@ speed (still flagged historical).
 
 A record the broker denies (PUBACK >= 0x80) stays in the window and is retried;
 it holds the cursor back, so later records keep flowing only until the window
-(inflight_max) is full of records waiting behind it.
+(inflight_max) is full of records waiting behind it. Records of its kind (an ACL
+names a topic leaf such as pumps/+/telemetry) are held for DENIED_RETRY_S, across
+the disconnect Mosquitto 2.0 answers a denial with, so other kinds flow meanwhile;
+any other reconnect offers everything again at once.
 
 Errors (the paho seam below maps paho's codes and exceptions to these):
 
@@ -37,10 +40,11 @@ import logging
 import queue
 import ssl
 import stat
+import sys
 import threading
 import time
 import urllib.parse
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +77,14 @@ QOS: Final = 1
 RECONNECT_MIN_DELAY_S: Final = 1
 DENIED_RETRY_S: Final = 30.0
 """A record the broker refused (PUBACK >= 0x80) is offered again after this long."""
+KICKED_WITHIN_S: Final = 2.0
+"""A disconnect this soon after a denial is the broker's answer to it: Mosquitto 2.0 closes
+the connection right after a PUBACK 0x87 (eclipse/mosquitto#2579)."""
 IDLE_WAIT_S: Final = 1.0
 BUSY_WAIT_S: Final = 0.05
+READ_AHEAD_ROWS: Final = 256
+"""Outbox rows read at once per lane; one query per PUBACK round cost ~12 % of the sink's CPU."""
+TOPIC_CACHE_MAX: Final = 10_000
 """While waiting for PUBACKs, new outbox rows are looked for at least this often."""
 REPLAY_BURST_S: Final = 0.1
 """The replay rate limiter lets this many seconds' worth of rows out at once."""
@@ -303,6 +313,69 @@ def user_properties(props: Properties | None) -> tuple[tuple[str, str], ...]:
     return tuple((str(k), str(v)) for k, v in pairs)
 
 
+PUBLISH_PROPERTIES_HEAD: Final = (
+    b"\x01\x01"  # payload format indicator: UTF-8
+    + b"\x03" + len(b"application/json").to_bytes(2, "big") + b"application/json"
+)
+"""The PUBLISH properties every record carries, encoded once (MQTT 5.0, 2.2.2.2)."""
+USER_PROPERTY_ID: Final = 0x26
+
+
+def _utf8(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def _variable_byte_integer(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        value, digit = divmod(value, 128)
+        out.append(digit | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+class PackedProperties(Properties):
+    """PUBLISH properties encoded once, here: JSON content type and user properties.
+
+    paho's own Properties validates every attribute through linear scans and builds two
+    dicts per instance: about half of paho's CPU per QoS 1 message (docs/performance.md).
+    paho only calls pack() on the properties of an outgoing PUBLISH; the bytes are the same
+    (tests/unit/test_mqtt_adapter.py compares them).
+    """
+
+    PayloadFormatIndicator: int
+    ContentType: str
+    UserProperty: list[tuple[str, str]]
+    _packed: bytes
+
+    def __init__(self, user_properties: list[tuple[str, str]]) -> None:
+        # Properties.__init__ is skipped on purpose (it is the cost); so is its __setattr__.
+        body = PUBLISH_PROPERTIES_HEAD + b"".join(
+            bytes((USER_PROPERTY_ID,)) + _utf8(key) + _utf8(value)
+            for key, value in user_properties
+        )
+        for name, value in (
+            ("packetType", PacketTypes.PUBLISH),
+            ("PayloadFormatIndicator", 1),
+            ("ContentType", "application/json"),
+            ("UserProperty", list(user_properties)),
+            ("_packed", _variable_byte_integer(len(body)) + body),
+        ):
+            object.__setattr__(self, name, value)
+
+    def pack(self) -> bytes:
+        return self._packed
+
+    def __str__(self) -> str:
+        return (
+            f"[PayloadFormatIndicator : {self.PayloadFormatIndicator}, "
+            f"ContentType : {self.ContentType}, UserProperty : {self.UserProperty}]"
+        )
+
+    __repr__ = __str__
+
+
 # --- delivery window --------------------------------------------------------------------
 
 
@@ -335,6 +408,8 @@ class _Lane:
         self.upto = upto_seq
         self.read_all = upto_seq is not None and after_seq >= upto_seq
         self.slots: OrderedDict[int, _Slot] = OrderedDict()
+        self.ahead: deque[StoredRecord] = deque()
+        """Rows read from the outbox after read_to and not yet taken."""
 
     @property
     def done(self) -> bool:
@@ -431,6 +506,7 @@ class MqttSink:
         self._bucket = _Bucket(settings.replay_rate_per_s)
         self._throttled = False
         self._mids: dict[int, _Slot] = {}
+        self._topic_cache: dict[tuple[str, str | None], str] = {}
         self._connected = False
         self._ever_connected = False
         self._window_wire = settings.inflight_max
@@ -439,6 +515,12 @@ class MqttSink:
         self.last_error: str | None = None
         self.published = self.denied = self.reconnects = self.historical = 0
         self.unroutable = self.refusals = self.acks_received = self.acks_dropped = 0
+        self._denied_seqs: set[int] = set()
+        """Outbox seqs of records the broker denied and has not yet accepted."""
+        self._held_kinds: dict[str, float] = {}
+        """Kinds of record the broker denied, and when (monotonic) to offer them again."""
+        self._denial: str | None = None
+        self._denied_at_m = float("-inf")
         self._client = self._make_client()
 
     # -- client set-up ---------------------------------------------------------------
@@ -504,7 +586,10 @@ class MqttSink:
         self._hand_over("connected", int(receive_max))
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._hand_over("unreachable")
+        # paho calls this from inside its `except OSError:` without the exception; the one
+        # being handled says why (refused, timed out, certificate verify failed).
+        cause = sys.exc_info()[1]
+        self._hand_over("unreachable", None if cause is None else str(cause))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
                        reason_code: ReasonCode, properties: Properties | None) -> None:
@@ -530,7 +615,8 @@ class MqttSink:
 
     def _hand_over(self, *event: Any) -> None:
         self._events.put(event)
-        self._kick.set()
+        if not self._kick.is_set():  # the sink clears it before draining: nothing is missed
+            self._kick.set()
 
     # -- the sink thread -------------------------------------------------------------
 
@@ -602,7 +688,7 @@ class MqttSink:
             self.reconnects += 1
         log.info("MQTT connected to %s as %s", self.settings.display_url(), self.client_id)
         self._connected = self._ever_connected = True
-        self.last_error = None
+        self.last_error = self._denial  # records still wait for the ACL: not healthy yet
         self._quiet.forget("unreachable")
         self._quiet.forget(self._refused_key)
 
@@ -613,18 +699,25 @@ class MqttSink:
         self._refused_key = f"refused:{code}"
         self._quiet.error(self._refused_key, "%s", error)
 
-    def _event_unreachable(self) -> None:
+    def _event_unreachable(self, cause: str | None = None) -> None:
         what = "TCP connect or TLS handshake" if self.settings.uses_tls else "TCP connect"
+        hint = "; check mqtt.tls.ca_file" if cause and "CERTIFICATE_VERIFY_FAILED" in cause else ""
         self.last_error = (f"cannot reach the broker at {self.settings.display_url()} "
-                           f"({what} failed); retrying")
+                           f"({what} failed: {cause or 'no reason given'}){hint}; retrying")
         self._quiet.warning("unreachable", "%s", self.last_error)
 
     def _event_disconnected(self, code: int, name: str) -> None:
         self._unsend_all()
-        if self._connected:
-            self.last_error = f"connection to {self.settings.display_url()} lost: {name}"
-            log.warning("%s; reconnecting (unacknowledged records will be sent again)",
-                        self.last_error)
+        if self._denial is not None and time.monotonic() - self._denied_at_m < KICKED_WITHIN_S:
+            # Keep the denied kinds on hold, or every reconnect would repeat the denial.
+            self.last_error = f"{self._denial}; the broker then closed the connection"
+            self._quiet.warning("kicked", "%s; reconnecting", self.last_error)
+        else:
+            self._held_kinds.clear()  # a new connection may find a changed ACL
+            if self._connected:
+                self.last_error = f"connection to {self.settings.display_url()} lost: {name}"
+                log.warning("%s; reconnecting (unacknowledged records will be sent again)",
+                            self.last_error)
         self._connected = False
 
     def _event_puback(self, mid: int, code: int, name: str) -> None:
@@ -635,13 +728,27 @@ class MqttSink:
         if code < 0x80:
             slot.acked = True
             self.published += 1
+            if self._denied_seqs:
+                self._accepted_after_denial(slot.record.seq)
             return
         topic = topic_for(slot.record.kind, slot.record.pump_id, self._topics)
         error = publish_denial(code, name, topic)
         self.denied += 1
-        self.last_error = str(error)
-        slot.retry_at_s = time.monotonic() + DENIED_RETRY_S
+        self._denied_seqs.add(slot.record.seq)
+        self._denial = self.last_error = str(error)
+        self._denied_at_m = time.monotonic()
+        slot.retry_at_s = self._held_kinds[slot.record.kind] = self._denied_at_m + DENIED_RETRY_S
         self._quiet.error(f"denied:{topic}:{code}", "%s", error)
+
+    def _accepted_after_denial(self, seq: int) -> None:
+        """The last denied record went through: the broker's ACL allows us again."""
+        self._denied_seqs.discard(seq)
+        if not self._denied_seqs:
+            self._denial = None
+            self._held_kinds.clear()
+            if self._connected:
+                self.last_error = None
+            log.info("MQTT: the broker accepts the records it denied before")
 
     def _unsend_all(self) -> None:
         self._mids.clear()
@@ -657,7 +764,7 @@ class MqttSink:
         room = min(budget - sent, self.settings.inflight_max - self._held())
         if not ok or room <= 0:
             return
-        rows = self._outbox.read(SINK_NAME, lane.read_to, room)
+        rows = self._read(lane, room)
         if rows and self._replay is None and self._is_historical(rows[0], time.time()):
             self._start_replay(rows)
             return
@@ -677,13 +784,22 @@ class MqttSink:
         spent, ok = self._publish_due(lane, now_m, budget)
         room = min(budget - spent, cap - len(lane.slots), self.settings.inflight_max - self._held())
         if ok and room > 0 and not lane.read_all:
-            for slot in lane.take(self._outbox.read(SINK_NAME, lane.read_to, room), room):
+            for slot in lane.take(self._read(lane, room), room):
                 if not self._publish(slot):
                     break
                 spent += 1
         self._bucket.tokens -= spent
         # Out of tokens before out of room: wake when the next token is earned.
         self._throttled = spent >= tokens and tokens < wire
+
+    def _read(self, lane: _Lane, limit: int) -> list[StoredRecord]:
+        """Up to `limit` rows after lane.read_to, through the lane's read-ahead buffer."""
+        ahead = lane.ahead
+        if len(ahead) < limit:
+            after = ahead[-1].seq if ahead else lane.read_to
+            wanted = max(limit, READ_AHEAD_ROWS) - len(ahead)
+            ahead.extend(self._outbox.read(SINK_NAME, after, wanted))
+        return [ahead.popleft() for _ in range(min(limit, len(ahead)))]
 
     def _start_replay(self, rows: list[StoredRecord]) -> None:
         """Bound the current lane at the last stored row; rows after it go out live."""
@@ -721,9 +837,13 @@ class MqttSink:
         """Hand one record to paho; False means stop sending for now."""
         record = slot.record
         try:
-            topic = topic_for(record.kind, record.pump_id, self._topics)
+            topic = self._topic(record)
         except ValueError as exc:
             self._skip_unroutable(slot, str(exc))
+            return True
+        hold_until_m = self._held_kinds.get(record.kind, 0.0)
+        if hold_until_m > time.monotonic():
+            slot.retry_at_s = hold_until_m  # the broker denied this kind: wait with the rest
             return True
         historical = self._is_historical(record, time.time())
         retain = record.retain or is_retained(record.kind)
@@ -743,6 +863,17 @@ class MqttSink:
         self.historical += historical
         return True
 
+    def _topic(self, record: StoredRecord) -> str:
+        """topic_for, remembered per kind and pump (it checks the pump id every time)."""
+        key = (record.kind, record.pump_id)
+        topic = self._topic_cache.get(key)
+        if topic is None:
+            topic = topic_for(record.kind, record.pump_id, self._topics)
+            if len(self._topic_cache) >= TOPIC_CACHE_MAX:
+                self._topic_cache.clear()
+            self._topic_cache[key] = topic
+        return topic
+
     def _skip_unroutable(self, slot: _Slot, why: str) -> None:
         # Retrying cannot help and would stop every later record; the row stays in the
         # outbox (and in InfluxDB), so it is counted and logged, not silently lost.
@@ -754,14 +885,10 @@ class MqttSink:
     def _properties(self, record: StoredRecord, historical: bool) -> Properties | None:
         if not self._v5:
             return None
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.PayloadFormatIndicator = 1
-        props.ContentType = "application/json"
         pairs = [("record_id", record.record_id)]
         if historical:
             pairs.append(("historical", "true"))
-        props.UserProperty = pairs
-        return props
+        return PackedProperties(pairs)
 
     def _advance(self) -> None:
         replay, live = self._replay, self._live

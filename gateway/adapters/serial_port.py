@@ -134,18 +134,21 @@ class SerialSource:
 
     def _read_until_error(self, port: serial.SerialBase, stop: threading.Event) -> None:
         decoder = FrameDecoder()
-        while not stop.is_set():
-            data = _read(port, self.label)
-            if not data:
-                continue
-            received_at = time.time()
-            self.bytes_in += len(data)
-            items = decoder.feed(data)
-            if items and not self._deliver(self, received_at, items):
-                return
-        leftover = decoder.flush()
-        if leftover:
-            self._deliver(self, time.time(), list(leftover))
+        try:
+            while not stop.is_set():
+                data = _read(port, self.label)
+                if not data:
+                    continue
+                received_at = time.time()
+                self.bytes_in += len(data)
+                items = decoder.feed(data)
+                if items and not self._deliver(self, received_at, items):
+                    return
+        finally:
+            # Also when the line drops: a frame cut off there is quarantined, not forgotten.
+            leftover = decoder.flush()
+            if leftover:
+                self._deliver(self, time.time(), list(leftover))
 
     def send(self, data: bytes) -> None:
         """Write to the line (acknowledgements); a failure is logged, the reader reconnects."""

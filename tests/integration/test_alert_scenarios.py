@@ -11,8 +11,8 @@ wall, so those rules behave as in a real day; the rule defaults are used unchang
 Telemetry loss is judged on the gateway's clock (`received_at`, `now`): at `--speed max`
 a simulated dropout lasts milliseconds and raises nothing (the ward table says so), and
 the default 300 s limit never passes during a test. The dropout test therefore runs at a
-finite speed with `[alerts.per_pump.<id>] telemetry_lost_after_s = 1` for its one pump,
-and expects the alert again once the run is over and the pump falls silent for good.
+finite speed with `[alerts.defaults] telemetry_lost_after_s = 1` for its one pump, and
+expects the alert again once the run is over and the pump falls silent for good.
 """
 
 from __future__ import annotations
@@ -40,9 +40,15 @@ from tests.e2e import (
     gateway_config,
     wait_until,
 )
-from tests.servers import Influx1, Mosquitto, VictoriaMetrics, log_tail
+from tests.servers import Influx1, Mosquitto, VictoriaMetrics, free_port, log_tail
 
 pytestmark = pytest.mark.integration
+
+
+def argv(words: str) -> tuple[str, ...]:
+    """Command-line arguments written as one line."""
+    return tuple(words.split())
+
 
 ARRIVE_S: Final = 60.0
 """Longest wait for the last records to reach the subscriber or the database."""
@@ -53,9 +59,9 @@ STATION: Final = "bed-1"
 
 # --- the expectation table --------------------------------------------------------------
 
-WARD_ARGS: Final = (
-    "--scenario", "ward", "--pumps", str(len(WARD_CYCLE)), "--seed", "1",
-    "--count", "576", "--interval", "300", "--speed", "max", "--wait-for-ack",
+WARD_ARGS: Final = argv(
+    f"--scenario ward --pumps {len(WARD_CYCLE)} --seed 1 --count 576 --interval 300 "
+    "--speed max --wait-for-ack"
 )
 """Pump i runs scenario i. Two simulated days at 300 s: the 24 h flow window must fill
 before over-infusion can show (the engine's default, docs/alerts.md)."""
@@ -130,9 +136,7 @@ EXPECTED: Final[dict[str, tuple[Alert, ...]]] = {
 
 def ward_expectation() -> dict[str, list[Alert]]:
     """Pump id -> its expected alerts, sorted."""
-    return {
-        f"P{index + 1:04d}": sorted(EXPECTED[name]) for index, name in enumerate(WARD_CYCLE)
-    }
+    return {f"P{index + 1:04d}": sorted(EXPECTED[name]) for index, name in enumerate(WARD_CYCLE)}
 
 
 def test_expectation_table_covers_every_scenario() -> None:
@@ -257,20 +261,21 @@ def run_ward(
     mosquitto: Mosquitto,
     influx: dict[str, Any],
     *ward_args: str,
-    alerts: dict[str, Any] | None = None,
 ) -> tuple[str, list[dict[str, Any]], Metrics]:
-    """Stream a ward through a gateway until everything is delivered; return what it sent."""
+    """Stream a ward through a gateway until all is delivered; return its alert transitions."""
     prefix = f"{SITE_PREFIX}-{uuid.uuid4().hex[:8]}"
     extra: dict[str, dict[str, Any]] = {"gateway": {"site": prefix, "station": STATION}}
-    if alerts is not None:
-        extra["alerts"] = alerts
     with (
         collecting(mosquitto.port, alerts_filter(prefix)) as collector,
         ward_running(tmp_path, *ward_args) as ward,
     ):
         config = gateway_config(
-            tmp_path, sim_port=ward.port, mqtt_port=mosquitto.port, prefix=prefix,
-            influx=influx, extra=extra,
+            tmp_path,
+            sim_port=ward.port,
+            mqtt_port=mosquitto.port,
+            prefix=prefix,
+            influx=influx,
+            extra=extra,
         )
         with gateway_running(config, tmp_path / "gateway.log") as gateway:
             summary = ward.summary()
@@ -322,7 +327,8 @@ def test_each_ward_scenario_yields_exactly_its_alert_transitions_on_mqtt_and_in_
     if api == "v2":
         series = victoria_metrics.export(
             f'{{__name__="pump_alert_phase_code",site="{prefix}"}}',
-            min_points=len(transitions), timeout_s=ARRIVE_S,
+            min_points=len(transitions),
+            timeout_s=ARRIVE_S,
         )
         got: Counter[tuple[str, str, int]] = Counter()
         for one in series:
@@ -338,3 +344,287 @@ def test_each_ward_scenario_yields_exactly_its_alert_transitions_on_mqtt_and_in_
         assert sorted(r[1] for r in rows) == sorted(t["transition_id"] for t in transitions)
         got = Counter((r[4], r[3], int(r[2])) for r in rows)
         assert got == want
+
+
+# --- 1b. telemetry loss needs gateway time ------------------------------------------------
+
+DROPOUT_ARGS: Final = argv(
+    "--scenario dropout --pumps 1 --seed 1 --count 180 --interval 20 --speed 240 --wait-for-ack"
+)
+"""One simulated hour in 15 s of wall time: frames every 0.08 s, no frames for 3 s (40-60 %)."""
+LOST_AFTER_S: Final = 1.0
+"""[alerts.defaults] telemetry_lost_after_s: 12 reading intervals, a third of the dropout."""
+
+
+def test_dropout_at_a_finite_speed_raises_telemetry_lost_and_ends_it_when_frames_return(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    prefix = f"{SITE_PREFIX}-{uuid.uuid4().hex[:8]}"
+    extra: dict[str, dict[str, Any]] = {
+        "gateway": {"site": prefix, "station": STATION},
+        "alerts": {"defaults": {"telemetry_lost_after_s": LOST_AFTER_S}},
+    }
+    with (
+        collecting(mosquitto.port, alerts_filter(prefix)) as collector,
+        ward_running(tmp_path, *DROPOUT_ARGS) as ward,
+    ):
+        config = gateway_config(
+            tmp_path, sim_port=ward.port, mqtt_port=mosquitto.port, prefix=prefix, extra=extra
+        )
+        with gateway_running(config, tmp_path / "gateway.log") as gateway:
+            summary = ward.summary()
+            assert summary["all_acked"] is True, explain(gateway, ward)
+            # After the run the pump is silent for good: telemetry is lost again.
+            assert collector.wait_for(
+                lambda: [t["phase"] for t in unique_transitions(collector)] == [S, E, S],
+                ARRIVE_S,
+            ), f"{unique_transitions(collector)}" + explain(gateway, ward)
+            transitions = unique_transitions(collector)
+            active = retained_active_sets(mosquitto.port, prefix, 1)
+            status = retained_payloads(mosquitto.port, f"{prefix}/+/+/pumps/+/status", 1)
+
+    assert {t["alert_kind"] for t in transitions} == {"telemetry_lost"}
+    first, ended, again = transitions
+    assert first["alert_id"] == ended["alert_id"] != again["alert_id"]
+    assert first["priority"] == "PL"
+    assert first["latching"] is False
+    assert first["device_time"] is None  # raised by the gateway's clock, not by a message
+    assert ended["device_time"] is not None
+    assert ended["value"] > LOST_AFTER_S  # the gap, in gateway seconds
+    assert active == {"P0001": {again["alert_id"]: ACTIVE}}
+    assert [s["telemetry"] for s in status] == ["lost"]
+
+
+def retained_payloads(port: int, topic_filter: str, count: int) -> list[dict[str, Any]]:
+    """The retained messages a late subscriber to `topic_filter` gets (waits for `count`)."""
+    collector = Collector(port, topic_filter)
+    try:
+        collector.wait_for(lambda: len(collector.retained) >= count, RETAINED_S)
+        return [json.loads(payload) for payload in collector.retained.values()]
+    finally:
+        collector.close()
+
+
+# --- 3. operator acknowledgements ---------------------------------------------------------
+
+DAY_WARD_ARGS: Final = argv(
+    "--scenario ward --pumps 10 --seed 1 --count 288 --interval 300 --speed max --wait-for-ack"
+)
+"""One simulated day; P0002 ends with low_reservoir active, P0010 with pump_stopped latched."""
+DAY_WARD_PUMPS_WITH_ALERTS: Final = 8
+"""All but P0001 (normal) and P0005 (over-infusion needs more than a day)."""
+REFILLED_ARGS: Final = argv(
+    "--scenario normal --pumps 2 --seed 1 --count 12 --interval 300 --speed max --wait-for-ack"
+)
+"""P0001 and P0002 again, after a reboot (a new boot id), with well-filled reservoirs."""
+LOW = "P0002:low_reservoir:1"
+STOPPED = "P0010:pump_stopped:1"
+ACKED_AT: Final = "2026-01-05T08:30:00Z"
+
+
+@dataclass
+class Station:
+    """One gateway with a live alerts subscriber, for tests that act between ward runs."""
+
+    tmp_path: Path
+    mosquitto: Mosquitto
+    prefix: str
+    collector: Collector
+    gateway: GatewayProcess
+    sim_port: int
+
+    @property
+    def ack_topic(self) -> str:
+        return f"{self.prefix}/{self.prefix}/{STATION}/ack"
+
+    def stream(self, *args: str) -> None:
+        """Run a ward on the station's line until everything it sent is delivered."""
+        with ward_running(self.tmp_path, *args, port=self.sim_port) as ward:
+            summary = ward.summary()
+        assert summary["all_acked"] is True, explain(self.gateway, ward)
+        self.wait_delivered()
+
+    def wait_delivered(self) -> Metrics:
+        metrics = self.gateway.wait_metrics(lambda m: delivered(m, ("mqtt",)), METRICS_S)
+        assert delivered(metrics, ("mqtt",)), explain(self.gateway)
+        total = metrics.value("pumpgw_alert_transitions_total")
+        # After a restart the counter starts again at 0: wait for at least as many.
+        assert self.collector.wait_for(
+            lambda: len(unique_transitions(self.collector)) >= total, ARRIVE_S
+        ), explain(self.gateway)
+        return metrics
+
+    def acknowledge(self, payload: bytes) -> None:
+        """Publish on the ack topic as an operator's dashboard would (QoS 1)."""
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"op-{uuid.uuid4().hex[:8]}")
+        client.connect("127.0.0.1", self.mosquitto.port)
+        client.loop_start()
+        try:
+            client.publish(self.ack_topic, payload, qos=1).wait_for_publish(RETAINED_S)
+        finally:
+            client.loop_stop()
+            client.disconnect()
+
+    def phases(self, alert_id: str) -> list[str]:
+        return [t["phase"] for t in unique_transitions(self.collector) if t["alert_id"] == alert_id]
+
+    def wait_phases(self, alert_id: str, phases: list[str]) -> None:
+        assert self.collector.wait_for(lambda: self.phases(alert_id) == phases, ARRIVE_S), (
+            f"{alert_id}: {self.phases(alert_id)}, expected {phases}" + explain(self.gateway)
+        )
+
+    def active(self) -> dict[str, dict[str, str]]:
+        """The retained active sets of the day ward's pumps."""
+        return retained_active_sets(self.mosquitto.port, self.prefix, DAY_WARD_PUMPS_WITH_ALERTS)
+
+    def restart(self, how: str) -> None:
+        if how == "SIGKILL":
+            self.gateway.kill()
+        else:
+            assert self.gateway.stop() == 0, explain(self.gateway)
+        self.gateway = GatewayProcess(self.gateway.config, self.gateway.log_path).start()
+
+
+@contextmanager
+def station(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Station]:
+    prefix = f"{SITE_PREFIX}-{uuid.uuid4().hex[:8]}"
+    sim_port = free_port()
+    config = gateway_config(
+        tmp_path,
+        sim_port=sim_port,
+        mqtt_port=mosquitto.port,
+        prefix=prefix,
+        extra={"gateway": {"site": prefix, "station": STATION}},
+    )
+    with collecting(mosquitto.port, alerts_filter(prefix)) as collector:
+        gateway = GatewayProcess(config, tmp_path / "gateway.log").start()
+        here = Station(tmp_path, mosquitto, prefix, collector, gateway, sim_port)
+        try:
+            yield here
+        finally:
+            if here.gateway.running:
+                here.gateway.stop()
+
+
+def ack(alert_id: str, by: str = "nurse.jones", at: str | None = ACKED_AT) -> bytes:
+    body: dict[str, Any] = {"alert_id": alert_id, "by": by}
+    if at is not None:
+        body["at"] = at
+    return json.dumps(body).encode()
+
+
+def test_acknowledgement_records_who_and_when_and_a_latching_alert_ends_once_also_resolved(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    with station(tmp_path, mosquitto) as st:
+        st.stream(*DAY_WARD_ARGS)
+        assert st.phases(STOPPED) == [S, U]  # resolved, latched: waits for a person
+        assert st.phases(LOW) == [S]  # still low
+
+        st.acknowledge(ack(STOPPED))
+        st.wait_phases(STOPPED, [S, U, "acknowledged", E])
+        st.acknowledge(ack(LOW))
+        st.wait_phases(LOW, [S, "acknowledged"])  # acknowledged, but the reservoir is still low
+        active = st.active()
+        assert active["P0010"] == {}
+        assert active["P0002"][LOW] == ACTIVE
+
+        st.stream(*REFILLED_ARGS)  # P0002 reboots with a full reservoir: now it is resolved
+        st.wait_phases(LOW, [S, "acknowledged", E])
+        active = st.active()
+    by_id = {t["transition_id"]: t for t in unique_transitions(st.collector)}
+    acked = [t for t in by_id.values() if t["phase"] == "acknowledged"]
+    assert {t["alert_id"] for t in acked} == {STOPPED, LOW}
+    for t in acked:
+        assert t["acknowledged_by"] == "nurse.jones"
+        assert t["acknowledged_at"].replace("+00:00", "Z") == ACKED_AT
+        assert t["inactivation"] == "alert-acknowledged"
+        assert t["device_time"] is None  # a person did it, not a pump message
+        assert "recorded here only" in t["text"]  # never presented as clearing the pump
+    ended_low = next(t for t in by_id.values() if t["alert_id"] == LOW and t["phase"] == E)
+    assert ended_low["acknowledged_by"] == "nurse.jones"
+    assert LOW not in active["P0002"]
+    assert active["P0010"] == {}
+
+
+def test_malformed_acknowledgements_change_nothing_and_are_logged_clearly(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    with station(tmp_path, mosquitto) as st:
+        st.stream(*DAY_WARD_ARGS)
+        before = unique_transitions(st.collector)
+        active_before = st.active()
+
+        st.acknowledge(b'{"alert_id": "P0010:pump_stopped:1"}')  # who acknowledged?
+        st.acknowledge(b"ack P0010")
+        st.acknowledge(ack("P0010:pump_stopped:99"))  # valid, but no such alert
+        metrics = st.gateway.wait_metrics(
+            lambda m: (
+                m.value("pumpgw_operator_acks_total", result="rejected") >= 2
+                and m.value("pumpgw_operator_acks_total", result="accepted") >= 1
+            ),
+            METRICS_S,
+        )
+        st.acknowledge(ack(LOW))  # a valid one afterwards: the earlier ones left no change
+        st.wait_phases(LOW, [S, "acknowledged"])
+        after = unique_transitions(st.collector)
+        active_after = st.active()
+        log = st.gateway.log()
+
+    assert metrics.value("pumpgw_operator_acks_total", result="rejected") == 2
+    assert [t["transition_id"] for t in after[: len(before)]] == [
+        t["transition_id"] for t in before
+    ]
+    assert [(t["alert_id"], t["phase"]) for t in after[len(before) :]] == [(LOW, "acknowledged")]
+    assert active_after == active_before  # an acknowledgement does not change the state
+    rejected = [line for line in log.splitlines() if "acknowledgement rejected" in line]
+    assert rejected, log[-2000:]
+    assert "WARNING" in rejected[0]
+    assert "by: Field required" in rejected[0]
+
+
+# --- 4. a restart in the middle of an alert -----------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_restart_mid_alert_neither_repeats_a_start_nor_loses_the_end_and_keeps_the_active_set(
+    tmp_path: Path, mosquitto: Mosquitto, how: str
+) -> None:
+    with station(tmp_path, mosquitto) as st:
+        st.stream(*DAY_WARD_ARGS)
+        active_before = st.active()
+        assert set(active_before["P0002"]) == {
+            "P0002:refill_due:1",
+            LOW,
+            "P0002:device_alarm:low_reservoir:1",
+        }
+        before = {t["transition_id"] for t in unique_transitions(st.collector)}
+
+        st.restart(how)
+        assert wait_until(lambda: st.gateway.health() is not None, METRICS_S), explain(st.gateway)
+        # After a SIGKILL the MQTT cursor on disk lags (it is written once a second), so the
+        # restarted gateway sends the tail again, older retained sets included: at least once.
+        st.wait_delivered()
+        assert st.active() == active_before
+
+        st.stream(*REFILLED_ARGS)  # after the restart P0002 reboots with a full reservoir
+        st.wait_phases(LOW, [S, U])  # resolved, latched until acknowledged
+        st.acknowledge(ack(LOW))
+        st.wait_phases(LOW, [S, U, "acknowledged", E])
+        active_after = st.active()
+        transitions = unique_transitions(st.collector)
+
+    assert not st.collector.conflicting_ids("alert"), "a transition id sent with two payloads"
+    new = sorted(
+        (t["alert_id"], t["phase"]) for t in transitions if t["transition_id"] not in before
+    )
+    assert new == sorted(
+        [
+            ("P0002:device_alarm:low_reservoir:1", E),
+            ("P0002:refill_due:1", E),
+            (LOW, U),
+            (LOW, "acknowledged"),
+            (LOW, E),
+        ]
+    )
+    assert active_after == {**active_before, "P0002": {}}

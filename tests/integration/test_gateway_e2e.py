@@ -22,10 +22,12 @@ from tests.e2e import (
     GatewayProcess,
     Metrics,
     Ward,
+    broker_dropped,
     expected_ids,
     gateway_config,
     outbox_record_ids,
     sent_count,
+    unbounded_queues,
     wait_until,
 )
 from tests.servers import Mosquitto, log_tail
@@ -41,6 +43,12 @@ DAMAGE_TO_REASON = {
     "truncated": "truncated",
     "oversized": "oversized",
 }
+
+
+@pytest.fixture
+def broker(mosquitto: Mosquitto) -> Mosquitto:
+    """The private broker, without a queue limit that could drop the collector's messages."""
+    return unbounded_queues(mosquitto)
 
 
 def unique_prefix() -> str:
@@ -73,9 +81,9 @@ def gateway_running(config: Path, log_path: Path, **env: str) -> Iterator[Gatewa
 
 
 @contextmanager
-def ward_running(workdir: Path, *args: str) -> Iterator[Ward]:
-    """A simulated ward; stopped (SIGTERM) if the test leaves before it ends."""
-    ward = Ward.start(workdir, *args)
+def ward_running(workdir: Path, *args: str, port: int | None = None) -> Iterator[Ward]:
+    """A simulated ward; killed if the test leaves before it ends."""
+    ward = Ward.start(workdir, *args, port=port)
     try:
         yield ward
     finally:
@@ -84,30 +92,44 @@ def ward_running(workdir: Path, *args: str) -> Iterator[Ward]:
             ward.proc.wait()
 
 
-def explain(gateway: GatewayProcess, ward: Ward | None = None) -> str:
+def explain(
+    gateway: GatewayProcess, ward: Ward | None = None, broker: Mosquitto | None = None
+) -> str:
     """Logs for a failure message."""
     text = f"\n--- gateway log\n{gateway.log()[-4000:]}"
     if ward is not None:
         text += f"\n--- pumpsim log\n{log_tail(ward.stderr_path)}"
+    if broker is not None and broker_dropped(broker):
+        text += "\n--- the broker dropped messages for a slow client (see its log)"
     return text
 
 
 def assert_all_arrived(
-    collector: Collector, summary: dict[str, Any], gateway: GatewayProcess, ward: Ward
+    collector: Collector,
+    summaries: dict[str, Any] | list[dict[str, Any]],
+    gateway: GatewayProcess,
+    ward: Ward,
+    broker: Mosquitto | None = None,
 ) -> set[str]:
     """Every intact frame arrived by id, nothing else arrived, duplicates are identical."""
-    expected = expected_ids(summary)
+    runs = summaries if isinstance(summaries, list) else [summaries]
+    expected = set().union(*(expected_ids(summary) for summary in runs))
     assert expected, "the simulator sent nothing"
     missing = collector.wait_device_ids(expected, ARRIVE_S)
     assert not missing, (
         f"{len(missing)} of {len(expected)} frames never arrived, e.g. {sorted(missing)[:5]}"
-        + explain(gateway, ward)
+        + explain(gateway, ward, broker)
     )
     unexpected = collector.device_ids() - expected
     assert not unexpected, f"ids the simulator never sent intact: {sorted(unexpected)[:5]}"
     conflicts = collector.conflicting_ids(*DEVICE_KINDS)
     assert not conflicts, f"same id, different payload: {sorted(conflicts)[:5]}"
     return expected
+
+
+def wait_readings(collector: Collector, count: int) -> bool:
+    """Wait until the subscriber holds `count` distinct readings."""
+    return collector.wait_for(lambda: collector.count("reading") >= count, ARRIVE_S)
 
 
 def duplicates_seen(collector: Collector) -> dict[str, int]:
@@ -133,23 +155,22 @@ def delivered_everything(metrics: Metrics) -> bool:
 
 
 def test_every_intact_frame_reaches_a_subscriber_by_its_id(
-    tmp_path: Path, mosquitto: Mosquitto
+    tmp_path: Path, broker: Mosquitto
 ) -> None:
     prefix = unique_prefix()
     with (
-        collecting(mosquitto.port, prefix) as collector,
+        collecting(broker.port, prefix) as collector,
         ward_running(
             tmp_path, "--pumps", "10", "--count", "300", "--speed", "max", "--wait-for-ack"
         ) as ward,
     ):
-        config = gateway_config(
-            tmp_path, sim_port=ward.port, mqtt_port=mosquitto.port, prefix=prefix
-        )
+        config = gateway_config(tmp_path, sim_port=ward.port, mqtt_port=broker.port, prefix=prefix)
         with gateway_running(config, tmp_path / "gateway.log") as gateway:
             summary = ward.summary()
-            expected = assert_all_arrived(collector, summary, gateway, ward)
+            expected = assert_all_arrived(collector, summary, gateway, ward, broker)
             metrics = gateway.wait_metrics(delivered_everything, METRICS_S)
-        assert gateway.proc is not None and gateway.proc.returncode == 0, explain(gateway, ward)
+        assert gateway.proc is not None
+        assert gateway.proc.returncode == 0, explain(gateway, ward)
     assert summary["all_acked"] is True
     assert collector.count("reading") == sent_count(summary, "reading") == 10 * 300
     assert metrics.value("pumpgw_records_accepted_total") == len(expected)
@@ -169,30 +190,25 @@ KILL_AT_READINGS = (0.15, 0.4, 0.65)
 
 
 def test_gateway_killed_mid_stream_three_times_loses_nothing_and_stores_each_frame_once(
-    tmp_path: Path, mosquitto: Mosquitto
+    tmp_path: Path, broker: Mosquitto
 ) -> None:
     prefix = unique_prefix()
     log_path = tmp_path / "gateway.log"
     with (
-        collecting(mosquitto.port, prefix) as collector,
+        collecting(broker.port, prefix) as collector,
         ward_running(tmp_path, *KILL_WARD.split()) as ward,
     ):
-        config = gateway_config(
-            tmp_path, sim_port=ward.port, mqtt_port=mosquitto.port, prefix=prefix
-        )
+        config = gateway_config(tmp_path, sim_port=ward.port, mqtt_port=broker.port, prefix=prefix)
         gateway = GatewayProcess(config, log_path).start()
         try:
             for fraction in KILL_AT_READINGS:
                 want = int(fraction * KILL_PUMPS * KILL_COUNT)
-                assert collector.wait_for(lambda: collector.count("reading") >= want, ARRIVE_S), (
-                    f"only {collector.count('reading')} readings before kill"
-                    + explain(gateway, ward)
-                )
+                assert wait_readings(collector, want), explain(gateway, ward)
                 assert ward.proc.poll() is None, "the ward finished before the kill: not mid-stream"
                 gateway.kill()
                 gateway = GatewayProcess(config, log_path).start()
             summary = ward.summary()
-            assert_all_arrived(collector, summary, gateway, ward)
+            assert_all_arrived(collector, summary, gateway, ward, broker)
             metrics = gateway.wait_metrics(delivered_everything, METRICS_S)
         finally:
             if gateway.running:
@@ -215,37 +231,48 @@ def test_gateway_killed_mid_stream_three_times_loses_nothing_and_stores_each_fra
 # --- 3. broker outage ----------------------------------------------------------------------
 
 OUTAGE_S = 10.0
-OUTAGE_WARD = "--pumps 5 --count 200 --speed 600 --wait-for-ack"
-"""50 readings a second for 20 s: the outage falls in the middle, and its backlog stays under
-Mosquitto's default max_queued_messages (1000) for the subscriber's session."""
+OUTAGE_WARD = "--pumps 5 --count 300 --speed 600 --wait-for-ack"
+"""50 readings a second for 30 s: the outage falls in the middle of the stream."""
+OUTAGE_MQTT = {"reconnect_max_s": 4}
+"""Back within seconds of the broker (the default backoff grows to 30 s)."""
 
 
 def test_broker_down_for_ten_seconds_loses_nothing_and_healthz_says_why(
-    tmp_path: Path, mosquitto: Mosquitto
+    tmp_path: Path, broker: Mosquitto
 ) -> None:
     prefix = unique_prefix()
     with (
-        collecting(mosquitto.port, prefix, persistent=True) as collector,
+        collecting(broker.port, prefix, persistent=True) as collector,
         ward_running(tmp_path, *OUTAGE_WARD.split()) as ward,
     ):
         config = gateway_config(
-            tmp_path, sim_port=ward.port, mqtt_port=mosquitto.port, prefix=prefix
+            tmp_path,
+            sim_port=ward.port,
+            mqtt_port=broker.port,
+            prefix=prefix,
+            extra={"mqtt": OUTAGE_MQTT},
         )
         with gateway_running(config, tmp_path / "gateway.log") as gateway:
-            assert collector.wait_for(lambda: collector.count("reading") >= 50, ARRIVE_S)
+            assert wait_readings(collector, 50), explain(gateway, ward)
             assert wait_until(lambda: (gateway.health() or (0, {}))[0] == 200, METRICS_S), (
                 f"not ready before the outage: {gateway.health()}" + explain(gateway, ward)
             )
-            mosquitto.stop()
+            broker.stop()
             down_at = time.monotonic()
             health: tuple[int, dict[str, Any]] | None = None
 
-            def not_ready() -> bool:
+            broker_url = f"mqtt://127.0.0.1:{broker.port}"
+
+            def not_ready_naming_the_broker() -> bool:
                 nonlocal health
                 health = gateway.health()
-                return health is not None and health[0] == 503
+                return (
+                    health is not None
+                    and health[0] == 503
+                    and any(broker_url in r for r in health[1]["reasons"])
+                )
 
-            assert wait_until(not_ready, OUTAGE_S), f"still ready: {health}"
+            assert wait_until(not_ready_naming_the_broker, OUTAGE_S), f"no clear reason: {health}"
             assert health is not None
             reasons = health[1]["reasons"]
             assert any(r.startswith("mqtt not connected: ") for r in reasons), reasons
@@ -257,15 +284,110 @@ def test_broker_down_for_ten_seconds_loses_nothing_and_healthz_says_why(
             assert during.value("pumpgw_sink_backlog_records", sink="mqtt") > 0
             time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))  # hold the outage
             assert ward.proc.poll() is None, "the ward ended during the outage: not mid-stream"
-            mosquitto.start()
-            summary = ward.summary()
-            assert_all_arrived(collector, summary, gateway, ward)
-            metrics = gateway.wait_metrics(delivered_everything, METRICS_S)
+            broker.start()
             assert wait_until(lambda: (gateway.health() or (0, {}))[0] == 200, ARRIVE_S), (
                 f"not ready after the outage: {gateway.health()}" + explain(gateway, ward)
             )
+            assert ward.proc.poll() is None, "ready only after the ward ended: reconnect too slow"
+            summary = ward.summary()
+            assert_all_arrived(collector, summary, gateway, ward, broker)
+            metrics = gateway.wait_metrics(delivered_everything, METRICS_S)
     assert summary["all_acked"] is True
     assert accounting_balances(metrics)
     assert metrics.value("pumpgw_sink_reconnects_total", sink="mqtt") >= 1
     assert "connection to mqtt://" in gateway.log()
     print(f"\nduplicates at the subscriber: {duplicates_seen(collector)}; reasons: {reasons}")
+
+
+# --- 4. a noisy line -----------------------------------------------------------------------
+
+NOISY_WARD = "--pumps 5 --count 400 --scenario noisy-line --speed max --wait-for-ack"
+
+
+def damage_by_reason(summary: dict[str, Any]) -> Counter[str]:
+    """What the simulator damaged on purpose, as the quarantine reasons it must produce."""
+    totals = summary["totals"]
+    want: Counter[str] = Counter()
+    for kind, n in totals["damaged"].items():
+        want[DAMAGE_TO_REASON[kind]] += n
+    want["garbage"] += totals["garbage_runs"]
+    return +want
+
+
+def merge_bitflips(by_reason: Counter[str]) -> Counter[str]:
+    """A flipped bit fails the checksum, or (when it hits the `*`) the frame's shape."""
+    merged = Counter(by_reason)
+    merged["checksum"] += merged.pop("malformed", 0)
+    return +merged
+
+
+def test_noisy_line_quarantines_exactly_what_was_damaged_and_delivers_the_rest(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    prefix = unique_prefix()
+    with (
+        collecting(broker.port, prefix) as collector,
+        ward_running(tmp_path, *NOISY_WARD.split()) as ward,
+    ):
+        config = gateway_config(tmp_path, sim_port=ward.port, mqtt_port=broker.port, prefix=prefix)
+        with gateway_running(config, tmp_path / "gateway.log") as gateway:
+            summary = ward.summary()
+            want = damage_by_reason(summary)
+            total = sum(want.values())
+            assert_all_arrived(collector, summary, gateway, ward, broker)
+            assert collector.wait_for(lambda: collector.count("quarantine") >= total, ARRIVE_S)
+            metrics = gateway.wait_metrics(
+                lambda m: m.value("pumpgw_quarantined_total") >= total and delivered_everything(m),
+                METRICS_S,
+            )
+    assert summary["all_acked"] is True
+    assert set(want) == {"checksum", "truncated", "oversized", "garbage"}, f"damage: {want}"
+    counted = metrics.by_label("pumpgw_quarantined_total", "reason")
+    assert merge_bitflips(Counter({k: int(v) for k, v in counted.items()})) == want, explain(
+        gateway, ward
+    )
+    dead = {q["quarantine_id"]: q["reason_kind"] for q in collector.payloads["quarantine"]}
+    assert merge_bitflips(Counter(dead.values())) == want
+    assert collector.topics["quarantine"] == {f"{prefix}/test/bed-1/deadletter"}
+    assert accounting_balances(metrics)
+    assert metrics.value("pumpgw_records_accepted_total") == len(expected_ids(summary))
+    print(f"\nquarantined by reason: {counted}; the simulator damaged: {dict(want)}")
+
+
+# --- 6. the source drops and comes back -----------------------------------------------------
+
+FIRST_WARD = "--pumps 3 --count 600 --speed 3600 --wait-for-ack"
+"""180 readings a second for 10 s: stopped part way through."""
+SECOND_WARD = "--pumps 3 --count 200 --speed max --wait-for-ack"
+
+
+def test_source_that_drops_and_returns_with_a_new_boot_delivers_both_runs(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    prefix = unique_prefix()
+    log_path = tmp_path / "gateway.log"
+    with (
+        collecting(broker.port, prefix) as collector,
+        ward_running(tmp_path, *FIRST_WARD.split()) as first,
+    ):
+        config = gateway_config(tmp_path, sim_port=first.port, mqtt_port=broker.port, prefix=prefix)
+        with gateway_running(config, log_path) as gateway:
+            assert wait_readings(collector, 300), explain(gateway, first)
+            assert first.proc.poll() is None, "the first ward ended before it was stopped"
+            first_summary = first.stop()
+            dropped = gateway.wait_metrics(
+                lambda m: m.value("pumpgw_source_connected", source="line-1") == 0, METRICS_S
+            )
+            assert dropped.value("pumpgw_source_connected", source="line-1") == 0
+            with ward_running(tmp_path, *SECOND_WARD.split(), port=first.port) as second:
+                second_summary = second.summary()
+            summaries = [first_summary, second_summary]
+            assert_all_arrived(collector, summaries, gateway, second, broker)
+            metrics = gateway.wait_metrics(delivered_everything, METRICS_S)
+    assert first_summary["stopped_by"] == "signal"
+    assert second_summary["all_acked"] is True
+    boots = {p["boot_id"] for s in summaries for p in s["pumps"]}
+    assert len(boots) == 6, "each run must have its own boot ids"
+    assert metrics.value("pumpgw_source_reconnects_total", source="line-1") >= 1
+    assert "line-1: line connected again" in gateway.log()
+    assert accounting_balances(metrics)

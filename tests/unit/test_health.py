@@ -56,6 +56,14 @@ def test_not_ready_names_each_reason() -> None:
     assert "outbox full" in reasons
 
 
+def test_not_ready_while_a_connected_sink_reports_an_error() -> None:
+    denial = "broker denied publishing to pumpgw/s/st/pumps/P1/telemetry: Not authorized (0x87)"
+    obs = observation(sinks=(SinkObservation("mqtt", True, 5, 2.0, 0, denial, {"denied": 5}),))
+    ready, body = health_report(obs)
+    assert not ready
+    assert body["reasons"] == [f"mqtt: {denial}"]
+
+
 def test_metrics_expose_the_accounting_in_prometheus_text() -> None:
     text = render_metrics(observation())
     assert "pumpgw_frames_in_total 10" in text

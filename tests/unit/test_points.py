@@ -333,6 +333,27 @@ def test_every_phase_of_one_alert_at_the_same_instant_gets_its_own_key() -> None
     assert len({key_of(line(a)) for a in phases}) == len(Phase)
 
 
+def test_alert_caused_by_a_message_sits_at_its_device_time() -> None:
+    device_time = T0 - timedelta(days=2)
+    _, _, _, timestamp = parse(line(alert(device_time=device_time)))
+    assert timestamp // 1000 == epoch_ns(device_time) // 1000
+
+
+def test_updates_of_one_alert_read_in_one_batch_get_distinct_keys() -> None:
+    # Latched, then present again: both evaluated when one read arrived, so `at` is shared.
+    latched = alert(phase="update", state="latched", transition_id="t:2", device_time=T0)
+    again = alert(
+        phase="update", transition_id="t:3", device_time=T0 + timedelta(hours=3, microseconds=1)
+    )
+    assert key_of(line(latched)) != key_of(line(again))
+
+
+def test_replayed_transition_evaluated_later_keeps_its_key() -> None:
+    first = alert(device_time=T0 - timedelta(hours=1))
+    replayed = alert(device_time=T0 - timedelta(hours=1), at=T0 + timedelta(days=3))
+    assert key_of(line(first)) == key_of(line(replayed))
+
+
 def test_simultaneous_device_alarms_of_one_pump_get_distinct_keys() -> None:
     # Every device alarm has alert_kind device_alarm; the alert id tells them apart.
     codes = ["low_battery", "motor_fault", "memory_error", "catheter", "reservoir"]

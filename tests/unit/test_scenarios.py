@@ -129,6 +129,22 @@ def test_normal_pumps_run_without_alarms() -> None:
         assert rs[-1].delivered_total_ml > rs[0].delivered_total_ml
 
 
+REFILL_DUE_DAYS = 7.0
+"""The gateway's refill-due advisory horizon (gateway.rules, DOMAIN.md 2.1)."""
+
+
+@pytest.mark.parametrize("name", ["normal", "dropout", "clock-faults", "noisy-line"])
+def test_fault_free_pumps_end_the_run_beyond_the_refill_due_horizon(name: str) -> None:
+    # Fault-free scenarios must raise no alert at all, not even the refill-due advisory.
+    for seed in range(1, 6):
+        for setup in scenario_setups(name, 60, seed, DEFAULT_SPAN_S):
+            spec = setup.spec
+            use_ml_per_day = spec.basal_rate_ml_per_day + spec.bolus_ml * spec.boluses_per_day_max
+            left_ml = setup.status.estimate_ml - use_ml_per_day * DEFAULT_SPAN_S / SECONDS_PER_DAY
+            days = (left_ml - spec.low_reservoir_alarm_ml) / use_ml_per_day
+            assert days > REFILL_DUE_DAYS, (seed, spec)
+
+
 def test_low_reservoir_crosses_the_alarm_volume() -> None:
     for pump, messages in each_pump("low-reservoir"):
         rs = readings(messages)

@@ -1,0 +1,753 @@
+"""`pumpgw ingest`: central workers that move gateways' telemetry from MQTT into InfluxDB.
+
+Workers in one group hold the same MQTT 5 shared subscriptions (`$share/<group>/...`), so the
+broker splits the messages between them. Each worker keeps a persistent session
+(clean_start=False with a session expiry), validates every message with the schemas models,
+commits it to its own outbox and only then acknowledges it (paho `manual_ack`): a worker
+killed at any moment leaves its unacknowledged share in its session on the broker, which
+delivers it again when the worker comes back. An InfluxSink drains the outbox, as on a
+station. docs/scaling.md shows where this sits in a larger deployment.
+
+The functions above `MqttSubscription` are pure (topic parsing, validation, line protocol);
+the rest is the shell: paho's thread hands deliveries to the worker thread through a queue.
+
+Configuration is the gateway's file ([mqtt], [influx], [store], [health]) plus an optional
+[ingest] section (IngestSection); `load_ingest_settings` reads both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import socket
+import ssl
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Final
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from pydantic import Field, ValidationError, field_validator
+
+from gateway.adapters.influx import InfluxSink
+from gateway.adapters.mqtt import (
+    MqttConfigError,
+    MqttSettings,
+    connect_refusal,
+    paho_errors,
+    reason,
+)
+from gateway.config import ConfigError, Section, Settings, load_settings_as
+from gateway.health import HealthServer, Observation, SinkObservation, SourceObservation
+from gateway.outbox import Outbox, OutboxError, OutboxFullError, OutRecord, StoredRecord
+from gateway.points import PointTags, line_for
+from gateway.quiet import QuietLog
+from gateway.topics import GATEWAY_PUMP_ID, segment_problem
+from schemas.models import (
+    AlertTransition,
+    DeviceEvent,
+    Frozen,
+    Quarantined,
+    Reading,
+    describe_errors,
+)
+
+log = logging.getLogger(__name__)
+
+LEAF_KINDS: Final[dict[str, str]] = {"telemetry": "reading", "events": "event", "alerts": "alert"}
+"""Pump topic leaves the workers take, and the record kind each carries (docs/topics.md)."""
+MODELS: Final[dict[str, type[Frozen]]] = {
+    "reading": Reading,
+    "event": DeviceEvent,
+    "alert": AlertTransition,
+}
+QOS: Final = 1
+MAX_PAYLOAD_BYTES: Final = 65_536
+"""A larger message is quarantined unread (a reading is under 1 KiB, an alert under 2 KiB)."""
+QUARANTINE_RAW_BYTES: Final = 4096
+RECENT_IDS: Final = 50_000
+"""Record ids remembered to drop a redelivered message without storing it twice."""
+BATCH_MAX_ITEMS: Final = 500
+IDLE_WAIT_S: Final = 0.5
+RETRY_COMMIT_S: Final = 1.0
+COMPACT_EVERY_S: Final = 60.0
+RECONNECT_MIN_DELAY_S: Final = 1
+SOURCE_NAME: Final = "mqtt"
+RETIRE_IDLE_S: Final = 3.0
+"""A retiring worker's session counts as drained after this long without a message."""
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+class IngestSection(Section):
+    """`[ingest]`: the shared subscription group and this worker's session."""
+
+    group: str = Field(
+        "pumpgw-ingest", description="shared subscription group; workers in a group split the load"
+    )
+    client_id: str | None = Field(
+        None,
+        description="MQTT client id, unique per worker and the same after a restart (its session "
+        "holds the unacknowledged messages); default mqtt.client_id, else pumpgw-ingest-{hostname}",
+    )
+    session_expiry_s: int = Field(
+        86_400,
+        ge=0,
+        le=4_294_967_294,
+        description="how long the broker keeps a stopped worker's session and its queued share; "
+        "0 ends it with the connection (for brokers that hand a departed member's share to the "
+        "others, docs/scaling.md)",
+    )
+    receive_max: int = Field(
+        1000, ge=1, le=65_535, description="messages the broker may send before they are acked"
+    )
+    measurement_prefix: str = Field("", description="prefix of measurement names, as on stations")
+
+    @field_validator("group")
+    @classmethod
+    def _segment(cls, value: str) -> str:
+        problem = segment_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+
+class IngestSettings(Settings):
+    """The gateway's configuration plus [ingest]; [[sources]] and [alerts] are not used."""
+
+    ingest: IngestSection = IngestSection()
+
+
+def load_ingest_settings(path: Path | None, **overrides: Any) -> IngestSettings:
+    """Read the TOML file, apply PUMPGW_* variables (PUMPGW_INGEST__GROUP...); raise ConfigError."""
+    settings = load_settings_as(IngestSettings, path, **overrides)
+    problems = []
+    if settings.mqtt.protocol != "5":
+        problems.append('mqtt.protocol: ingest needs "5" (shared subscriptions, session expiry)')
+    if settings.influx is None:
+        problems.append("influx: ingest writes to InfluxDB; add an [influx] section")
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def client_id_for(settings: IngestSettings) -> str:
+    """The worker's MQTT client id: [ingest], else [mqtt], else one per host."""
+    return (
+        settings.ingest.client_id
+        or settings.mqtt.client_id
+        or f"pumpgw-ingest-{socket.gethostname()}"
+    )
+
+
+# --- the pure core: topics, validation, records ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TopicParts:
+    """What a topic says: the station it came from, the pump and the record kind."""
+
+    site: str
+    station: str
+    pump_id: str
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Why a message cannot be stored as a point."""
+
+    reason_kind: str
+    reason: str
+    pump_id: str | None = None
+
+
+def subscriptions(group: str, prefix: str) -> list[str]:
+    """The shared subscription filters of a worker group under a topic prefix."""
+    base = f"$share/{group}/{prefix}/+/+"
+    return [*(f"{base}/pumps/+/{leaf}" for leaf in LEAF_KINDS), f"{base}/gateway/alerts"]
+
+
+def parse_topic(topic: str, prefix: str) -> TopicParts | None:
+    """Site, station, pump and kind of a telemetry, event or alert topic; None for others."""
+    levels = topic.split("/")
+    if len(levels) == 6 and levels[0] == prefix and levels[3] == "pumps":
+        kind = LEAF_KINDS.get(levels[5])
+        if kind is None:
+            return None
+        return TopicParts(levels[1], levels[2], levels[4], kind)
+    if len(levels) == 5 and levels[0] == prefix and levels[3:] == ["gateway", "alerts"]:
+        return TopicParts(levels[1], levels[2], GATEWAY_PUMP_ID, "alert")
+    return None
+
+
+@lru_cache(maxsize=1024)
+def _tags(site: str, station: str, measurement_prefix: str) -> PointTags:
+    return PointTags(site, station, measurement_prefix)
+
+
+def record_for(
+    topic: str, payload: bytes, prefix: str, measurement_prefix: str = ""
+) -> OutRecord | Rejected:
+    """The outbox record (with its point) of one message, or why it cannot be one."""
+    parts = parse_topic(topic, prefix)
+    if parts is None:
+        return Rejected("topic", f"{topic[:200]}: not a telemetry, event or alert topic")
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return Rejected("oversized", f"{len(payload)} bytes (limit {MAX_PAYLOAD_BYTES})")
+    try:
+        message = MODELS[parts.kind].model_validate_json(payload)
+    except ValidationError as exc:
+        return Rejected("invalid", describe_errors(exc.errors()), parts.pump_id)
+    assert isinstance(message, Reading | DeviceEvent | AlertTransition)  # MODELS says so
+    if message.pump_id != parts.pump_id:
+        problem = f"payload pump_id {message.pump_id!r} is not the topic's {parts.pump_id!r}"
+        return Rejected("pump_mismatch", problem, parts.pump_id)
+    try:
+        tags = _tags(parts.site, parts.station, measurement_prefix)
+    except ValueError as exc:
+        return Rejected("topic", str(exc), parts.pump_id)
+    line = line_for(message, tags)
+    return OutRecord(parts.kind, message.record_id, message.pump_id, payload, line)
+
+
+def quarantine_record(
+    topic: str, payload: bytes, rejected: Rejected, received_at: datetime
+) -> OutRecord:
+    """A rejected message kept in the outbox with its reason (no point: InfluxDB skips it)."""
+    digest = hashlib.sha256(topic.encode() + b"\0" + payload).hexdigest()[:24]
+    pump_id = rejected.pump_id
+    entry = Quarantined(
+        quarantine_id=f"ingest:{digest}",
+        source=f"mqtt:{topic[:200]}",
+        reason_kind=rejected.reason_kind,
+        reason=rejected.reason[:1000],
+        raw_hex=payload[:QUARANTINE_RAW_BYTES].hex(),
+        received_at=received_at,
+        pump_id=pump_id if pump_id and len(pump_id) <= 64 else None,
+    )
+    return OutRecord("quarantine", entry.quarantine_id, None, entry.model_dump_json().encode())
+
+
+class RecentIds:
+    """The most recent record ids, bounded: a redelivered message is recognised, not stored."""
+
+    def __init__(self, limit: int = RECENT_IDS) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._limit = limit
+
+    def add(self, record_id: str) -> bool:
+        """Remember an id; return False if it was already known."""
+        if record_id in self._ids:
+            self._ids.move_to_end(record_id)
+            return False
+        self._ids[record_id] = None
+        if len(self._ids) > self._limit:
+            self._ids.popitem(last=False)
+        return True
+
+    def extend(self, record_ids: Iterable[str]) -> None:
+        for record_id in record_ids:
+            self.add(record_id)
+
+
+# --- the MQTT side --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One received message; `generation` is the connection it arrived on."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    generation: int
+
+
+class MqttSubscription:
+    """A persistent MQTT 5 session with the group's shared subscriptions; acks after commit.
+
+    paho's callbacks only hand events to `events` and bump `generation`. Every connect and
+    disconnect starts a new generation: an acknowledgement for a message of an earlier
+    connection is not sent, because the broker delivers that message again (with the same
+    packet id, which it may by then have given to another message).
+    """
+
+    def __init__(
+        self,
+        settings: IngestSettings,
+        events: queue.SimpleQueue[tuple[Any, ...]],
+        *,
+        retire: bool = False,
+    ) -> None:
+        """retire: unsubscribe at connect instead of subscribing (see IngestWorker.run)."""
+        self.retire = retire
+        self.mqtt: MqttSettings = settings.mqtt
+        self.ingest = settings.ingest
+        self.client_id = client_id_for(settings)
+        self.filters = subscriptions(settings.ingest.group, settings.mqtt.topic_prefix)
+        self._events = events
+        self._lock = threading.Lock()
+        self.generation = 0
+        self.subscribed = False
+        self.reconnects = 0
+        self.bytes_in = 0
+        self.last_error: str | None = None
+        self._client = self._make_client()
+
+    def _make_client(self) -> mqtt.Client:
+        s = self.mqtt
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, s.reconnect_max_s)
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password_value())
+        if s.uses_tls:
+            with paho_errors("mqtt.tls", MqttConfigError):
+                client.tls_set(
+                    ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
+                    certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
+                    keyfile=str(s.tls.key_file) if s.tls.key_file else None,
+                    cert_reqs=ssl.CERT_NONE if s.tls.insecure_skip_verify else ssl.CERT_REQUIRED,
+                )
+                client.tls_insecure_set(s.tls.insecure_skip_verify)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
+        client.on_message = self._on_message
+        return client
+
+    def start(self) -> None:
+        """Connect in the background (paho's thread), keeping the session of this client id."""
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.ingest.session_expiry_s
+        props.ReceiveMaximum = self.ingest.receive_max
+        with paho_errors(f"cannot start MQTT to {self.mqtt.display_url()}"):
+            self._client.connect_async(
+                self.mqtt.host,
+                self.mqtt.port,
+                self.mqtt.keepalive_s,
+                clean_start=False,
+                properties=props,
+            )
+            self._client.loop_start()
+
+    def close(self, *, end_session: bool = False) -> None:
+        """Disconnect; the session and its unacknowledged messages stay unless `end_session`."""
+        with self._lock:
+            self.generation += 1
+        props = None
+        if end_session:
+            props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 0
+        self._client.disconnect(properties=props)
+        self._client.loop_stop()
+
+    def ack(self, deliveries: Sequence[Delivery]) -> tuple[int, int]:
+        """Acknowledge committed messages in arrival order; return (acked, left to redelivery)."""
+        acked = stale = 0
+        with self._lock:
+            for d in deliveries:
+                if d.qos == 0:
+                    continue
+                if d.generation != self.generation:
+                    stale += 1
+                    continue
+                self._client.ack(d.mid, d.qos)
+                acked += 1
+        return acked, stale
+
+    # -- paho callbacks: paho's thread; they only hand data over -----------------------------
+
+    def _bump(self) -> int:
+        with self._lock:
+            self.generation += 1
+            return self.generation
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._bump()
+        if reason_code.is_failure:
+            self._events.put(("refused", *reason(reason_code)))
+            return
+        if self.retire:
+            client.unsubscribe(self.filters)
+        else:
+            client.subscribe([(f, SubscribeOptions(qos=QOS)) for f in self.filters])
+        self._events.put(("connected", bool(flags.session_present)))
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._events.put(("unreachable",))
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._bump()
+        self.subscribed = False
+        self._events.put(("disconnected", *reason(reason_code)))
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        refused = [
+            (f, rc.getName())
+            for f, rc in zip(self.filters, reason_codes, strict=False)
+            if rc.is_failure
+        ]
+        self.subscribed = not refused
+        self._events.put(("subscribed", refused))
+
+    def _on_unsubscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        self._events.put(("unsubscribed",))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.bytes_in += len(message.payload)
+        self._events.put(
+            (
+                "message",
+                Delivery(
+                    message.topic, bytes(message.payload), message.mid, message.qos, self.generation
+                ),
+            )
+        )
+
+
+# --- the worker ---------------------------------------------------------------------------
+
+
+@dataclass
+class IngestCounts:
+    """What the worker did, for /metrics."""
+
+    received: int = 0
+    duplicates: int = 0
+    acked: int = 0
+    stale_acks: int = 0
+    accepted_by_kind: Counter[str] = field(default_factory=Counter)
+    quarantined: Counter[str] = field(default_factory=Counter)
+
+
+class IngestWorker:
+    """One ingest worker: shared subscription in, its own outbox, InfluxDB out."""
+
+    def __init__(self, settings: IngestSettings, *, retire: bool = False) -> None:
+        assert settings.influx is not None  # load_ingest_settings checks it
+        self.settings = settings
+        self.started_s = time.time()
+        self.stop_event = threading.Event()
+        self.wake_influx = threading.Event()
+        self.counts = IngestCounts()
+        self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._quiet = QuietLog(log)
+        store = settings.store
+        self.outbox = Outbox(
+            store.path,
+            ["influx"],
+            durability=store.durability,
+            max_pending=store.max_pending_records,
+            retention_s=store.retention_days * 86400,
+        )
+        self._recent = RecentIds()
+        self._recent.extend(self.outbox.recent_record_ids(RECENT_IDS))
+        self.subscription = MqttSubscription(settings, self._events, retire=retire)
+        self._unsubscribed = False
+        self.sink = InfluxSink(settings.influx, self.outbox, on_poison=self._on_poison)
+        self._sink_thread: threading.Thread | None = None
+
+    def run(self, stop: threading.Event) -> bool:
+        """Ingest until `stop` is set; then disconnect (unacked messages stay queued) and close.
+
+        A retiring worker (IngestWorker(..., retire=True)) instead leaves its group: it
+        unsubscribes, so the broker sends it nothing new, ingests what its session still
+        holds, waits until InfluxDB has all of it, then ends its session. Returns whether
+        it retired (False: stopped first).
+        """
+        log.info(
+            "ingest worker %s %s group %r: %s -> %s",
+            self.subscription.client_id,
+            "leaving" if self.subscription.retire else "in",
+            self.settings.ingest.group,
+            self.settings.mqtt.display_url(),
+            self.sink.settings.display_url(),
+        )
+        self._sink_thread = threading.Thread(
+            target=self.sink.run,
+            args=(self.stop_event, self.wake_influx),
+            name="influx sink",
+            daemon=True,
+        )
+        self._sink_thread.start()
+        self.subscription.start()
+        retired = False
+        try:
+            retired = self._loop(stop)
+        finally:
+            self._shutdown(retired)
+        return retired
+
+    def _loop(self, stop: threading.Event) -> bool:
+        """Ingest until stopped (False) or, when retiring, until everything is out (True)."""
+        now_m = time.monotonic()
+        next_compact, last_delivery_m = now_m + COMPACT_EVERY_S, now_m
+        while not stop.is_set():
+            deliveries = self._take(IDLE_WAIT_S)
+            now_m = time.monotonic()
+            if deliveries:
+                last_delivery_m = now_m
+                self._ingest(deliveries, stop)
+            elif self._retired(now_m - last_delivery_m):
+                return True
+            if now_m >= next_compact:
+                next_compact = now_m + COMPACT_EVERY_S
+                self.outbox.compact(time.time())
+        return False
+
+    def _retired(self, idle_s: float) -> bool:
+        """A retiring worker is done when its session is drained and InfluxDB has it all."""
+        if not (self.subscription.retire and self._unsubscribed and idle_s >= RETIRE_IDLE_S):
+            return False
+        backlog, _oldest = self.outbox.backlog("influx")
+        if backlog:
+            return False
+        log.info(
+            "left group %r: session drained, every point written; ending the session",
+            self.settings.ingest.group,
+        )
+        return True
+
+    def _shutdown(self, end_session: bool) -> None:
+        self.subscription.close(end_session=end_session)
+        self.stop_event.set()
+        self.wake_influx.set()
+        if self._sink_thread is not None:
+            self._sink_thread.join(10.0)
+        self.outbox.close()
+        log.info("ingest worker stopped")
+
+    def _take(self, timeout_s: float) -> list[Delivery]:
+        """Up to BATCH_MAX_ITEMS deliveries, handling connection events on the way."""
+        deliveries: list[Delivery] = []
+        wait_s: float | None = timeout_s
+        while len(deliveries) < BATCH_MAX_ITEMS:
+            try:
+                event = self._events.get(timeout=wait_s) if wait_s else self._events.get_nowait()
+            except queue.Empty:
+                break
+            wait_s = None
+            if event[0] == "message":
+                deliveries.append(event[1])
+            else:
+                self._connection_event(*event)
+        return deliveries
+
+    def _connection_event(self, kind: str, *args: Any) -> None:
+        sub = self.subscription
+        url = self.settings.mqtt.display_url()
+        if kind == "connected":
+            session = "resumed" if args[0] else "new"
+            log.info("MQTT connected to %s as %s (%s session)", url, sub.client_id, session)
+            sub.last_error = None
+            self._quiet.forget("unreachable")
+        elif kind == "subscribed":
+            for topic_filter, name in args[0]:
+                sub.last_error = f"broker refused the subscription to {topic_filter}: {name}"
+                self._quiet.error(
+                    f"sub:{topic_filter}",
+                    "%s; check the broker's ACL for %s",
+                    sub.last_error,
+                    self.settings.mqtt.username or "this client",
+                )
+        elif kind == "unsubscribed":
+            self._unsubscribed = True
+            log.info(
+                "unsubscribed from group %r; taking what the session still holds",
+                self.settings.ingest.group,
+            )
+        elif kind == "refused":
+            sub.last_error = str(connect_refusal(args[0], args[1], url))
+            self._quiet.error(f"refused:{args[0]}", "%s", sub.last_error)
+        elif kind == "unreachable":
+            sub.last_error = f"cannot reach the broker at {url}; retrying"
+            self._quiet.warning("unreachable", "%s", sub.last_error)
+        elif kind == "disconnected":
+            sub.reconnects += 1
+            sub.last_error = f"connection to {url} lost: {args[1]}"
+            log.warning("%s; unacknowledged messages will be delivered again", sub.last_error)
+
+    def _ingest(self, deliveries: list[Delivery], stop: threading.Event) -> None:
+        """Validate, commit, then acknowledge: nothing is acked that is not stored."""
+        records = [r for r in map(self._record, deliveries) if r is not None]
+        if not self._commit(records, stop):
+            return  # stopping: not acknowledged, so the broker delivers them again
+        self.wake_influx.set()
+        acked, stale = self.subscription.ack(deliveries)
+        self.counts.acked += acked
+        self.counts.stale_acks += stale
+
+    def _record(self, delivery: Delivery) -> OutRecord | None:
+        """The record to store for one delivery; None for a message already stored."""
+        self.counts.received += 1
+        result = record_for(
+            delivery.topic,
+            delivery.payload,
+            self.settings.mqtt.topic_prefix,
+            self.settings.ingest.measurement_prefix,
+        )
+        if isinstance(result, Rejected):
+            self.counts.quarantined[result.reason_kind] += 1
+            self._quiet.warning(
+                f"quarantine:{result.reason_kind}",
+                "quarantined a message on %s: %s",
+                delivery.topic[:200],
+                result.reason,
+            )
+            return quarantine_record(delivery.topic, delivery.payload, result, datetime.now(UTC))
+        if not self._recent.add(result.record_id):
+            self.counts.duplicates += 1
+            return None
+        self.counts.accepted_by_kind[result.kind] += 1
+        return result
+
+    def _commit(self, records: list[OutRecord], stop: threading.Event) -> bool:
+        """Store the records, retrying while the outbox is full or failing; False if stopped."""
+        while True:
+            try:
+                self.outbox.append(records)
+                self._quiet.forget("outbox")
+                return True
+            except OutboxFullError as exc:
+                self._quiet.error(
+                    "outbox",
+                    "outbox full, not acknowledging until InfluxDB "
+                    "catches up (the broker keeps the messages): %s",
+                    exc,
+                )
+            except OutboxError as exc:
+                self._quiet.error("outbox", "outbox write failed, retrying: %s", exc)
+            if stop.wait(RETRY_COMMIT_S):
+                return False
+
+    def _on_poison(self, record: StoredRecord, why: str) -> None:
+        """Called on the sink's thread: keep a point InfluxDB refused for good, with the reason."""
+        rejected = Rejected("rejected_by_database", why, record.pump_id)
+        try:
+            self.outbox.append(
+                [
+                    quarantine_record(
+                        f"influx:{record.record_id}",
+                        record.line or b"",
+                        rejected,
+                        datetime.now(UTC),
+                    )
+                ]
+            )
+        except OutboxError as exc:
+            log.error("cannot keep the rejected point %s: %s", record.record_id, exc)
+
+    # -- observation -----------------------------------------------------------------------
+
+    def observe(self) -> Observation:
+        """Counters and backlog in the gateway's shape, so /metrics has the same names."""
+        now_s = time.time()
+        backlog, oldest_s = self.outbox.backlog("influx")
+        health = self.sink.health()
+        sub = self.subscription
+        counts = self.counts
+        return Observation(
+            uptime_s=now_s - self.started_s,
+            frames_in=counts.received,
+            accepted_by_kind=dict(counts.accepted_by_kind),
+            quarantined_by_reason=dict(counts.quarantined),
+            duplicates=counts.duplicates,
+            alert_transitions=counts.accepted_by_kind.get("alert", 0),
+            acks_in=0,
+            acks_rejected=0,
+            outbox_pending=self.outbox.pending(),
+            outbox_max_pending=self.outbox.max_pending,
+            outbox_full=False,
+            sources=(
+                SourceObservation(
+                    f"{SOURCE_NAME} {self.settings.ingest.group}",
+                    sub.subscribed,
+                    sub.reconnects,
+                    sub.bytes_in,
+                    sub.last_error,
+                ),
+            ),
+            sinks=(
+                SinkObservation(
+                    name="influx",
+                    connected=bool(health["connected"]),
+                    backlog_records=backlog,
+                    oldest_age_s=None if oldest_s is None else max(0.0, now_s - oldest_s),
+                    delivered=int(health["written"]),
+                    last_error=health["last_error"],
+                    extra={
+                        "retries": int(health["retries"]),
+                        "poisoned": int(health["poisoned"]),
+                        "mqtt_acked": counts.acked,
+                        "mqtt_stale_acks": counts.stale_acks,
+                    },
+                ),
+            ),
+            pumps_total=0,
+            pumps_telemetry_lost=0,
+            max_backlog_age_s=self.settings.health.max_backlog_age_s,
+        )
+
+
+def run_ingest(settings: IngestSettings, stop: threading.Event, *, retire: bool = False) -> bool:
+    """Run one worker until `stop` is set (or it has left its group): `pumpgw ingest`."""
+    worker = IngestWorker(settings, retire=retire)
+    listen = settings.health.listen
+    health = HealthServer(listen, worker.observe) if listen else None
+    if health is not None:
+        health.start()
+        log.info("health on http://%s/healthz and /metrics", listen)
+    try:
+        return worker.run(stop)
+    finally:
+        if health is not None:
+            health.stop()
