@@ -26,7 +26,7 @@ from pydantic_settings import (
 from gateway.adapters.influx import InfluxSettings
 from gateway.adapters.mqtt import MqttSettings
 from gateway.adapters.serial_port import SourceSettings
-from gateway.rules import RulesConfig
+from gateway.alert_settings import RulesConfig
 
 S = TypeVar("S", bound="Settings")
 SEGMENT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

@@ -16,8 +16,8 @@ from pydantic_core import PydanticUndefined
 from gateway.adapters.influx import InfluxSettings
 from gateway.adapters.mqtt import MqttSettings, MqttTls
 from gateway.adapters.serial_port import SourceSettings
+from gateway.alert_settings import RuleSettings
 from gateway.config import GatewaySection, HealthSection, StoreSection
-from gateway.rules import RuleSettings
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 

@@ -25,11 +25,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Final, Literal
+from typing import Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from pydantic.dataclasses import dataclass as state_class
 
+from gateway.alert_settings import RuleOverrides, RulesConfig, RuleSettings
 from schemas.models import (
     Acknowledgement,
     AlarmState,
@@ -47,6 +48,8 @@ from schemas.models import (
     Reading,
 )
 
+__all__ = ["AlertEngine", "RuleOverrides", "RuleSettings", "RulesConfig"]
+
 SECONDS_PER_DAY: Final = 86_400.0
 SECONDS_PER_HOUR: Final = 3_600.0
 FLOW_SAMPLES_PER_WINDOW: Final = 96
@@ -58,169 +61,6 @@ GATEWAY_PUMP_ID: Final = "_gateway"
 _KIND_PATTERN: Final = re.compile(r"[a-z0-9_]{1,40}")
 _PUMP_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_UNIT_CHARS: Final = 16
-
-# -- configuration -----------------------------------------------------------------
-
-VolumeMl = Annotated[float, Field(ge=0.0, le=100.0)]
-Percent = Annotated[float, Field(gt=0.0, le=100.0)]
-DurationS = Annotated[float, Field(ge=0.0, le=30 * SECONDS_PER_DAY)]
-WindowH = Annotated[float, Field(gt=0.0, le=30 * 24.0)]
-Days = Annotated[float, Field(ge=0.0, le=365.0)]
-
-
-class RuleSettings(BaseModel):
-    """Thresholds of every rule for one pump; defaults and sources in docs/alerts.md."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    low_reservoir_alarm_ml: VolumeMl | None = Field(
-        None,
-        description="Low-reservoir volume; None uses the pump's programmed alarm volume "
-        "(manufacturer default 2 mL, DOMAIN 2.1 [S13]).",
-    )
-    low_reservoir_clear_margin_ml: VolumeMl = Field(
-        1.0,
-        description="[D] Hysteresis for low and empty reservoir: clears only above "
-        "threshold + margin (a refill); 1 mL is the smallest consequential volume "
-        "error (DOMAIN 2.4 [S12]).",
-    )
-    low_reservoir_for_s: DurationS = Field(
-        0.0, description="Low reservoir must hold this long (device time) before it starts."
-    )
-    empty_reservoir_ml: VolumeMl = Field(
-        1.0,
-        description="[D] Empty at or below this estimate; the calculated 'empty' of the "
-        "implanted MiniMed analogue is <= 1 mL (DOMAIN 2.1 [S55]).",
-    )
-    empty_reservoir_for_s: DurationS = Field(
-        0.0, description="Empty reservoir must hold this long before it starts."
-    )
-    refill_due_days: Days = Field(
-        7.0,
-        description="[D] Advisory when the projected days to the alarm volume are at or "
-        "below this; withdrawal began 1-7 days before the 2 mL alarm (DOMAIN 2.1 [S13]).",
-    )
-    refill_due_clear_margin_days: Days = Field(
-        1.0, description="[D] Refill due clears only above refill_due_days + this."
-    )
-    flow_window_h: WindowH = Field(
-        24.0,
-        description="[D] Window over which delivered volume is compared with the programmed "
-        "volume (rates are per day, DOMAIN 1.4).",
-    )
-    flow_min_expected_ml: VolumeMl = Field(
-        0.04,
-        description="[D] No flow verdict unless the window expects at least this volume; "
-        "just below one day at the 0.048 mL/day minimum rate (DOMAIN 1.1 [S16]).",
-    )
-    over_infusion_pct: Percent = Field(
-        14.5,
-        description="Over-infusion: delivered exceeds programmed by more than this "
-        "(DOMAIN 3 [S22]).",
-    )
-    under_infusion_pct: Percent = Field(
-        14.5,
-        description="Under-infusion: delivered below programmed by more than this "
-        "(labeling accuracy +/-14.5 %, DOMAIN 3 [S22],[S23]).",
-    )
-    flow_clear_margin_pct: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
-        5.0,
-        description="[D] Flow alerts clear only within tolerance minus this; observed "
-        "per-refill errors are about 2.5 % (DOMAIN 3 [S11]).",
-    )
-    over_infusion_for_s: DurationS = Field(
-        3_600.0, description="[D] Over-infusion must be sustained this long before it starts."
-    )
-    under_infusion_for_s: DurationS = Field(
-        3_600.0, description="[D] Under-infusion must be sustained this long before it starts."
-    )
-    stall_window_h: WindowH = Field(
-        6.0,
-        description="[D] Motor stall inferred when the delivered total has not increased "
-        "for this long while the pump runs with a basal rate.",
-    )
-    pump_stopped_for_s: DurationS = Field(
-        600.0,
-        description="[D] Pump stopped with therapy programmed for this long; a programming "
-        "session stops the pump briefly (DOMAIN 1.1 [S28]).",
-    )
-    battery_for_s: DurationS = Field(
-        0.0, description="Battery and safe-state reports must hold this long before they start."
-    )
-    refill_discrepancy_pct: Percent = Field(
-        14.5,
-        description="Refill tolerance as a share of the volume delivered since the last "
-        "fill (DOMAIN 3 [S22]).",
-    )
-    refill_discrepancy_small_ml: VolumeMl = Field(
-        1.0, description="Minimum refill tolerance of a small (<= 20 mL) pump (DOMAIN 2.4 [S12])."
-    )
-    refill_discrepancy_large_ml: VolumeMl = Field(
-        2.0, description="Minimum refill tolerance of a larger pump (40 mL, DOMAIN 2.4 [S12])."
-    )
-    small_reservoir_max_ml: VolumeMl = Field(
-        20.0, description="Reservoirs up to this capacity use the small-pump tolerance."
-    )
-    telemetry_lost_after_s: Annotated[float, Field(gt=0.0, le=30 * SECONDS_PER_DAY)] = Field(
-        300.0,
-        description="[D] Telemetry lost when no message arrived for this long (gateway "
-        "clock); five times the once-a-minute PCD-01 interval (DOMAIN 4.3 [S70]).",
-    )
-    device_alarm_for_s: DurationS = Field(
-        0.0, description="A pump-reported alarm must persist this long before it starts."
-    )
-
-
-class RuleOverrides(BaseModel):
-    """Per-drug or per-pump overrides: every RuleSettings field, None inherits."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    low_reservoir_alarm_ml: VolumeMl | None = None
-    low_reservoir_clear_margin_ml: VolumeMl | None = None
-    low_reservoir_for_s: DurationS | None = None
-    empty_reservoir_ml: VolumeMl | None = None
-    empty_reservoir_for_s: DurationS | None = None
-    refill_due_days: Days | None = None
-    refill_due_clear_margin_days: Days | None = None
-    flow_window_h: WindowH | None = None
-    flow_min_expected_ml: VolumeMl | None = None
-    over_infusion_pct: Percent | None = None
-    under_infusion_pct: Percent | None = None
-    flow_clear_margin_pct: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
-    over_infusion_for_s: DurationS | None = None
-    under_infusion_for_s: DurationS | None = None
-    stall_window_h: WindowH | None = None
-    pump_stopped_for_s: DurationS | None = None
-    battery_for_s: DurationS | None = None
-    refill_discrepancy_pct: Percent | None = None
-    refill_discrepancy_small_ml: VolumeMl | None = None
-    refill_discrepancy_large_ml: VolumeMl | None = None
-    small_reservoir_max_ml: VolumeMl | None = None
-    telemetry_lost_after_s: Annotated[float, Field(gt=0.0, le=30 * SECONDS_PER_DAY)] | None = None
-    device_alarm_for_s: DurationS | None = None
-
-
-class RulesConfig(BaseModel):
-    """The `[alerts]` section: defaults, then per-drug, then per-pump overrides."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    defaults: RuleSettings = RuleSettings()
-    per_drug: dict[Drug, RuleOverrides] = Field(default_factory=dict)
-    per_pump: dict[str, RuleOverrides] = Field(default_factory=dict)
-
-    def settings_for(self, pump_id: str, drug: Drug | None) -> RuleSettings:
-        """Effective settings of one pump: pump over drug over defaults."""
-        merged: dict[str, object] = {}
-        by_drug = self.per_drug.get(drug) if drug is not None else None
-        for overrides in (by_drug, self.per_pump.get(pump_id)):
-            if overrides is not None:
-                merged.update(overrides.model_dump(exclude_none=True))
-        if not merged:
-            return self.defaults
-        return RuleSettings.model_validate({**self.defaults.model_dump(), **merged})
-
 
 # -- engine state (serialised by snapshot()) ----------------------------------------
 
@@ -365,7 +205,8 @@ def _stopped_text(p: _Pump, key: str, v: float | None, thr: float | None) -> str
 
 def _discrepancy_text(p: _Pump, key: str, v: float | None, thr: float | None) -> str:
     sign = (
-        "suspected over-infusion or leak" if (v or 0.0) < 0
+        "suspected over-infusion or leak"
+        if (v or 0.0) < 0
         else "suspected under-infusion, stall or occlusion"
     )
     return (
@@ -405,25 +246,55 @@ OVER_INFUSION = _Spec("over_infusion", "Over-infusion", PH, ST, True, "%", _flow
 UNDER_INFUSION = _Spec("under_infusion", "Under-infusion", PM, ST, True, "%", _flow_text)
 PUMP_STOPPED = _Spec("pump_stopped", "Pump stopped", PH, ST, True, "min", _stopped_text)
 REFILL_DISCREPANCY = _Spec(
-    "refill_discrepancy", "Refill discrepancy", PM, ST, True, "mL", _discrepancy_text,
+    "refill_discrepancy",
+    "Refill discrepancy",
+    PM,
+    ST,
+    True,
+    "mL",
+    _discrepancy_text,
     one_shot=True,
 )
 BATTERY_ERI = _Spec(
-    "battery_eri", "Battery ERI", PM, ST, True, None,
-    _fixed("the pump reports its elective replacement indicator; it stops about 90 days "
-           "after ERI. Schedule a replacement."),
+    "battery_eri",
+    "Battery ERI",
+    PM,
+    ST,
+    True,
+    None,
+    _fixed(
+        "the pump reports its elective replacement indicator; it stops about 90 days "
+        "after ERI. Schedule a replacement."
+    ),
 )
 BATTERY_EOS = _Spec(
-    "battery_eos", "Battery end of service", PH, ST, True, None,
+    "battery_eos",
+    "Battery end of service",
+    PH,
+    ST,
+    True,
+    None,
     _fixed("the pump reports battery end of service; drug delivery may have stopped."),
 )
 LOW_BATTERY_RESET = _Spec(
-    "low_battery_reset", "Low battery reset", PM, ST, True, None,
-    _fixed("the pump reports a low battery reset; repeated resets can mean a failing "
-           "pump. Review replacement."),
+    "low_battery_reset",
+    "Low battery reset",
+    PM,
+    ST,
+    True,
+    None,
+    _fixed(
+        "the pump reports a low battery reset; repeated resets can mean a failing "
+        "pump. Review replacement."
+    ),
 )
 SAFE_STATE = _Spec(
-    "safe_state", "Safe state", PH, ST, True, None,
+    "safe_state",
+    "Safe state",
+    PH,
+    ST,
+    True,
+    None,
     _fixed("the pump reports safe state; drug delivery may be reduced or stopped."),
 )
 TELEMETRY_LOST = _Spec("telemetry_lost", "Telemetry lost", PL, ST, False, "s", _telemetry_text)
@@ -677,8 +548,16 @@ class AlertEngine:
         stopped = p.pump_state is PumpState.STOPPED and p.basal_ml_per_day > 0.0
         if stopped or _STOPPED in on or _STOPPED in since:
             minutes = (t - (p.stopped_since_s or t)) / 60.0
-            self._drive(p, PUMP_STOPPED, _STOPPED, stopped, s.pump_stopped_for_s, t,
-                        minutes, s.pump_stopped_for_s / 60.0)
+            self._drive(
+                p,
+                PUMP_STOPPED,
+                _STOPPED,
+                stopped,
+                s.pump_stopped_for_s,
+                t,
+                minutes,
+                s.pump_stopped_for_s / 60.0,
+            )
         battery = p.battery_state
         if battery is not BatteryState.OK or not _BATTERY_KINDS.isdisjoint(on) or since:
             for spec, state in _BATTERY_RULES:
@@ -695,8 +574,7 @@ class AlertEngine:
         empty_ml = s.empty_reservoir_ml
         empty = v <= empty_ml + margin if _EMPTY in on else v <= empty_ml
         if empty or _EMPTY in on or _EMPTY in since:
-            self._drive(p, EMPTY_RESERVOIR, _EMPTY, empty, s.empty_reservoir_for_s, t, v,
-                        empty_ml)
+            self._drive(p, EMPTY_RESERVOIR, _EMPTY, empty, s.empty_reservoir_for_s, t, v, empty_ml)
         use_ml_per_day = p.basal_ml_per_day + p.bolus_dose_ml * p.boluses_per_day_max
         days = (v - alarm) / use_ml_per_day if use_ml_per_day > 0.0 else None
         due = False
@@ -741,11 +619,27 @@ class AlertEngine:
             over = deviation_pct > over_pct
             under = deviation_pct < -under_pct
         if over or _OVER in on or _OVER in since:
-            self._drive(p, OVER_INFUSION, _OVER, over, s.over_infusion_for_s, t,
-                        deviation_pct, s.over_infusion_pct)
+            self._drive(
+                p,
+                OVER_INFUSION,
+                _OVER,
+                over,
+                s.over_infusion_for_s,
+                t,
+                deviation_pct,
+                s.over_infusion_pct,
+            )
         if under or _UNDER in on or _UNDER in since:
-            self._drive(p, UNDER_INFUSION, _UNDER, under, s.under_infusion_for_s, t,
-                        deviation_pct, -s.under_infusion_pct)
+            self._drive(
+                p,
+                UNDER_INFUSION,
+                _UNDER,
+                under,
+                s.under_infusion_for_s,
+                t,
+                deviation_pct,
+                -s.under_infusion_pct,
+            )
 
     def _device_alarm_rule(self, p: _Pump, s: RuleSettings, r: Reading, t: float) -> None:
         now_alarms = {alarm.code: alarm.priority for alarm in r.alarms}
@@ -759,8 +653,16 @@ class AlertEngine:
                 alert.priority = priority
                 details = _device_alarm_text(p, key, None, None)
                 self._update(p, alert, None, None, details, " (priority changed)")
-            self._drive(p, _DEVICE_ALARM_SPECS[priority], key, code in now_alarms,
-                        s.device_alarm_for_s, t, None, None)
+            self._drive(
+                p,
+                _DEVICE_ALARM_SPECS[priority],
+                key,
+                code in now_alarms,
+                s.device_alarm_for_s,
+                t,
+                None,
+                None,
+            )
 
     def _refill_rule(
         self, p: _Pump, s: RuleSettings, withdrawn_ml: float, filled_ml: float, t: float
@@ -787,8 +689,15 @@ class AlertEngine:
     # -- alert lifecycle -------------------------------------------------------------
 
     def _drive(
-        self, p: _Pump, spec: _Spec, key: str, raw: bool, for_s: float, t: float,
-        value: float | None, threshold: float | None,
+        self,
+        p: _Pump,
+        spec: _Spec,
+        key: str,
+        raw: bool,
+        for_s: float,
+        t: float,
+        value: float | None,
+        threshold: float | None,
     ) -> None:
         """Debounce one condition and move its alert: the only place conditions change."""
         if raw:
@@ -821,17 +730,30 @@ class AlertEngine:
             return
         n = p.counters[spec.kind] = p.counters.get(spec.kind, 0) + 1  # per (pump, kind)
         alert = _Alert(
-            alert_id=f"{p.pump_id}:{key}:{n}", kind=spec.kind, priority=spec.priority,
-            alert_type=spec.alert_type, latching=spec.latching, one_shot=spec.one_shot,
-            unit=spec.unit, title=spec.title, details=details, value=value, threshold=threshold,
+            alert_id=f"{p.pump_id}:{key}:{n}",
+            kind=spec.kind,
+            priority=spec.priority,
+            alert_type=spec.alert_type,
+            latching=spec.latching,
+            one_shot=spec.one_shot,
+            unit=spec.unit,
+            title=spec.title,
+            details=details,
+            value=value,
+            threshold=threshold,
         )
         p.alerts[key] = alert
         self._by_id[alert.alert_id] = (p, key)
         self._emit(p, alert, Phase.START, AlarmState.ACTIVE)
 
     def _resolve(
-        self, p: _Pump, spec: _Spec, key: str, alert: _Alert,
-        value: float | None, threshold: float | None,
+        self,
+        p: _Pump,
+        spec: _Spec,
+        key: str,
+        alert: _Alert,
+        value: float | None,
+        threshold: float | None,
     ) -> None:
         alert.value, alert.threshold = value, threshold
         alert.details = spec.describe(p, key, value, threshold)
@@ -841,8 +763,13 @@ class AlertEngine:
             self._end(p, key, alert)
 
     def _update(
-        self, p: _Pump, alert: _Alert,
-        value: float | None, threshold: float | None, details: str, words: str,
+        self,
+        p: _Pump,
+        alert: _Alert,
+        value: float | None,
+        threshold: float | None,
+        details: str,
+        words: str,
     ) -> None:
         alert.value, alert.threshold, alert.details = value, threshold, details
         self._emit(p, alert, Phase.UPDATE, alert.state, words)
