@@ -15,7 +15,15 @@ import stat
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -30,6 +38,9 @@ from gateway.alert_settings import RulesConfig
 
 S = TypeVar("S", bound="Settings")
 SEGMENT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MIN_PSEUDONYM_KEY_CHARS = 16
+"""A shorter key makes the pump-id hash guessable (ids are short and structured)."""
+KEY_HINT = f"use at least {MIN_PSEUDONYM_KEY_CHARS} random characters, e.g. openssl rand -hex 32"
 
 
 class ConfigError(Exception):
@@ -70,6 +81,27 @@ class GatewaySection(Section):
         if not SEGMENT.match(value):
             raise ValueError("use 1-64 letters, digits, '_', '.', '-' (it becomes a topic segment)")
         return value
+
+    @field_validator("pseudonymize_key")
+    @classmethod
+    def _long_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_PSEUDONYM_KEY_CHARS:
+            raise ValueError(f"too short; {KEY_HINT}")
+        return value
+
+    @field_validator("pseudonymize_key_file")
+    @classmethod
+    def _private_key_file(cls, value: Path | None) -> Path | None:
+        problem = None if value is None else secret_file_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _one_key(self) -> GatewaySection:
+        if self.pseudonymize_key is not None and self.pseudonymize_key_file is not None:
+            raise ValueError("set gateway.pseudonymize_key or pseudonymize_key_file, not both")
+        return self
 
 
 class StoreSection(Section):
@@ -168,17 +200,28 @@ def load_settings_as(settings_class: type[S], path: Path | None, **overrides: An
     return settings
 
 
-def read_secret_file(path: Path, key: str) -> SecretStr:
-    """Read a secret from a file that only its owner can read; raise ConfigError otherwise."""
+def secret_file_problem(path: Path) -> str | None:
+    """Why a secret file must not be used (missing, not a file, open to others), or None."""
     try:
         mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(
-                [f"{key}: {path} is readable by group or others; run: chmod 600 {path}"]
-            )
+    except (OSError, ValueError) as exc:
+        return f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a regular file"
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"{path} is readable by group or others; run: chmod 600 {path}"
+    return None
+
+
+def read_secret_file(path: Path, key: str) -> SecretStr:
+    """Read a secret from a file that only its owner can read; raise ConfigError otherwise."""
+    problem = secret_file_problem(path)
+    if problem is not None:
+        raise ConfigError([f"{key}: {problem}"])
+    try:
         return SecretStr(path.read_text(encoding="utf-8").strip())
-    except OSError as exc:
-        raise ConfigError([f"{key}: cannot read {path}: {exc.strerror}"]) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{key}: cannot read {path}: {exc}"]) from exc
 
 
 def pseudonymize_key(section: GatewaySection) -> bytes | None:
@@ -186,8 +229,13 @@ def pseudonymize_key(section: GatewaySection) -> bytes | None:
     if section.pseudonymize_key is not None:
         return section.pseudonymize_key.get_secret_value().encode()
     if section.pseudonymize_key_file is not None:
-        secret = read_secret_file(section.pseudonymize_key_file, "gateway.pseudonymize_key_file")
-        return secret.get_secret_value().encode()
+        key = "gateway.pseudonymize_key_file"
+        secret = read_secret_file(section.pseudonymize_key_file, key).get_secret_value()
+        if len(secret) < MIN_PSEUDONYM_KEY_CHARS:
+            raise ConfigError(
+                [f"{key}: the key in {section.pseudonymize_key_file} is too short; {KEY_HINT}"]
+            )
+        return secret.encode()
     return None
 
 

@@ -48,6 +48,8 @@ PRIORITY_KINDS = frozenset({"alert", "active_alerts", "gateway_status", "pump_st
 HEADROOM_ROWS = 10_000
 """Rows kept in reserve above max_pending for alerts and status."""
 COLUMNS = "seq, kind, record_id, pump_id, payload, line, retain, stored_at"
+LINE_COLUMNS = "seq, kind, record_id, pump_id, X'', line, retain, stored_at"
+"""read_lines: every column but the JSON payload, which a time-series sink never sends."""
 CURSOR_WRITE_EVERY_S = 1.0
 """Longest a moved cursor waits in memory for a commit to carry it (while acks keep coming)."""
 
@@ -201,6 +203,15 @@ class Outbox:
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {COLUMNS} FROM records WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608
+                (after_seq, limit),
+            ).fetchall()
+        return [_row(r) for r in rows]
+
+    def read_lines(self, sink: str, after_seq: int, limit: int) -> list[StoredRecord]:
+        """Like read, with empty payloads: half the cost per row for the InfluxDB sink."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {LINE_COLUMNS} FROM records WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608
                 (after_seq, limit),
             ).fetchall()
         return [_row(r) for r in rows]

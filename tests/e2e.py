@@ -52,23 +52,6 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 
     return True
 
 
-UNBOUNDED_QUEUES = "max_queued_messages 0"
-
-
-def unbounded_queues(broker: Mosquitto) -> Mosquitto:
-    """Restart `broker` without its per-client limit of 1000 queued QoS 1 messages.
-
-    Mosquitto drops messages for a subscriber that falls that far behind ("Outgoing messages
-    are being dropped"); a Python collector on a loaded CI machine can, and a test must not
-    mistake the broker's drop for the gateway's loss. A restart keeps the config file.
-    """
-    text = broker.config_file.read_text()
-    if UNBOUNDED_QUEUES not in text.splitlines():
-        broker.config_file.write_text(f"{UNBOUNDED_QUEUES}\n{text}")
-        broker.restart()
-    return broker
-
-
 def broker_dropped(broker: Mosquitto) -> bool:
     """Whether the broker logged that it dropped messages for a slow client."""
     return "are being dropped" in broker.broker_log.read_text(errors="replace")

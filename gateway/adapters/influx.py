@@ -472,7 +472,7 @@ class InfluxSink:
 
     def _prepare(self, after_seq: int) -> Batch | None:
         """Read the rows after `after_seq` and encode their points into one request body."""
-        rows = self._outbox.read(self.name, after_seq, self.settings.batch_size)
+        rows = self._outbox.read_lines(self.name, after_seq, self.settings.batch_size)
         if not rows:
             return None
         points = [row for row in rows if row.line is not None]

@@ -78,8 +78,9 @@ RECONNECT_MIN_DELAY_S: Final = 1
 DENIED_RETRY_S: Final = 30.0
 """A record the broker refused (PUBACK >= 0x80) is offered again after this long."""
 KICKED_WITHIN_S: Final = 2.0
-"""A disconnect this soon after a denial is the broker's answer to it: Mosquitto 2.0 closes
-the connection right after a PUBACK 0x87 (eclipse/mosquitto#2579)."""
+"""A disconnect this soon after a denial or after connecting may be the broker's answer to a
+denial: Mosquitto 2.0 closes the connection right after a PUBACK 0x87 (eclipse/mosquitto#2579),
+and the reset can destroy that PUBACK before it is read. Denied kinds stay held across it."""
 IDLE_WAIT_S: Final = 1.0
 BUSY_WAIT_S: Final = 0.05
 READ_AHEAD_ROWS: Final = 256
@@ -341,7 +342,7 @@ class PackedProperties(Properties):
     paho's own Properties validates every attribute through linear scans and builds two
     dicts per instance: about half of paho's CPU per QoS 1 message (docs/performance.md).
     paho only calls pack() on the properties of an outgoing PUBLISH; the bytes are the same
-    (tests/unit/test_mqtt_adapter.py compares them).
+    (tests/unit/test_mqtt_properties.py compares them).
     """
 
     PayloadFormatIndicator: int
@@ -515,12 +516,13 @@ class MqttSink:
         self.last_error: str | None = None
         self.published = self.denied = self.reconnects = self.historical = 0
         self.unroutable = self.refusals = self.acks_received = self.acks_dropped = 0
+        self.unreachable = 0
         self._denied_seqs: set[int] = set()
         """Outbox seqs of records the broker denied and has not yet accepted."""
-        self._held_kinds: dict[str, float] = {}
+        self._denied_kinds: dict[str, float] = {}
         """Kinds of record the broker denied, and when (monotonic) to offer them again."""
         self._denial: str | None = None
-        self._denied_at_m = float("-inf")
+        self._denied_at_m = self._connected_at_m = float("-inf")
         self._client = self._make_client()
 
     # -- client set-up ---------------------------------------------------------------
@@ -688,6 +690,8 @@ class MqttSink:
             self.reconnects += 1
         log.info("MQTT connected to %s as %s", self.settings.display_url(), self.client_id)
         self._connected = self._ever_connected = True
+        self._denied_at_m = float("-inf")  # a denial on this connection, not an earlier one
+        self._connected_at_m = time.monotonic()
         self.last_error = self._denial  # records still wait for the ACL: not healthy yet
         self._quiet.forget("unreachable")
         self._quiet.forget(self._refused_key)
@@ -702,22 +706,24 @@ class MqttSink:
     def _event_unreachable(self, cause: str | None = None) -> None:
         what = "TCP connect or TLS handshake" if self.settings.uses_tls else "TCP connect"
         hint = "; check mqtt.tls.ca_file" if cause and "CERTIFICATE_VERIFY_FAILED" in cause else ""
+        self.unreachable += 1
         self.last_error = (f"cannot reach the broker at {self.settings.display_url()} "
                            f"({what} failed: {cause or 'no reason given'}){hint}; retrying")
         self._quiet.warning("unreachable", "%s", self.last_error)
 
     def _event_disconnected(self, code: int, name: str) -> None:
         self._unsend_all()
-        if self._denial is not None and time.monotonic() - self._denied_at_m < KICKED_WITHIN_S:
-            # Keep the denied kinds on hold, or every reconnect would repeat the denial.
+        now_m = time.monotonic()
+        kicked = now_m - self._denied_at_m < KICKED_WITHIN_S
+        if not kicked and now_m - self._connected_at_m >= KICKED_WITHIN_S:
+            self._denied_kinds.clear()  # a connection that was up may come back to a new ACL
+        if kicked and self._denial is not None:
             self.last_error = f"{self._denial}; the broker then closed the connection"
             self._quiet.warning("kicked", "%s; reconnecting", self.last_error)
-        else:
-            self._held_kinds.clear()  # a new connection may find a changed ACL
-            if self._connected:
-                self.last_error = f"connection to {self.settings.display_url()} lost: {name}"
-                log.warning("%s; reconnecting (unacknowledged records will be sent again)",
-                            self.last_error)
+        elif self._connected:
+            self.last_error = f"connection to {self.settings.display_url()} lost: {name}"
+            log.warning("%s; reconnecting (unacknowledged records will be sent again)",
+                        self.last_error)
         self._connected = False
 
     def _event_puback(self, mid: int, code: int, name: str) -> None:
@@ -737,7 +743,7 @@ class MqttSink:
         self._denied_seqs.add(slot.record.seq)
         self._denial = self.last_error = str(error)
         self._denied_at_m = time.monotonic()
-        slot.retry_at_s = self._held_kinds[slot.record.kind] = self._denied_at_m + DENIED_RETRY_S
+        slot.retry_at_s = self._denied_kinds[slot.record.kind] = self._denied_at_m + DENIED_RETRY_S
         self._quiet.error(f"denied:{topic}:{code}", "%s", error)
 
     def _accepted_after_denial(self, seq: int) -> None:
@@ -745,7 +751,7 @@ class MqttSink:
         self._denied_seqs.discard(seq)
         if not self._denied_seqs:
             self._denial = None
-            self._held_kinds.clear()
+            self._denied_kinds.clear()
             if self._connected:
                 self.last_error = None
             log.info("MQTT: the broker accepts the records it denied before")
@@ -762,15 +768,18 @@ class MqttSink:
         budget = self._window_wire - len(self._mids)
         sent, ok = self._publish_due(lane, now_m, budget)
         room = min(budget - sent, self.settings.inflight_max - self._held())
-        if not ok or room <= 0:
-            return
-        rows = self._read(lane, room)
-        if rows and self._replay is None and self._is_historical(rows[0], time.time()):
-            self._start_replay(rows)
-            return
-        for slot in lane.take(rows, room):
-            if not self._publish(slot):
+        while ok and room > 0:
+            rows = self._read(lane, room)
+            if not rows:
                 return
+            if self._replay is None and self._is_historical(rows[0], time.time()):
+                self._start_replay(rows)
+                return
+            for slot in lane.take(rows, room):
+                if not self._publish(slot):
+                    return
+                room -= slot.mid is not None  # held-back records take window space only
+            room = min(room, self.settings.inflight_max - self._held())
 
     def _send_replay(self, now_m: float) -> None:
         lane = self._replay
@@ -787,7 +796,7 @@ class MqttSink:
             for slot in lane.take(self._read(lane, room), room):
                 if not self._publish(slot):
                     break
-                spent += 1
+                spent += slot.mid is not None
         self._bucket.tokens -= spent
         # Out of tokens before out of room: wake when the next token is earned.
         self._throttled = spent >= tokens and tokens < wire
@@ -820,7 +829,7 @@ class MqttSink:
                 break
             if not self._publish(slot):
                 return sent, False
-            sent += 1
+            sent += slot.mid is not None  # a held-back or unroutable record costs nothing
         return sent, True
 
     def _held(self) -> int:
@@ -841,7 +850,7 @@ class MqttSink:
         except ValueError as exc:
             self._skip_unroutable(slot, str(exc))
             return True
-        hold_until_m = self._held_kinds.get(record.kind, 0.0)
+        hold_until_m = self._denied_kinds.get(record.kind, 0.0)
         if hold_until_m > time.monotonic():
             slot.retry_at_s = hold_until_m  # the broker denied this kind: wait with the rest
             return True
@@ -953,6 +962,7 @@ class MqttSink:
             "inflight": len(self._mids),
             "reconnects": self.reconnects,
             "refused": self.refusals,
+            "unreachable": self.unreachable,
             "historical": self.historical,
             "unroutable": self.unroutable,
             "acks_received": self.acks_received,

@@ -90,7 +90,8 @@ def _read(port: serial.SerialBase, label: str) -> bytes:
             port.timeout = READ_TIMEOUT_S
     except (serial.SerialException, OSError, TypeError) as exc:
         # TypeError: pyserial's posix read on a closed fd raises it during unplug.
-        raise SourceError(label, f"read failed: {exc}") from exc
+        # pyserial's own text often starts "read failed: " already.
+        raise SourceError(label, f"read failed: {str(exc).removeprefix('read failed: ')}") from exc
 
 
 class SerialSource:

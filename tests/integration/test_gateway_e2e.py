@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.e2e import (
+    PROCESS_STOP_S,
     Collector,
     GatewayProcess,
     Metrics,
@@ -27,7 +28,6 @@ from tests.e2e import (
     gateway_config,
     outbox_record_ids,
     sent_count,
-    unbounded_queues,
     wait_until,
 )
 from tests.servers import Mosquitto, log_tail
@@ -43,12 +43,6 @@ DAMAGE_TO_REASON = {
     "truncated": "truncated",
     "oversized": "oversized",
 }
-
-
-@pytest.fixture
-def broker(mosquitto: Mosquitto) -> Mosquitto:
-    """The private broker, without a queue limit that could drop the collector's messages."""
-    return unbounded_queues(mosquitto)
 
 
 def unique_prefix() -> str:
@@ -89,7 +83,7 @@ def ward_running(workdir: Path, *args: str, port: int | None = None) -> Iterator
     finally:
         if ward.proc.poll() is None:
             ward.proc.kill()
-            ward.proc.wait()
+        ward.proc.communicate(timeout=PROCESS_STOP_S)  # reaps it and closes its stdout pipe
 
 
 def explain(
@@ -155,19 +149,21 @@ def delivered_everything(metrics: Metrics) -> bool:
 
 
 def test_every_intact_frame_reaches_a_subscriber_by_its_id(
-    tmp_path: Path, broker: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     prefix = unique_prefix()
     with (
-        collecting(broker.port, prefix) as collector,
+        collecting(mosquitto.port, prefix) as collector,
         ward_running(
             tmp_path, "--pumps", "10", "--count", "300", "--speed", "max", "--wait-for-ack"
         ) as ward,
     ):
-        config = gateway_config(tmp_path, sim_port=ward.port, mqtt_port=broker.port, prefix=prefix)
+        config = gateway_config(
+            tmp_path, sim_port=ward.port, mqtt_port=mosquitto.port, prefix=prefix
+        )
         with gateway_running(config, tmp_path / "gateway.log") as gateway:
             summary = ward.summary()
-            expected = assert_all_arrived(collector, summary, gateway, ward, broker)
+            expected = assert_all_arrived(collector, summary, gateway, ward, mosquitto)
             metrics = gateway.wait_metrics(delivered_everything, METRICS_S)
         assert gateway.proc is not None
         assert gateway.proc.returncode == 0, explain(gateway, ward)
@@ -190,15 +186,17 @@ KILL_AT_READINGS = (0.15, 0.4, 0.65)
 
 
 def test_gateway_killed_mid_stream_three_times_loses_nothing_and_stores_each_frame_once(
-    tmp_path: Path, broker: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     prefix = unique_prefix()
     log_path = tmp_path / "gateway.log"
     with (
-        collecting(broker.port, prefix) as collector,
+        collecting(mosquitto.port, prefix) as collector,
         ward_running(tmp_path, *KILL_WARD.split()) as ward,
     ):
-        config = gateway_config(tmp_path, sim_port=ward.port, mqtt_port=broker.port, prefix=prefix)
+        config = gateway_config(
+            tmp_path, sim_port=ward.port, mqtt_port=mosquitto.port, prefix=prefix
+        )
         gateway = GatewayProcess(config, log_path).start()
         try:
             for fraction in KILL_AT_READINGS:
@@ -208,7 +206,7 @@ def test_gateway_killed_mid_stream_three_times_loses_nothing_and_stores_each_fra
                 gateway.kill()
                 gateway = GatewayProcess(config, log_path).start()
             summary = ward.summary()
-            assert_all_arrived(collector, summary, gateway, ward, broker)
+            assert_all_arrived(collector, summary, gateway, ward, mosquitto)
             metrics = gateway.wait_metrics(delivered_everything, METRICS_S)
         finally:
             if gateway.running:
@@ -238,17 +236,17 @@ OUTAGE_MQTT = {"reconnect_max_s": 4}
 
 
 def test_broker_down_for_ten_seconds_loses_nothing_and_healthz_says_why(
-    tmp_path: Path, broker: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     prefix = unique_prefix()
     with (
-        collecting(broker.port, prefix, persistent=True) as collector,
+        collecting(mosquitto.port, prefix, persistent=True) as collector,
         ward_running(tmp_path, *OUTAGE_WARD.split()) as ward,
     ):
         config = gateway_config(
             tmp_path,
             sim_port=ward.port,
-            mqtt_port=broker.port,
+            mqtt_port=mosquitto.port,
             prefix=prefix,
             extra={"mqtt": OUTAGE_MQTT},
         )
@@ -257,11 +255,11 @@ def test_broker_down_for_ten_seconds_loses_nothing_and_healthz_says_why(
             assert wait_until(lambda: (gateway.health() or (0, {}))[0] == 200, METRICS_S), (
                 f"not ready before the outage: {gateway.health()}" + explain(gateway, ward)
             )
-            broker.stop()
+            mosquitto.stop()
             down_at = time.monotonic()
             health: tuple[int, dict[str, Any]] | None = None
 
-            broker_url = f"mqtt://127.0.0.1:{broker.port}"
+            broker_url = f"mqtt://127.0.0.1:{mosquitto.port}"
 
             def not_ready_naming_the_broker() -> bool:
                 nonlocal health
@@ -284,13 +282,13 @@ def test_broker_down_for_ten_seconds_loses_nothing_and_healthz_says_why(
             assert during.value("pumpgw_sink_backlog_records", sink="mqtt") > 0
             time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))  # hold the outage
             assert ward.proc.poll() is None, "the ward ended during the outage: not mid-stream"
-            broker.start()
+            mosquitto.start()
             assert wait_until(lambda: (gateway.health() or (0, {}))[0] == 200, ARRIVE_S), (
                 f"not ready after the outage: {gateway.health()}" + explain(gateway, ward)
             )
             assert ward.proc.poll() is None, "ready only after the ward ended: reconnect too slow"
             summary = ward.summary()
-            assert_all_arrived(collector, summary, gateway, ward, broker)
+            assert_all_arrived(collector, summary, gateway, ward, mosquitto)
             metrics = gateway.wait_metrics(delivered_everything, METRICS_S)
     assert summary["all_acked"] is True
     assert accounting_balances(metrics)
@@ -322,19 +320,21 @@ def merge_bitflips(by_reason: Counter[str]) -> Counter[str]:
 
 
 def test_noisy_line_quarantines_exactly_what_was_damaged_and_delivers_the_rest(
-    tmp_path: Path, broker: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     prefix = unique_prefix()
     with (
-        collecting(broker.port, prefix) as collector,
+        collecting(mosquitto.port, prefix) as collector,
         ward_running(tmp_path, *NOISY_WARD.split()) as ward,
     ):
-        config = gateway_config(tmp_path, sim_port=ward.port, mqtt_port=broker.port, prefix=prefix)
+        config = gateway_config(
+            tmp_path, sim_port=ward.port, mqtt_port=mosquitto.port, prefix=prefix
+        )
         with gateway_running(config, tmp_path / "gateway.log") as gateway:
             summary = ward.summary()
             want = damage_by_reason(summary)
             total = sum(want.values())
-            assert_all_arrived(collector, summary, gateway, ward, broker)
+            assert_all_arrived(collector, summary, gateway, ward, mosquitto)
             assert collector.wait_for(lambda: collector.count("quarantine") >= total, ARRIVE_S)
             metrics = gateway.wait_metrics(
                 lambda m: m.value("pumpgw_quarantined_total") >= total and delivered_everything(m),
@@ -362,15 +362,17 @@ SECOND_WARD = "--pumps 3 --count 200 --speed max --wait-for-ack"
 
 
 def test_source_that_drops_and_returns_with_a_new_boot_delivers_both_runs(
-    tmp_path: Path, broker: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     prefix = unique_prefix()
     log_path = tmp_path / "gateway.log"
     with (
-        collecting(broker.port, prefix) as collector,
+        collecting(mosquitto.port, prefix) as collector,
         ward_running(tmp_path, *FIRST_WARD.split()) as first,
     ):
-        config = gateway_config(tmp_path, sim_port=first.port, mqtt_port=broker.port, prefix=prefix)
+        config = gateway_config(
+            tmp_path, sim_port=first.port, mqtt_port=mosquitto.port, prefix=prefix
+        )
         with gateway_running(config, log_path) as gateway:
             assert wait_readings(collector, 300), explain(gateway, first)
             assert first.proc.poll() is None, "the first ward ended before it was stopped"
@@ -382,7 +384,7 @@ def test_source_that_drops_and_returns_with_a_new_boot_delivers_both_runs(
             with ward_running(tmp_path, *SECOND_WARD.split(), port=first.port) as second:
                 second_summary = second.summary()
             summaries = [first_summary, second_summary]
-            assert_all_arrived(collector, summaries, gateway, second, broker)
+            assert_all_arrived(collector, summaries, gateway, second, mosquitto)
             metrics = gateway.wait_metrics(delivered_everything, METRICS_S)
     assert first_summary["stopped_by"] == "signal"
     assert second_summary["all_acked"] is True

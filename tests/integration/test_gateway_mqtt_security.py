@@ -7,6 +7,7 @@ the operator fixes the cause every frame the simulator sent intact arrives.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,6 @@ from tests.e2e import (
     Metrics,
     expected_ids,
     gateway_config,
-    unbounded_queues,
     wait_until,
 )
 from tests.integration.test_gateway_e2e import (
@@ -40,6 +40,9 @@ WARD = "--pumps 3 --count 100 --speed max --wait-for-ack"
 """About 310 frames."""
 GW_USER, GW_PASSWORD = "gw", "gw-right-Pa55"
 READER = ("reader", "reader-pass")
+HELD_STEADY_S = 3.0
+"""With the denied kinds held back, the connection stays up at least this long (Mosquitto
+drops it after every denial, so without the hold it would reconnect every second)."""
 WRONG_PASSWORD = "Wr0ng-s3cret-Pa55"
 
 
@@ -61,6 +64,30 @@ def wait_not_ready(
     return last[1]
 
 
+def settles(gateway: GatewayProcess, steady_s: float, timeout_s: float) -> bool:
+    """Whether the MQTT connection, within `timeout_s`, stays up for `steady_s` in a row."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if stays_connected(gateway, steady_s):
+            return True
+    return False
+
+
+def stays_connected(gateway: GatewayProcess, duration_s: float) -> bool:
+    """Whether the MQTT sink stays connected, without reconnecting, for `duration_s`."""
+    first = metrics_now(gateway)
+    reconnects = first.value("pumpgw_sink_reconnects_total", sink="mqtt")
+
+    def dropped() -> bool:
+        now = metrics_now(gateway)
+        return (
+            now.value("pumpgw_sink_connected", sink="mqtt") != 1
+            or now.value("pumpgw_sink_reconnects_total", sink="mqtt") != reconnects
+        )
+
+    return not wait_until(dropped, duration_s, poll_s=0.2)
+
+
 def metrics_now(gateway: GatewayProcess) -> Metrics:
     metrics = gateway.metrics()
     assert metrics is not None, "no /metrics" + explain(gateway)
@@ -77,7 +104,7 @@ def metrics_text(gateway: GatewayProcess) -> str:
 def test_wrong_password_is_a_clear_error_and_every_frame_arrives_once_the_password_is_fixed(
     tmp_path: Path, mosquitto_factory: MosquittoFactory
 ) -> None:
-    broker = unbounded_queues(mosquitto_factory(users={GW_USER: GW_PASSWORD, READER[0]: READER[1]}))
+    broker = mosquitto_factory(users={GW_USER: GW_PASSWORD, READER[0]: READER[1]})
     prefix = unique_prefix()
     log_path = tmp_path / "gateway.log"
     with (
@@ -132,10 +159,8 @@ def test_acl_denying_telemetry_is_a_clear_error_and_every_frame_arrives_once_it_
     tmp_path: Path, mosquitto_factory: MosquittoFactory
 ) -> None:
     prefix = unique_prefix()
-    broker = unbounded_queues(
-        mosquitto_factory(
-            users={GW_USER: GW_PASSWORD, READER[0]: READER[1]}, acl=acl(prefix, telemetry=False)
-        )
+    broker = mosquitto_factory(
+        users={GW_USER: GW_PASSWORD, READER[0]: READER[1]}, acl=acl(prefix, telemetry=False)
     )
     with (
         collecting(broker.port, prefix, user=READER, persistent=True) as collector,
@@ -158,6 +183,8 @@ def test_acl_denying_telemetry_is_a_clear_error_and_every_frame_arrives_once_it_
             assert "Not authorized (0x87)" in reason
             assert f"{prefix}/test/bed-1/pumps/" in reason
             assert metrics_now(gateway).value("pumpgw_sink_denied_total", sink="mqtt") >= 1
+            # One kick per denied kind (telemetry, events), then the connection holds.
+            assert settles(gateway, HELD_STEADY_S, ARRIVE_S), "denials keep dropping the connection"
             summary = ward.summary()
             assert summary["all_acked"] is True
             assert collector.count("reading", "event") == 0, "the ACL let telemetry through"
@@ -190,7 +217,7 @@ def test_acl_denying_telemetry_is_a_clear_error_and_every_frame_arrives_once_it_
 def test_untrusted_broker_certificate_is_a_clear_error_and_frames_arrive_with_the_right_ca(
     tmp_path: Path, mosquitto_factory: MosquittoFactory, pki: Pki
 ) -> None:
-    broker = unbounded_queues(mosquitto_factory(tls=MosquittoTls(pki)))
+    broker = mosquitto_factory(tls=MosquittoTls(pki))
     prefix = unique_prefix()
     log_path = tmp_path / "gateway.log"
     with (
@@ -214,11 +241,13 @@ def test_untrusted_broker_certificate_is_a_clear_error_and_frames_arrive_with_th
 
         config = tls_config(pki.rogue_ca_cert)
         with gateway_running(config, log_path) as gateway:
-            body = wait_not_ready(gateway, "mqtt not connected")
+            body = wait_not_ready(gateway, "certificate verify failed")
             reason = " | ".join(body["reasons"])
-            assert "certificate verify failed" in reason, reason
+            assert "mqtt not connected: cannot reach the broker" in reason, reason
+            assert "check mqtt.tls.ca_file" in reason, reason
             bad = metrics_now(gateway)
             assert bad.value("pumpgw_sink_connected", sink="mqtt") == 0
+            assert bad.value("pumpgw_sink_unreachable_total", sink="mqtt") >= 1
             summary = ward.summary()
             assert summary["all_acked"] is True
         assert "certificate verify failed" in gateway.log()
@@ -227,4 +256,5 @@ def test_untrusted_broker_certificate_is_a_clear_error_and_frames_arrive_with_th
             assert_all_arrived(collector, summary, gateway, ward, broker)
             metrics = gateway.wait_metrics(delivered_everything, METRICS_S)
     assert metrics.value("pumpgw_sink_connected", sink="mqtt") == 1
+    assert metrics.value("pumpgw_sink_unreachable_total", sink="mqtt") == 0
     assert metrics.value("pumpgw_sink_delivered_total", sink="mqtt") >= len(expected_ids(summary))

@@ -513,6 +513,24 @@ def test_garbage_between_good_frames_is_quarantined_once_and_the_frames_are_kept
     assert pipeline.counts.accepted == 2
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="gateway/pipeline.py Pipeline.poisoned_point counts a point the database refused "
+    "in counts.quarantined (pumpgw_quarantined_total, 'rejected frames'), although it was never "
+    "a frame, so frames_in == accepted + quarantined + duplicates no longer holds",
+)
+def test_a_point_the_database_refuses_keeps_the_frame_accounts_balanced() -> None:
+    pipeline = new_pipeline()
+    push(pipeline, frame("R", GOOD))
+    batch = Batch()
+    pipeline.poisoned_point(
+        f"{PUMP}:{BOOT}:1", b"pump_reading x=1", "HTTP 400: no", RECEIVED_S, batch
+    )
+    assert [r.kind for r in batch.records] == ["quarantine"], "the refusal must still be kept"
+    c = pipeline.counts
+    assert c.frames_in == c.accepted + sum(c.quarantined.values()) + c.duplicates
+
+
 # --- 4. memory stays bounded -----------------------------------------------------------------
 
 
