@@ -81,6 +81,8 @@ class Counts:
     alerts: int = 0
     acks_in: int = 0
     acks_rejected: int = 0
+    poisoned: int = 0
+    """Points the time-series database refused for good (quarantined, not frames)."""
 
 
 @dataclass
@@ -361,8 +363,15 @@ class Pipeline:
         self, record_id: str, line: bytes, reason: str, now_s: float, batch: Batch
     ) -> None:
         """The time-series database refused a point for good: quarantine it with its reason."""
+        self.counts.poisoned += 1
         self._quarantine(
-            batch, "influx", "influx_rejected", f"{record_id}: {reason}", line, _to_datetime(now_s)
+            batch,
+            "influx",
+            "influx_rejected",
+            f"{record_id}: {reason}",
+            line,
+            _to_datetime(now_s),
+            counted=False,
         )
 
     def _quarantine(
@@ -374,9 +383,15 @@ class Pipeline:
         raw: bytes,
         received_at: datetime,
         pump_id: str | None = None,
+        *,
+        counted: bool = True,
     ) -> None:
-        self.counts.quarantined[kind] += 1
+        if counted:  # a frame: part of the accounting frames_in = accepted + quarantined + dup
+            self.counts.quarantined[kind] += 1
         self._quarantine_n += 1
+        if self._key is not None and source != "influx":
+            # The raw frame holds the real pump id and serial: it never leaves the station.
+            raw, reason = b"", f"{reason} (raw bytes withheld: pump ids are pseudonymised)"
         entry = Quarantined(
             quarantine_id=f"q:{received_at.timestamp():.6f}:{self._quarantine_n}",
             source=source,

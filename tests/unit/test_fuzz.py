@@ -513,12 +513,6 @@ def test_garbage_between_good_frames_is_quarantined_once_and_the_frames_are_kept
     assert pipeline.counts.accepted == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/pipeline.py Pipeline.poisoned_point counts a point the database refused "
-    "in counts.quarantined (pumpgw_quarantined_total, 'rejected frames'), although it was never "
-    "a frame, so frames_in == accepted + quarantined + duplicates no longer holds",
-)
 def test_a_point_the_database_refuses_keeps_the_frame_accounts_balanced() -> None:
     pipeline = new_pipeline()
     push(pipeline, frame("R", GOOD))
@@ -582,12 +576,6 @@ def test_megabytes_of_hostile_bytes_keep_decoder_and_pipeline_memory_bounded() -
 KEY = b"k" * 32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/pipeline.py Pipeline._quarantine stores raw_hex of the original frame, "
-    "so a rejected frame publishes the real pump id (and a DeviceInfo's serial) on the "
-    "deadletter topic even when [gateway] pseudonymize_key(_file) is set",
-)
 def test_a_quarantined_frame_does_not_reveal_the_real_pump_id_when_pseudonymising() -> None:
     pipeline = new_pipeline(KEY)
     bad = frame("I", {**base_fields("I"), "concentration_mg_per_ml": 1000.0})
