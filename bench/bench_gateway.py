@@ -120,10 +120,17 @@ def _pids(ward: Ward, broker: Any, vm: Any, subscriber: Subscriber) -> dict[str,
 
 
 def saturation(
-    workdir: Path, consumer: str, *, influx: bool, pumps: int, count: int, profile: bool = False
+    workdir: Path,
+    consumer: str,
+    *,
+    influx: bool,
+    pumps: int,
+    count: int,
+    profile: bool = False,
+    nodelay: bool = False,
 ) -> dict[str, Any]:
     """Readings/s through `consumer` ("gateway", "plain", "plain-batching") at --speed max."""
-    with servers(workdir, influx=influx) as (broker, vm):
+    with servers(workdir, influx=influx, nodelay=nodelay) as (broker, vm):
         subscriber = Subscriber(broker.port, [TELEMETRY], workdir / "arrivals.txt", payload=True)
         ward = Ward.start(workdir, *_sim_args(pumps, "max", count=count))
         proc = _start_consumer(workdir, consumer, ward.port, broker, vm)
@@ -149,6 +156,7 @@ def saturation(
     result: dict[str, Any] = {
         "consumer": consumer,
         "influx": influx,
+        "broker_tcp_nodelay": nodelay,
         "expected_readings": expected,
         "complete": complete,
         **throughput(subscriber.arrivals()),
@@ -269,14 +277,15 @@ def run_saturation(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         print(f"{name} ...", flush=True)
         runs = [
             saturation(tmp / f"{name}-{k}", "gateway", influx=influx, pumps=args.sat_pumps,
-                       count=args.count, profile=profile)
+                       count=args.count, profile=profile, nodelay=args.broker_nodelay)
             for k in range(1 if profile else args.repeat)
         ]  # fmt: skip
         result = median_run(runs)
         flags = " --profile" if profile else f" --repeat {args.repeat}"
+        flags += " --broker-nodelay" if args.broker_nodelay else ""
         result["command"] = (f".venv/bin/python -m bench.bench_gateway saturation{flags} "
                              f"--sat-pumps {args.sat_pumps} --count {args.count}")  # fmt: skip
-        out[name] = result
+        out[name + ("_broker_nodelay" if args.broker_nodelay else "")] = result
     _print_saturation(out)
     if "saturation_profile" in out:
         _print_stages(out["saturation_profile"])
@@ -366,6 +375,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="saturation: add a py-spy run")
     parser.add_argument("--profile-only", action="store_true", help="saturation: only py-spy")
     parser.add_argument("--repeat", type=int, default=1, help="runs per case (median kept)")
+    parser.add_argument(
+        "--broker-nodelay", action="store_true", help="saturation: Mosquitto set_tcp_nodelay true"
+    )
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (logs, data)")
     args = parser.parse_args()
     if args.case == "all":

@@ -167,10 +167,12 @@ def alert_arrivals(path: Path) -> dict[str, float]:
     return out
 
 
-def run(workdir: Path, seconds: float, influx: bool) -> dict[str, Any]:
+def run(
+    workdir: Path, seconds: float, influx: bool, durability: str, nodelay: bool
+) -> dict[str, Any]:
     pumps, line = Pumps(), Line()
     phases: dict[str, Any] = {}
-    with servers(workdir, influx=influx) as (broker, vm):
+    with servers(workdir, influx=influx, nodelay=nodelay) as (broker, vm):
         telemetry = Subscriber(
             broker.port, [f"{PREFIX}/+/+/pumps/+/telemetry"], workdir / "telemetry.txt",
             payload=True,
@@ -178,7 +180,10 @@ def run(workdir: Path, seconds: float, influx: bool) -> dict[str, Any]:
         alerts = Subscriber(
             broker.port, [f"{PREFIX}/+/+/pumps/+/alerts"], workdir / "alerts.txt", payload=True
         )
-        gateway = start_gateway(workdir, source_port=line.port, broker=broker, vm=vm, prefix=PREFIX)
+        gateway = start_gateway(
+            workdir, source_port=line.port, broker=broker, vm=vm, prefix=PREFIX,
+            durability=durability,
+        )  # fmt: skip
         assert gateway.proc is not None
         try:
             line.accept()
@@ -268,10 +273,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each rate phase")
     parser.add_argument("--no-influx", dest="influx", action="store_false")
+    parser.add_argument("--durability", choices=["full", "normal"], default="full")
+    parser.add_argument(
+        "--broker-nodelay", action="store_true", help="Mosquitto set_tcp_nodelay true"
+    )
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
-        results = run(args.keep or Path(tmp), args.seconds, args.influx)
+        results = run(
+            args.keep or Path(tmp), args.seconds, args.influx, args.durability,
+            args.broker_nodelay,
+        )  # fmt: skip
     rows = [
         [name, r.get("n", 0), r["missing"], r.get("p50_ms"), r.get("p95_ms"), r.get("p99_ms"),
          r.get("max_ms"), r.get("gateway_cpu_pct", "-"), r["load_avg"][0]]
@@ -289,12 +301,17 @@ def main() -> None:
         if part in r
     ]
     print_table("Split at the gateway's received_at", ["phase", "part", "p50", "p99", "max"], split)
-    flags = "" if args.influx else " --no-influx"
+    flags = ("" if args.influx else " --no-influx") + (
+        "" if args.durability == "full" else f" --durability {args.durability}"
+    )
+    flags += " --broker-nodelay" if args.broker_nodelay else ""
     path = write_results(
-        "latency" + ("" if args.influx else "_no_influx"),
+        "latency" + flags.replace(" --", "_").replace(" ", "_").replace("-", "_"),
         {
             "command": f".venv/bin/python -m bench.bench_latency --seconds {args.seconds:g}{flags}",
             "influx": args.influx,
+            "durability": args.durability,
+            "broker_tcp_nodelay": args.broker_nodelay,
             "cpu_model": machine_cpu(),
             "targets_p99_ms": TARGET_P99_MS,
             "phases": results,

@@ -89,11 +89,15 @@ class CpuMeter:
         self.start_s = {name: cpu_s(pid) for name, pid in self.pids.items()}
         return self
 
-    def stop(self) -> dict[str, float]:
-        """Share of one core each process used, in percent."""
+    def stop(self) -> dict[str, float | None]:
+        """Share of one core each process used, in percent; None for one that has exited."""
         self.wall_s = time.monotonic() - self._t0
-        self.used_s = {n: cpu_s(p) - self.start_s[n] for n, p in self.pids.items()}
-        return {n: round(100 * s / self.wall_s, 1) for n, s in self.used_s.items()}
+        now_s = {n: cpu_s(p) for n, p in self.pids.items()}
+        self.used_s = {n: now_s[n] - self.start_s[n] for n in self.pids}
+        return {
+            n: round(100 * used / self.wall_s, 1) if now_s[n] else None
+            for n, used in self.used_s.items()
+        }
 
 
 class Sampler:
@@ -115,7 +119,7 @@ class Sampler:
         while not self._stop.wait(SAMPLE_EVERY_S):
             self.rss.append(rss_mb(self.pid))
 
-    def stop(self) -> dict[str, float]:
+    def stop(self) -> dict[str, float | None]:
         self._stop.set()
         self._thread.join()
         cpu_pct = self._cpu.stop()["p"]
@@ -139,23 +143,26 @@ class BenchMosquitto(Mosquitto):
     maximum the broker grants each client (default 20), which paces a QoS 1 publisher.
     """
 
-    def __init__(self, workdir: Path, inflight: int | None = None) -> None:
+    def __init__(self, workdir: Path, inflight: int | None = None, nodelay: bool = False) -> None:
         super().__init__(workdir)
         self.inflight = inflight
+        self.nodelay = nodelay
 
     def _general_config(self) -> list[str]:
         lines = [*super()._general_config(), "max_queued_messages 0"]
         if self.inflight is not None:
             lines.append(f"max_inflight_messages {self.inflight}")
+        if self.nodelay:
+            lines.append("set_tcp_nodelay true")
         return lines
 
 
 @contextlib.contextmanager
 def servers(
-    workdir: Path, *, influx: bool, inflight: int | None = None
+    workdir: Path, *, influx: bool, inflight: int | None = None, nodelay: bool = False
 ) -> Iterator[tuple[Mosquitto, VictoriaMetrics | None]]:
-    """A private Mosquitto and, if asked, a private VictoriaMetrics."""
-    with BenchMosquitto(workdir / "mosquitto", inflight) as broker:
+    """A private Mosquitto (nodelay: set_tcp_nodelay) and, if asked, a VictoriaMetrics."""
+    with BenchMosquitto(workdir / "mosquitto", inflight, nodelay) as broker:
         if not influx:
             yield broker, None
             return

@@ -90,13 +90,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"{args.file}: OK")
     print(f"  site/station: {settings.gateway.site}/{settings.gateway.station}")
     print(f"  sources: {', '.join(s.label for s in settings.sources) or 'none'}")
-    print(f"  mqtt: {settings.mqtt.display_url()}")
+    print(f"  mqtt: {settings.mqtt.display_url()}{_tls_note(settings)}")
     print(f"  influx: {settings.influx.display_url() if settings.influx else 'not configured'}")
     print(f"  store: {settings.store.path} (durability {settings.store.durability})")
     keys = environment_keys()
     if keys:
         print(f"  overridden from the environment: {', '.join(keys)}")
     return 0
+
+
+def _tls_note(settings: Settings) -> str:
+    """How the broker's certificate is checked, for check-config (never a secret)."""
+    if not settings.mqtt.uses_tls:
+        return " (no TLS)"
+    tls = settings.mqtt.tls
+    if tls.insecure_skip_verify:
+        return " (TLS, certificate NOT verified: mqtt.tls.insecure_skip_verify is on)"
+    client = ", client certificate" if tls.cert_file else ""
+    return f" (TLS verified with {tls.ca_file or 'the system CAs'}{client})"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -116,6 +116,12 @@ class StoreSection(Section):
         0.8, gt=0, lt=1, description="raise the outbox_near_full technical alert at this fill"
     )
     retention_days: float = Field(7.0, ge=0, description="delivered records kept for history")
+    min_free_disk_kb: int = Field(
+        4096,
+        ge=0,
+        description="below this free on the outbox's disk, readings wait (outbox_full) while "
+        "alerts and delivery use what is left; reading resumes at twice this (docs/outbox.md)",
+    )
 
 
 class HealthSection(Section):

@@ -53,6 +53,8 @@ class Observation:
     outbox_pending: int
     outbox_max_pending: int
     outbox_full: bool
+    outbox_free_disk_bytes: int
+    outbox_history_freed: int
     sources: tuple[SourceObservation, ...]
     sinks: tuple[SinkObservation, ...]
     pumps_total: int
@@ -190,6 +192,20 @@ def render_metrics(obs: Observation) -> str:
         "gauge",
         "1 while reading is paused by a full outbox.",
         [({}, 1 if obs.outbox_full else 0)],
+    )
+    _metric(
+        out,
+        "pumpgw_outbox_free_disk_bytes",
+        "gauge",
+        "Free bytes on the outbox's filesystem (store.min_free_disk_kb is the floor).",
+        [({}, obs.outbox_free_disk_bytes)],
+    )
+    _metric(
+        out,
+        "pumpgw_outbox_history_freed_total",
+        "counter",
+        "Delivered records deleted before their retention ended to make room on the disk.",
+        [({}, obs.outbox_history_freed)],
     )
     _metric(
         out,

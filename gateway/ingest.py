@@ -488,6 +488,7 @@ class IngestWorker:
             durability=store.durability,
             max_pending=store.max_pending_records,
             retention_s=store.retention_days * 86400,
+            min_free_bytes=store.min_free_disk_kb * 1024,
         )
         self._recent = RecentIds()
         self._recent.extend(self.outbox.recent_record_ids(RECENT_IDS))
@@ -707,6 +708,8 @@ class IngestWorker:
             outbox_pending=self.outbox.pending(),
             outbox_max_pending=self.outbox.max_pending,
             outbox_full=False,
+            outbox_free_disk_bytes=self.outbox.free_disk_bytes(),
+            outbox_history_freed=self.outbox.freed_rows,
             sources=(
                 SourceObservation(
                     f"{SOURCE_NAME} {self.settings.ingest.group}",

@@ -9,7 +9,10 @@ Full policy (docs/outbox.md): `append` raises OutboxFullError once `max_pending`
 wait for the slowest sink, or when SQLite reports the disk full. The service then
 stops reading its sources (back-pressure) and raises a technical alert; nothing
 is dropped. State records (alerts, status) keep a reserve of HEADROOM_ROWS so the
-alert that says "full" can still be stored.
+alert that says "full" can still be stored. The disk counts as full below `min_free_bytes`
+free (readings wait; alerts, status and cursors use the space left, so SQLite itself
+rarely meets a full disk) until twice that is free again; `free_space` then gives
+delivered rows up before their retention ends and hands the pages back.
 
 Cursors: `ack` moves a sink's cursor in memory at once; the row in `cursors` is written
 with the next `append` (its transaction, its fsync) or by `ack` itself once the last write
@@ -21,6 +24,7 @@ sink may therefore resume a little behind what it delivered: at least once, as b
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -50,6 +54,11 @@ HEADROOM_ROWS = 10_000
 COLUMNS = "seq, kind, record_id, pump_id, payload, line, retain, stored_at"
 LINE_COLUMNS = "seq, kind, record_id, pump_id, X'', line, retain, stored_at"
 """read_lines: every column but the JSON payload, which a time-series sink never sends."""
+WAL_CHECKPOINT_PAGES = 100
+"""Checkpoint the write-ahead log every 400 KiB (SQLite's default is 4 MiB): rows live in
+the database file, and a nearly full disk still has room to delete and vacuum them."""
+FREE_SPACE_CHUNK_ROWS = 200
+"""Delivered rows deleted per transaction when the disk is full."""
 CURSOR_WRITE_EVERY_S = 1.0
 """Longest a moved cursor waits in memory for a commit to carry it (while acks keep coming)."""
 
@@ -59,7 +68,11 @@ class OutboxError(Exception):
 
 
 class OutboxFullError(OutboxError):
-    """No room for more records: the limit or the disk. Nothing was written."""
+    """No room for more records: the limit or the disk (`disk`). Nothing was written."""
+
+    def __init__(self, message: str, *, disk: bool = False) -> None:
+        super().__init__(message)
+        self.disk = disk
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +116,18 @@ class Outbox:
         durability: Literal["full", "normal"] = "full",
         max_pending: int = 1_000_000,
         retention_s: float = 7 * 86400,
+        min_free_bytes: int = 0,
     ) -> None:
         self.path = path
         self.max_pending = max_pending
         self.retention_s = retention_s
+        self.min_free_bytes = min_free_bytes
+        self.disk_low = False
+        self.freed_rows = 0
+        self._disk_seen = (0, 0)
+        """(free, needed) bytes at the last check of the disk."""
+        """Delivered rows deleted before their retention ended to make room on the disk."""
+        """Below min_free_bytes free, until twice that is free again."""
         self._lock = threading.Lock()
         self._db = self._open(path, durability)
         self._cursors = self._load_cursors(sinks)
@@ -120,9 +141,13 @@ class Outbox:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            # A new file gives freed pages back to the disk (free_space); an older one keeps
+            # them for its own reuse, which is enough to resume after a full disk.
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
             db.execute("PRAGMA busy_timeout=5000")
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             db.executescript(SCHEMA)
             db.execute("PRAGMA quick_check").fetchone()
         except (sqlite3.Error, OSError) as exc:
@@ -164,13 +189,27 @@ class Outbox:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 if "full" in str(exc).lower():
-                    raise OutboxFullError(f"the disk holding {self.path} is full: {exc}") from exc
+                    self.disk_low = True
+                    raise OutboxFullError(
+                        f"the disk holding {self.path} is full: {exc}", disk=True
+                    ) from exc
                 raise OutboxError(f"cannot write the outbox at {self.path}: {exc}") from exc
 
     def _check_room(self, records: Sequence[OutRecord]) -> None:
         limit = self.max_pending
-        if all(r.kind in PRIORITY_KINDS for r in records):
+        priority = all(r.kind in PRIORITY_KINDS for r in records)
+        if priority:
             limit += HEADROOM_ROWS
+        elif self._no_room_on_disk(records):
+            free, needed = self._disk_seen
+            raise OutboxFullError(
+                f"the disk holding {self.path} is nearly full ({free // 1024} KiB free, "
+                f"{needed // 1024} KiB needed: store.min_free_disk_kb = "
+                f"{self.min_free_bytes // 1024}, doubled until reading resumes, and room for "
+                "the batch); delivered rows are deleted as the sinks catch up; free space on "
+                "that disk",
+                disk=True,
+            )
         if self.pending() + len(records) > limit:
             raise OutboxFullError(
                 f"{self.pending()} records wait for delivery (limit {self.max_pending}); "
@@ -271,13 +310,79 @@ class Outbox:
 
     def compact(self, now_s: float) -> int:
         """Delete rows every sink delivered that are older than the retention window."""
+        return self._delete_delivered(now_s - self.retention_s)
+
+    def free_disk_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the outbox's filesystem."""
+        stat = os.statvfs(self.path.parent)
+        return stat.f_bavail * stat.f_frsize
+
+    def _no_room_on_disk(self, records: Sequence[OutRecord]) -> bool:
+        """Too little disk for these rows, even after delivered history made way for them."""
+        batch_bytes = sum(len(r.payload) + len(r.line or b"") for r in records)
+        if not self._disk_is_low(batch_bytes):
+            return False
+        with contextlib.suppress(OutboxError):  # the caller reports the full disk
+            self._free_locked()
+        return self._disk_is_low(batch_bytes)
+
+    def _disk_is_low(self, batch_bytes: int) -> bool:
+        """Would the batch leave less than the floor free? Once it would, the floor counts
+        twice until that much is free again (no flapping). A row costs about twice its bytes
+        on disk (the write-ahead log, then the database file)."""
+        if self.min_free_bytes <= 0:
+            return False
+        try:
+            free = self.free_disk_bytes()
+        except OSError:
+            return False
+        floor = (2 if self.disk_low else 1) * self.min_free_bytes
+        self.disk_low = free - 2 * batch_bytes < floor
+        self._disk_seen = (free, floor + 2 * batch_bytes)
+        return self.disk_low
+
+    def free_space(self) -> int:
+        """On a full disk: delete every delivered row, whatever its age (see _free_locked)."""
+        with self._lock:
+            return self._free_locked()
+
+    def _free_locked(self) -> int:
+        """Delete delivered rows a chunk at a time, handing pages and write-ahead log back to
+        the filesystem after each chunk (one big delete would need more log than a full disk
+        has). Returns the rows deleted; the lock is held."""
+        low = min(self._cursors.values(), default=self._last_seq)
+        deleted = 0
+        try:
+            self._write_cursors()
+            while True:
+                chunk = self._db.execute(
+                    "DELETE FROM records WHERE seq IN "
+                    "(SELECT seq FROM records WHERE seq <= ? ORDER BY seq LIMIT ?)",
+                    (low, FREE_SPACE_CHUNK_ROWS),
+                ).rowcount
+                self._db.executescript("PRAGMA incremental_vacuum;")  # every free page
+                # RESTART, not TRUNCATE: the log keeps the space it will need again
+                self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+                deleted += chunk
+                if chunk < FREE_SPACE_CHUNK_ROWS:
+                    break
+        except (sqlite3.Error, OutboxError) as exc:
+            raise OutboxError(
+                f"cannot free space in {self.path} ({deleted} delivered rows deleted): {exc}"
+            ) from exc
+        self.freed_rows += deleted
+        return deleted
+
+    def _delete_delivered(self, stored_before_s: float) -> int:
         low = min(self._cursors.values(), default=self._last_seq)
         with self._lock:
             self._write_cursors()
-            deleted = self._db.execute(
-                "DELETE FROM records WHERE seq <= ? AND stored_at < ?",
-                (low, now_s - self.retention_s),
-            ).rowcount
+            try:
+                deleted = self._db.execute(
+                    "DELETE FROM records WHERE seq <= ? AND stored_at < ?", (low, stored_before_s)
+                ).rowcount
+            except sqlite3.Error as exc:
+                raise OutboxError(f"cannot delete delivered rows in {self.path}: {exc}") from exc
         return int(deleted)
 
     def history(self, pump_id: str, limit: int) -> list[StoredRecord]:

@@ -74,6 +74,7 @@ class Gateway:
         self._quiet = QuietLog(log)
         self._full = False
         self._near_full = False
+        self._freed_reported = 0
         self._sources_seen: tuple[bool, ...] = ()
         self._batches_done = 0
         sink_names = ["mqtt"] + (["influx"] if settings.influx is not None else [])
@@ -84,6 +85,7 @@ class Gateway:
             durability=store.durability,
             max_pending=store.max_pending_records,
             retention_s=store.retention_days * 86400,
+            min_free_bytes=store.min_free_disk_kb * 1024,
         )
         self.pipeline = self._build_pipeline()
         self.topics = TopicBase(
@@ -213,7 +215,13 @@ class Gateway:
             self._batches_done += 1
             if now >= next_compact:
                 next_compact = now + COMPACT_EVERY_S
-                self.outbox.compact(time.time())
+                self._compact()
+
+    def _compact(self) -> None:
+        try:
+            self.outbox.compact(time.time())
+        except OutboxError as exc:
+            self._quiet.error("compact", "%s; retrying later", exc)
 
     def _take_batch(self, timeout_s: float) -> list[tuple[Any, ...]]:
         try:
@@ -257,10 +265,13 @@ class Gateway:
         state = {ENGINE_STATE_KEY: self.pipeline.engine.snapshot()} if snapshot else None
         while True:
             try:
-                self.outbox.append(batch.records, state)
+                self._append(batch.records, state)
                 break
             except OutboxFullError as exc:
                 self._on_full(str(exc))
+                log.debug("outbox still full: %s", exc)
+                if exc.disk:
+                    self._free_space()
             except OutboxError as exc:
                 self._quiet.error("outbox", "outbox write failed, retrying: %s", exc)
             if self.stop_event.wait(RETRY_COMMIT_S) and self._queue.empty():
@@ -270,8 +281,27 @@ class Gateway:
                 )
                 return
         self._set_full(False)
+        self._report_freed()
         self._wake_sinks()
         self._send_acks(batch.acks)
+
+    def _append(self, records: list[OutRecord], state: dict[str, bytes] | None) -> None:
+        """Store the records, oldest first, removing each part from `records` once stored:
+        on a nearly full disk a part that fits goes in while a whole batch would not."""
+        if not records:
+            self.outbox.append(records, state)
+            return
+        size = len(records)
+        while records:
+            try:
+                self.outbox.append(records[:size], state)
+            except OutboxFullError as exc:
+                if not exc.disk or size == 1:
+                    raise
+                size //= 2
+                continue
+            del records[:size]
+            state = None
 
     def _wake_sinks(self) -> None:
         self.wake_mqtt.set()
@@ -290,6 +320,30 @@ class Gateway:
             source.send(b"".join(frames))
 
     # -- outbox fill -------------------------------------------------------------
+
+    def _free_disk_bytes(self) -> int:
+        try:
+            return self.outbox.free_disk_bytes()
+        except OSError:
+            return -1
+
+    def _free_space(self) -> None:
+        """The disk is full: give up delivered history so undelivered records fit."""
+        try:
+            self.outbox.free_space()
+        except OutboxError as exc:
+            self._quiet.error("free-space", "%s", exc)
+        self._report_freed()
+
+    def _report_freed(self) -> None:
+        freed = self.outbox.freed_rows - self._freed_reported
+        if freed:
+            self._freed_reported += freed
+            self._quiet.warning(
+                "history-freed",
+                "disk full: deleted %d delivered records before their retention ended",
+                freed,
+            )
 
     def _on_full(self, reason: str) -> None:
         if not self._full:
@@ -415,6 +469,8 @@ class Gateway:
             outbox_pending=self.outbox.pending(),
             outbox_max_pending=self.outbox.max_pending,
             outbox_full=self._full,
+            outbox_free_disk_bytes=self._free_disk_bytes(),
+            outbox_history_freed=self.outbox.freed_rows,
             sources=tuple(
                 SourceObservation(s.label, s.connected, s.reconnects, s.bytes_in, s.last_error)
                 for s in self.sources

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import socket
 import ssl
 import stat
 import sys
@@ -162,6 +163,14 @@ class MqttSettings(BaseModel):
         5.0, ge=0, description="rows older than this when published are flagged historical"
     )
     reconnect_max_s: int = Field(30, ge=1, le=3600, description="reconnect backoff ceiling")
+    session_expiry_s: int = Field(
+        86_400,
+        ge=0,
+        le=4_294_967_294,
+        description="how long the broker keeps this gateway's session while it is away, so "
+        "acknowledgements published meanwhile are applied when it returns; 0: a fresh session "
+        "at each connect (MQTT 3.1.1 keeps a session without expiry when this is above 0)",
+    )
     topic_prefix: str = Field(DEFAULT_PREFIX, description="first topic level")
 
     @field_validator("protocol", mode="before")
@@ -306,6 +315,19 @@ def paho_errors(what: str, error: type[MqttError] = MqttError) -> Iterator[None]
         yield
     except (ValueError, OSError, RuntimeError, ssl.SSLError, MQTTException) as exc:
         raise error(f"{what}: {exc}") from exc
+
+
+def no_delay(client: mqtt.Client) -> None:
+    """Turn Nagle's algorithm off on paho's socket (paho leaves it on).
+
+    With it on, a small PUBLISH waits while earlier bytes are unacknowledged: at 1,000
+    records/s that added tens of milliseconds per record (docs/performance.md).
+    """
+    sock = client.socket()
+    setsockopt = getattr(sock, "setsockopt", None)
+    if setsockopt is not None:
+        with contextlib.suppress(OSError):
+            setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def user_properties(props: Properties | None) -> tuple[tuple[str, str], ...]:
@@ -513,6 +535,8 @@ class MqttSink:
         self._window_wire = settings.inflight_max
         self._refused_key = "refused"
         self._loop_running = False
+        self._refused_pending = False
+        """A CONNACK refused the last attempt; the disconnect that follows says no more."""
         self.last_error: str | None = None
         self.published = self.denied = self.reconnects = self.historical = 0
         self.unroutable = self.refusals = self.acks_received = self.acks_dropped = 0
@@ -533,7 +557,7 @@ class MqttSink:
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
-            clean_session=None if self._v5 else True,
+            clean_session=None if self._v5 else s.session_expiry_s == 0,
         )
         if log.isEnabledFor(logging.DEBUG):  # paho logs every lost connection as ERROR
             client.enable_logger(logging.getLogger(f"{__name__}.paho"))
@@ -576,11 +600,12 @@ class MqttSink:
         if reason_code.is_failure:
             self._hand_over("refused", *reason(reason_code))
             return
-        # A fresh session each time: paho's own copies of unacknowledged messages are
-        # dropped here, before paho re-sends them after this callback returns; the sink
-        # thread re-publishes them from its window, so nothing is lost and each record
-        # goes out once per connection rather than twice.
+        # paho's own copies of unacknowledged messages are dropped here, before paho
+        # re-sends them after this callback returns; the sink thread re-publishes them from
+        # its window, so nothing is lost and each record goes out once per connection rather
+        # than twice. (The session kept by the broker only queues acknowledgements for us.)
         client.drop_out_messages()
+        no_delay(client)
         # Subscribe before the birth: whoever sees `online` can rely on acks being heard.
         client.subscribe(self._ack_topic, qos=QOS)
         client.publish(self._status_topic, self._birth, qos=QOS, retain=True)
@@ -643,7 +668,15 @@ class MqttSink:
             self._shutdown()
 
     def _clean_start(self) -> dict[str, Any]:
-        return {"clean_start": True} if self._v5 else {}
+        """MQTT 5: resume the session (acknowledgements queued while away) unless expiry is 0."""
+        if not self._v5:
+            return {}
+        expiry_s = self.settings.session_expiry_s
+        if expiry_s == 0:
+            return {"clean_start": True}
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = expiry_s
+        return {"clean_start": False, "properties": props}
 
     def _step(self) -> None:
         self._drain_events()
@@ -693,7 +726,9 @@ class MqttSink:
         self._denied_at_m = float("-inf")  # a denial on this connection, not an earlier one
         self._connected_at_m = time.monotonic()
         self.last_error = self._denial  # records still wait for the ACL: not healthy yet
+        self._refused_pending = False
         self._quiet.forget("unreachable")
+        self._quiet.forget("closed-early")
         self._quiet.forget(self._refused_key)
 
     def _event_refused(self, code: int, name: str) -> None:
@@ -701,6 +736,7 @@ class MqttSink:
         self.refusals += 1
         self.last_error = str(error)
         self._refused_key = f"refused:{code}"
+        self._refused_pending = True
         self._quiet.error(self._refused_key, "%s", error)
 
     def _event_unreachable(self, cause: str | None = None) -> None:
@@ -724,7 +760,25 @@ class MqttSink:
             self.last_error = f"connection to {self.settings.display_url()} lost: {name}"
             log.warning("%s; reconnecting (unacknowledged records will be sent again)",
                         self.last_error)
+        elif self._refused_pending:
+            self._refused_pending = False  # the CONNACK said why: keep that reason
+        else:
+            self.last_error = self._closed_before_connack(name)
+            self._quiet.warning("closed-early", "%s", self.last_error)
         self._connected = False
+
+    def _closed_before_connack(self, name: str) -> str:
+        """Why a connection the broker closed before answering CONNECT may have failed."""
+        said = f"the broker at {self.settings.display_url()} closed the connection before " \
+               f"accepting it ({name})"
+        if not self.settings.uses_tls:
+            return f"{said}; check the broker's log; retrying"
+        if self.settings.tls.cert_file is None:
+            return (f"{said}; it may require a client certificate: set mqtt.tls.cert_file "
+                    "and mqtt.tls.key_file; retrying")
+        return (f"{said}; it may not trust the client certificate in "
+                f"{self.settings.tls.cert_file} (check the broker's CA and the certificate's "
+                "dates); retrying")
 
     def _event_puback(self, mid: int, code: int, name: str) -> None:
         slot = self._mids.pop(mid, None)

@@ -53,8 +53,10 @@ class WatchedOutbox(Outbox):
 
     def read(self, sink: str, after_seq: int, limit: int) -> list[StoredRecord]:
         rows = super().read(sink, after_seq, limit)
-        return [replace(r, stored_at_s=r.stored_at_s - 3600) if r.record_id in self.aged else r
-                for r in rows]
+        return [
+            replace(r, stored_at_s=r.stored_at_s - 3600) if r.record_id in self.aged else r
+            for r in rows
+        ]
 
     def ack(self, sink: str, up_to_seq: int) -> None:
         super().ack(sink, up_to_seq)
@@ -70,13 +72,21 @@ class WatchedOutbox(Outbox):
 def readings(n: int, pump_id: str = "P1", tag: str = "r") -> list[OutRecord]:
     """n reading records whose JSON payload carries their record_id."""
     ids = [f"{pump_id}:{tag}:{i}" for i in range(n)]
-    return [OutRecord("reading", rid, pump_id, json.dumps({"record_id": rid}).encode())
-            for rid in ids]
+    return [
+        OutRecord("reading", rid, pump_id, json.dumps({"record_id": rid}).encode()) for rid in ids
+    ]
 
 
 def status_payload(state: Literal["online", "offline"]) -> bytes:
-    status = GatewayStatus(site=SITE, station=STATION, session_id="s1", seq=1,
-                           state=state, at=datetime.now(UTC), version="test")
+    status = GatewayStatus(
+        site=SITE,
+        station=STATION,
+        session_id="s1",
+        seq=1,
+        state=state,
+        at=datetime.now(UTC),
+        version="test",
+    )
     return status.model_dump_json().encode()
 
 
@@ -94,15 +104,24 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> bool:
 class Subscriber:
     """A paho v5 subscriber; messages land in a queue. `persistent` keeps its session."""
 
-    def __init__(self, port: int, topic_filter: str, *, user: tuple[str, str] | None = None,
-                 persistent: bool = False) -> None:
+    def __init__(
+        self,
+        port: int,
+        topic_filter: str,
+        *,
+        user: tuple[str, str] | None = None,
+        persistent: bool = False,
+    ) -> None:
         self.port = port
         self.topic_filter = topic_filter
         self.persistent = persistent
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                                  client_id=f"sub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"sub-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
         if user is not None:
             self.client.username_pw_set(*user)
         self.client.reconnect_delay_set(1, 1)
@@ -110,8 +129,9 @@ class Subscriber:
         self.client.on_subscribe = lambda *args: self.subscribed.set()
         self.client.on_message = lambda c, u, m: self.messages.put(m)
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode,
-                    props: Any) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
+    ) -> None:
         if not rc.is_failure:
             client.subscribe(self.topic_filter, qos=1)
 
@@ -120,8 +140,9 @@ class Subscriber:
         if self.persistent:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 600
-        self.client.connect_async(LOOPBACK, self.port, clean_start=not self.persistent,
-                                  properties=props)
+        self.client.connect_async(
+            LOOPBACK, self.port, clean_start=not self.persistent, properties=props
+        )
         self.client.loop_start()
         assert self.subscribed.wait(WAIT_S), "subscriber got no SUBACK"
         return self
@@ -170,12 +191,24 @@ def outbox(tmp_path: Path) -> Iterator[WatchedOutbox]:
     box.close()
 
 
-def make_sink(outbox: Outbox, base: TopicBase, port: int, *,
-              on_ack: Callable[[ReceivedAck], None] | None = None, **settings: Any) -> MqttSink:
+def make_sink(
+    outbox: Outbox,
+    base: TopicBase,
+    port: int,
+    *,
+    on_ack: Callable[[ReceivedAck], None] | None = None,
+    **settings: Any,
+) -> MqttSink:
     settings.setdefault("url", f"mqtt://{LOOPBACK}:{port}")
     config = MqttSettings(topic_prefix=base.prefix, reconnect_max_s=2, **settings)
-    return MqttSink(config, outbox, base, birth=status_payload("online"),
-                    will=status_payload("offline"), on_ack=on_ack or (lambda ack: None))
+    return MqttSink(
+        config,
+        outbox,
+        base,
+        birth=status_payload("online"),
+        will=status_payload("offline"),
+        on_ack=on_ack or (lambda ack: None),
+    )
 
 
 @contextlib.contextmanager
@@ -255,8 +288,9 @@ def test_v5_messages_carry_the_record_id_and_json_content_type(
 def test_retained_kinds_are_retained_for_late_subscribers(
     mosquitto: Mosquitto, outbox: WatchedOutbox, base: TopicBase
 ) -> None:
-    status = OutRecord("pump_status", "P1:status:1", "P1", b'{"record_id": "P1:status:1"}',
-                       retain=True)
+    status = OutRecord(
+        "pump_status", "P1:status:1", "P1", b'{"record_id": "P1:status:1"}', retain=True
+    )
     sink = make_sink(outbox, base, mosquitto.port)
     with running(sink) as wake:
         last = append(outbox, [*readings(1), status], wake)
@@ -273,8 +307,10 @@ def test_broker_outage_loses_nothing_and_the_cursor_never_passes_unacknowledged_
     before, during, after = readings(300, tag="a"), readings(600, tag="b"), readings(300, tag="c")
     everything = {r.record_id for r in [*before, *during, *after]}
     sink = make_sink(outbox, base, mosquitto.port)
-    with Subscriber(mosquitto.port, subscription_filter(base), persistent=True) as sub, \
-            running(sink) as wake:
+    with (
+        Subscriber(mosquitto.port, subscription_filter(base), persistent=True) as sub,
+        running(sink) as wake,
+    ):
         assert outbox.wait_cursor(append(outbox, before, wake))
         append(outbox, during, wake)
         mosquitto.stop()  # mid-stream: some of `during` are in flight
@@ -388,19 +424,26 @@ def settles(sink: MqttSink, steady_s: float = KICKED_WITHIN_S + 0.5) -> bool:
 
 
 def test_denied_publish_is_counted_logged_once_kept_and_delivered_once_the_acl_allows_it(
-    mosquitto_factory: MosquittoFactory, outbox: WatchedOutbox, base: TopicBase,
+    mosquitto_factory: MosquittoFactory,
+    outbox: WatchedOutbox,
+    base: TopicBase,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     users = {"gw": "gw-pass", "reader": "reader-pass"}
     broker = mosquitto_factory(users=users, acl=acl_for(base, telemetry=False))
     denied = readings(30)
-    status = OutRecord("pump_status", "P1:status:1", "P1", b'{"record_id": "P1:status:1"}',
-                       retain=True)
+    status = OutRecord(
+        "pump_status", "P1:status:1", "P1", b'{"record_id": "P1:status:1"}', retain=True
+    )
     sink = make_sink(outbox, base, broker.port, username="gw", password="gw-pass")
     want = {r.record_id for r in [*denied, status]}
-    with Subscriber(broker.port, subscription_filter(base), user=("reader", "reader-pass"),
-                    persistent=True) as sub, running(sink) as wake:
+    with (
+        Subscriber(
+            broker.port, subscription_filter(base), user=("reader", "reader-pass"), persistent=True
+        ) as sub,
+        running(sink) as wake,
+    ):
         last = append(outbox, [*denied, status], wake)
         assert sub.collect({status.record_id}).keys() >= {status.record_id}
         # One denial holds back the rest of its kind. Mosquitto 2.0 also drops the connection
@@ -424,8 +467,11 @@ def test_denied_publish_is_counted_logged_once_kept_and_delivered_once_the_acl_a
 
 
 def test_wrong_password_is_a_clear_error_nothing_is_acked_and_records_arrive_once_fixed(
-    mosquitto_factory: MosquittoFactory, outbox: WatchedOutbox, base: TopicBase,
-    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    mosquitto_factory: MosquittoFactory,
+    outbox: WatchedOutbox,
+    base: TopicBase,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     secret = "Wr0ng-s3cret-Pa55"
@@ -435,8 +481,12 @@ def test_wrong_password_is_a_clear_error_nothing_is_acked_and_records_arrive_onc
     broker = mosquitto_factory(users={"gw": "the-right-one", "reader": "reader-pass"})
     records = readings(50)
     sink = make_sink(outbox, base, broker.port, username="gw", password_file=password_file)
-    with Subscriber(broker.port, subscription_filter(base), user=("reader", "reader-pass"),
-                    persistent=True) as sub, running(sink) as wake:
+    with (
+        Subscriber(
+            broker.port, subscription_filter(base), user=("reader", "reader-pass"), persistent=True
+        ) as sub,
+        running(sink) as wake,
+    ):
         last = append(outbox, records, wake)
         assert wait_for(lambda: sink.health()["refused"] >= 1)
         health = sink.health()
@@ -458,8 +508,13 @@ def test_tls_broker_verified_by_the_configured_ca(
     mosquitto_factory: MosquittoFactory, outbox: WatchedOutbox, base: TopicBase, pki: Pki
 ) -> None:
     broker = mosquitto_factory(tls=MosquittoTls(pki))
-    sink = make_sink(outbox, base, broker.port, url=f"mqtts://localhost:{broker.tls_port}",
-                     tls=MqttTls(ca_file=pki.ca_cert))
+    sink = make_sink(
+        outbox,
+        base,
+        broker.port,
+        url=f"mqtts://localhost:{broker.tls_port}",
+        tls=MqttTls(ca_file=pki.ca_cert),
+    )
     with Subscriber(broker.port, f"{base.root}/pumps/#") as sub, running(sink) as wake:
         append(outbox, readings(3), wake)
         seen = sub.collect({"P1:r:0", "P1:r:1", "P1:r:2"})
@@ -473,8 +528,13 @@ def test_tls_broker_with_an_unknown_ca_is_refused(
     mosquitto_factory: MosquittoFactory, outbox: WatchedOutbox, base: TopicBase, pki: Pki
 ) -> None:
     broker = mosquitto_factory(tls=MosquittoTls(pki))
-    sink = make_sink(outbox, base, broker.port, url=f"mqtts://localhost:{broker.tls_port}",
-                     tls=MqttTls(ca_file=pki.rogue_ca_cert))
+    sink = make_sink(
+        outbox,
+        base,
+        broker.port,
+        url=f"mqtts://localhost:{broker.tls_port}",
+        tls=MqttTls(ca_file=pki.rogue_ca_cert),
+    )
     with running(sink) as wake:
         append(outbox, readings(1), wake)
         assert wait_for(lambda: "cannot reach" in (sink.health()["last_error"] or ""))

@@ -37,8 +37,10 @@ class Simulator:
         self._stderr = open(workdir / "pumpsim.log", "wb")  # noqa: SIM115
         self.log_path = workdir / "pumpsim.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "simulator", *args], cwd=REPO,
-            stdout=subprocess.PIPE, stderr=self._stderr,
+            [sys.executable, "-m", "simulator", *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
         )
         assert self.proc.stdout is not None
         self._stdout: IO[bytes] = self.proc.stdout
@@ -137,8 +139,23 @@ def assert_counts_match(
 
 
 def test_pty_frames_read_with_pyserial_match_the_summary(tmp_path: Path) -> None:
-    args = ["--transport", "pty", "--pumps", "3", "--scenario", "noisy-line", "--seed", "3",
-            "--count", "400", "--speed", "max", "--wait-for-ack", "--ack-timeout", "20"]
+    args = [
+        "--transport",
+        "pty",
+        "--pumps",
+        "3",
+        "--scenario",
+        "noisy-line",
+        "--seed",
+        "3",
+        "--count",
+        "400",
+        "--speed",
+        "max",
+        "--wait-for-ack",
+        "--ack-timeout",
+        "20",
+    ]
     with simulator(args, tmp_path) as sim:
         path = sim.first_line()
         assert path.startswith("/dev/")
@@ -155,8 +172,23 @@ def test_pty_frames_read_with_pyserial_match_the_summary(tmp_path: Path) -> None
 
 
 def test_tcp_frames_read_with_pyserial_match_the_summary(tmp_path: Path) -> None:
-    args = ["--transport", "tcp", "--listen", "127.0.0.1:0", "--pumps", "2", "--scenario",
-            "noisy-line", "--seed", "4", "--count", "600", "--speed", "max", "--wait-for-ack"]
+    args = [
+        "--transport",
+        "tcp",
+        "--listen",
+        "127.0.0.1:0",
+        "--pumps",
+        "2",
+        "--scenario",
+        "noisy-line",
+        "--seed",
+        "4",
+        "--count",
+        "600",
+        "--speed",
+        "max",
+        "--wait-for-ack",
+    ]
     with simulator(args, tmp_path) as sim:
         url = sim.first_line()
         assert url.startswith("socket://127.0.0.1:")
@@ -172,8 +204,21 @@ def test_tcp_frames_read_with_pyserial_match_the_summary(tmp_path: Path) -> None
 
 
 def test_ten_pump_ward_over_tcp(tmp_path: Path) -> None:
-    args = ["--transport", "tcp", "--pumps", "10", "--scenario", "ward", "--seed", "5",
-            "--count", "300", "--speed", "max", "--wait-for-ack"]
+    args = [
+        "--transport",
+        "tcp",
+        "--pumps",
+        "10",
+        "--scenario",
+        "ward",
+        "--seed",
+        "5",
+        "--count",
+        "300",
+        "--speed",
+        "max",
+        "--wait-for-ack",
+    ]
     with simulator(args, tmp_path) as sim:
         reader = Reader(sim.first_line())
         try:
@@ -189,8 +234,21 @@ def test_ten_pump_ward_over_tcp(tmp_path: Path) -> None:
 
 
 def test_reconnect_during_a_run_resends_unacknowledged_frames_first(tmp_path: Path) -> None:
-    args = ["--transport", "tcp", "--pumps", "3", "--scenario", "normal", "--seed", "6",
-            "--count", "300", "--speed", "6000", "--wait-for-ack"]
+    args = [
+        "--transport",
+        "tcp",
+        "--pumps",
+        "3",
+        "--scenario",
+        "normal",
+        "--seed",
+        "6",
+        "--count",
+        "300",
+        "--speed",
+        "6000",
+        "--wait-for-ack",
+    ]
     with simulator(args, tmp_path) as sim:
         url = sim.first_line()
         first = Reader(url)
@@ -228,8 +286,21 @@ def test_serial_transport_writes_to_a_device_and_reads_acks(tmp_path: Path) -> N
     master, slave = os.openpty()
     tty.setraw(slave)
     device = os.ttyname(slave)
-    args = ["--transport", "serial", "--device", device, "--pumps", "2", "--scenario",
-            "noisy-line", "--count", "200", "--speed", "max", "--wait-for-ack"]
+    args = [
+        "--transport",
+        "serial",
+        "--device",
+        device,
+        "--pumps",
+        "2",
+        "--scenario",
+        "noisy-line",
+        "--count",
+        "200",
+        "--speed",
+        "max",
+        "--wait-for-ack",
+    ]
     decoder = FrameDecoder()
     frames: list[Frame] = []
     errors: list[FrameError] = []
@@ -256,8 +327,17 @@ def test_serial_transport_writes_to_a_device_and_reads_acks(tmp_path: Path) -> N
 
 
 def test_wait_for_ack_gives_up_after_the_timeout_when_nobody_acks(tmp_path: Path) -> None:
-    args = ["--transport", "tcp", "--count", "20", "--speed", "max", "--wait-for-ack",
-            "--ack-timeout", "1"]
+    args = [
+        "--transport",
+        "tcp",
+        "--count",
+        "20",
+        "--speed",
+        "max",
+        "--wait-for-ack",
+        "--ack-timeout",
+        "1",
+    ]
     with simulator(args, tmp_path) as sim:
         reader = Reader(sim.first_line())
         try:
@@ -289,9 +369,22 @@ def test_sigterm_stops_an_unbounded_run_with_a_summary(tmp_path: Path) -> None:
 
 def test_file_capture_decodes_to_the_summary(tmp_path: Path) -> None:
     capture = tmp_path / "capture.frames"
-    args = ["--transport", "file", "--output", str(capture), "--pumps", "4", "--scenario",
-            "ward", "--count", "500", "--speed", "max", "--summary-file",
-            str(tmp_path / "summary.json")]
+    args = [
+        "--transport",
+        "file",
+        "--output",
+        str(capture),
+        "--pumps",
+        "4",
+        "--scenario",
+        "ward",
+        "--count",
+        "500",
+        "--speed",
+        "max",
+        "--summary-file",
+        str(tmp_path / "summary.json"),
+    ]
     with simulator(args, tmp_path) as sim:
         summary = sim.summary()
     assert sim.proc.returncode == 0

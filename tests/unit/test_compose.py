@@ -382,7 +382,8 @@ def metric_names(tmp_path: Path) -> set[str]:
     obs = Observation(
         uptime_s=1, frames_in=1, accepted_by_kind={"reading": 1}, quarantined_by_reason={"x": 1},
         duplicates=0, alert_transitions=0, acks_in=0, acks_rejected=0, outbox_pending=0,
-        outbox_max_pending=1, outbox_full=False,
+        outbox_max_pending=1, outbox_full=False, outbox_free_disk_bytes=1,
+        outbox_history_freed=0,
         sources=(SourceObservation("line", True, 0, 0, None),), sinks=tuple(sinks),
         pumps_total=1, pumps_telemetry_lost=0, max_backlog_age_s=300,
     )  # fmt: skip

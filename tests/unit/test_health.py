@@ -26,6 +26,8 @@ def observation(**changes: object) -> Observation:
         outbox_pending=4,
         outbox_max_pending=100,
         outbox_full=False,
+        outbox_free_disk_bytes=1 << 30,
+        outbox_history_freed=0,
         sources=(SourceObservation("line-1", True, 2, 1000, None),),
         sinks=(SinkObservation("mqtt", True, 4, 1.5, 8, None, {"denied": 0}),),
         pumps_total=3,
