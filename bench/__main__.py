@@ -121,7 +121,9 @@ SUITES: tuple[Suite, ...] = (
 """In run order. Full sizes: the 1,000,000-reading drain is the issue's; the rest are cut
 from the modules' defaults (gateway steady window 60 -> 30 s, saturation and baseline 200,000
 -> 100,000 readings, one run each, latency phases 20 -> 10 s, MQTT sink 50,000 -> 20,000
-records once per protocol) to keep the suite under 15 minutes."""
+records once per protocol) to keep the suite under 15 minutes. Quick sizes are smaller except
+for ingest: below ~40,000 readings bench_ingest's 10-90 % window can fall inside one sink
+batch and it stops with ZeroDivisionError."""
 
 
 # --- the figures and their targets ----------------------------------------------------------
@@ -189,13 +191,15 @@ def _all_landed(server: str) -> Check:
     return check
 
 
-def _latency(suite: str, broker: str) -> list[Figure]:
+def _latency(suite: str, broker: str, *, judged: bool) -> list[Figure]:
+    """The latency rows; `judged`: against the targets (the broker as deploy/ configures it)."""
     return [
         Figure(suite, f"Frame -> subscriber p99 at 1,000 readings/s ({broker})",
-               ("phases", "readings_1000_per_s", "p99_ms"), "ms", 20, True,
+               ("phases", "readings_1000_per_s", "p99_ms"), "ms", 20 if judged else None, True,
                _none_missing("readings_1000_per_s")),
         Figure(suite, f"Threshold crossing -> alert p99 ({broker})",
-               ("phases", "alert", "p99_ms"), "ms", 50, True, _none_missing("alert")),
+               ("phases", "alert", "p99_ms"), "ms", 50 if judged else None, True,
+               _none_missing("alert")),
     ]  # fmt: skip
 
 
@@ -233,8 +237,8 @@ FIGURES: tuple[Figure, ...] = (
     _ratio("MQTT + per-point InfluxDB writes", "influx_sync"),
     _ratio("MQTT + batching write_api", "influx_batching"),
     _ratio("MQTT only", "mqtt_only"),
-    *_latency("latency", "broker defaults"),
-    *_latency("latency_nodelay", "set_tcp_nodelay true"),
+    *_latency("latency_nodelay", "Mosquitto as deployed: set_tcp_nodelay true", judged=True),
+    *_latency("latency", "Mosquitto defaults", judged=False),
     Figure("gateway", "1,000 pumps at 1 Hz: gateway CPU",
            ("steady_1000", "cpu_pct_of_one_core"), "% of a core", 25, True),
     Figure("gateway", "1,000 pumps at 1 Hz: gateway RSS (max)",

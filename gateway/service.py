@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 INGEST_QUEUE_ITEMS = 1000
 """Reads waiting for the ingest thread; when full, sources stop reading (back-pressure)."""
 BATCH_MAX_ITEMS = 200
+COALESCE_S = 0.005
+"""Longest a read waits for others to share its commit, and only under load."""
 TICK_S = 1.0
 COMPACT_EVERY_S = 60.0
 ENGINE_SNAPSHOT_EVERY_S = 5.0
@@ -75,6 +77,7 @@ class Gateway:
         self._full = False
         self._near_full = False
         self._freed_reported = 0
+        self._committed_m = float("-inf")
         self._sources_seen: tuple[bool, ...] = ()
         self._batches_done = 0
         sink_names = ["mqtt"] + (["influx"] if settings.influx is not None else [])
@@ -212,6 +215,7 @@ class Gateway:
             if snapshot:
                 next_snapshot = now + ENGINE_SNAPSHOT_EVERY_S
             self._commit(batch, snapshot)
+            self._committed_m = time.monotonic()
             self._batches_done += 1
             if now >= next_compact:
                 next_compact = now + COMPACT_EVERY_S
@@ -224,13 +228,21 @@ class Gateway:
             self._quiet.error("compact", "%s; retrying later", exc)
 
     def _take_batch(self, timeout_s: float) -> list[tuple[Any, ...]]:
+        """The next reads to validate and commit together. Under load (the previous batch
+        was committed less than COALESCE_S ago) gather for up to COALESCE_S first: one
+        commit and one sink wake-up for many readings instead of one each."""
         try:
             items = [self._queue.get(timeout=timeout_s)]
         except queue.Empty:
             return []
+        now_m = time.monotonic()
+        deadline_m = now_m + COALESCE_S if now_m - self._committed_m < COALESCE_S else now_m
         while len(items) < BATCH_MAX_ITEMS:
+            wait_s = deadline_m - time.monotonic()
             try:
-                items.append(self._queue.get_nowait())
+                items.append(
+                    self._queue.get(timeout=wait_s) if wait_s > 0 else self._queue.get_nowait()
+                )
             except queue.Empty:
                 break
         return items

@@ -83,3 +83,79 @@ def test_the_database_is_in_wal_mode(tmp_path: Path) -> None:
     Outbox(tmp_path / "o.db", ["mqtt"]).close()
     with sqlite3.connect(tmp_path / "o.db") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+class ShrinkingDisk:
+    """A filesystem of `size_bytes` on which each stored row takes `row_bytes`."""
+
+    def __init__(self, box: Outbox, size_bytes: int, row_bytes: int) -> None:
+        self.box, self.size_bytes, self.row_bytes = box, size_bytes, row_bytes
+
+    def free(self) -> int:
+        rows = self.box._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+        return int(self.size_bytes - rows * self.row_bytes)
+
+
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> Outbox:
+    box = Outbox(tmp_path / "o.db", ["mqtt", "influx"], min_free_bytes=10_000)
+    disk = ShrinkingDisk(box, size, 1_000)
+    monkeypatch.setattr(box, "free_disk_bytes", disk.free)
+    return box
+
+
+def test_below_the_disk_floor_readings_wait_but_alerts_still_go_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = small_disk(tmp_path, monkeypatch, 40_000)
+    box.append([rec(i) for i in range(31)])  # checked at 11,000 free: above the floor
+    with pytest.raises(OutboxFullError) as refused:
+        box.append([rec(31), rec(32)])  # 9,000 free
+    assert refused.value.disk
+    assert "nearly full (8 KiB free" in str(refused.value)
+    assert "store.min_free_disk_kb" in str(refused.value)
+    box.append([rec(99, kind="alert")])
+    assert box.pending() == 32
+
+
+def test_delivered_history_makes_way_before_reading_pauses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = small_disk(tmp_path, monkeypatch, 40_000)
+    box.append([rec(i) for i in range(31)])
+    box.ack("mqtt", 20)
+    box.ack("influx", 25)  # the slowest sink has delivered 20 rows
+    box.append([rec(31), rec(32)])  # fits once those 20 are deleted, whatever their age
+    assert box.freed_rows == 20
+    assert [r.seq for r in box.read("mqtt", 0, 100)] == list(range(21, 34))
+    assert box.pending() == 13, "no undelivered row was deleted"
+
+
+def test_reading_resumes_only_at_twice_the_floor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = small_disk(tmp_path, monkeypatch, 40_000)
+    box.append([rec(i) for i in range(31)])
+    with pytest.raises(OutboxFullError):
+        box.append([rec(31)])
+    box.ack("mqtt", 10)
+    box.ack("influx", 10)
+    with pytest.raises(OutboxFullError):
+        box.append([rec(31)])  # 19,000 free once 10 rows go: not yet twice the floor
+    assert box.disk_low
+    box.ack("mqtt", 12)
+    box.ack("influx", 12)
+    box.append([rec(31)])  # 21,000 free
+    assert not box.disk_low
+
+
+def test_free_space_deletes_every_delivered_row_and_gives_the_pages_back(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    box = Outbox(path, ["mqtt"], retention_s=86_400)
+    big = [OutRecord("reading", f"P:b:{i}", "P", b"x" * 2000) for i in range(1000)]
+    box.append(big)
+    box.ack("mqtt", 900)
+    box.free_space()  # checkpoints: the rows are in the database file now
+    assert box.compact(now_s=0) == 0, "retention keeps delivered rows from compaction"
+    assert box.freed_rows == 900
+    assert path.stat().st_size < 400 * 2000, "freed pages were not handed back"
+    assert [r.seq for r in box.read("mqtt", 0, 2000)] == list(range(901, 1001))
