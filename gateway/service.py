@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 INGEST_QUEUE_ITEMS = 1000
 """Reads waiting for the ingest thread; when full, sources stop reading (back-pressure)."""
 BATCH_MAX_ITEMS = 200
-COALESCE_S = 0.005
+COALESCE_S = 0.010
 """Longest a read waits for others to share its commit, and only under load."""
 TICK_S = 1.0
 COMPACT_EVERY_S = 60.0
