@@ -123,11 +123,11 @@ class Outbox:
         self.retention_s = retention_s
         self.min_free_bytes = min_free_bytes
         self.disk_low = False
+        """Below min_free_bytes free, until twice that is free again."""
         self.freed_rows = 0
+        """Delivered rows deleted before their retention ended to make room on the disk."""
         self._disk_seen = (0, 0)
         """(free, needed) bytes at the last check of the disk."""
-        """Delivered rows deleted before their retention ended to make room on the disk."""
-        """Below min_free_bytes free, until twice that is free again."""
         self._lock = threading.Lock()
         self._db = self._open(path, durability)
         self._cursors = self._load_cursors(sinks)
@@ -364,14 +364,13 @@ class Outbox:
                 # RESTART, not TRUNCATE: the log keeps the space it will need again
                 self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
                 deleted += chunk
+                self.freed_rows += chunk
                 if chunk < FREE_SPACE_CHUNK_ROWS:
-                    break
+                    return deleted
         except (sqlite3.Error, OutboxError) as exc:
             raise OutboxError(
                 f"cannot free space in {self.path} ({deleted} delivered rows deleted): {exc}"
             ) from exc
-        self.freed_rows += deleted
-        return deleted
 
     def _delete_delivered(self, stored_before_s: float) -> int:
         low = min(self._cursors.values(), default=self._last_seq)

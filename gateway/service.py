@@ -299,21 +299,21 @@ class Gateway:
 
     def _append(self, records: list[OutRecord], state: dict[str, bytes] | None) -> None:
         """Store the records, oldest first, removing each part from `records` once stored:
-        on a nearly full disk a part that fits goes in while a whole batch would not."""
-        if not records:
-            self.outbox.append(records, state)
-            return
+        on a nearly full disk a part that fits goes in while a whole batch would not. The
+        engine state goes with the last part, so it is never ahead of the stored records."""
         size = len(records)
-        while records:
+        while True:
+            last = size >= len(records)
             try:
-                self.outbox.append(records[:size], state)
+                self.outbox.append(records[:size], state if last else None)
             except OutboxFullError as exc:
-                if not exc.disk or size == 1:
+                if not exc.disk or size <= 1:
                     raise
                 size //= 2
                 continue
             del records[:size]
-            state = None
+            if last:
+                return
 
     def _wake_sinks(self) -> None:
         self.wake_mqtt.set()
