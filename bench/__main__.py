@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS_DIR, machine, print_table
+from bench.rig import load_avg, machine_cpu
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_PATH = REPO / "bench" / "results.json"
@@ -311,18 +312,6 @@ def _source_path(figure: Figure) -> str:
 # --- running -------------------------------------------------------------------------------
 
 
-def load_avg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def cpu_model() -> str:
-    """The CPU model line of /proc/cpuinfo."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def step_command(step: Step, quick: bool) -> str:
     """The equivalent command to type by hand (it writes bench/results/ itself)."""
     return shlex.join([".venv/bin/python", "-m", step.module, *step.args(quick)])
@@ -465,7 +454,7 @@ def run_all(chosen: list[Suite], quick: bool, suites: dict[str, Any], runs: dict
 
 def machine_now(load_start: list[float]) -> dict[str, Any]:
     """The machine: Python, platform, CPU model, nproc, load averages at start and end."""
-    return {**machine(), "cpu_model": cpu_model(), "nproc": os.cpu_count(),
+    return {**machine(), "cpu_model": machine_cpu(), "nproc": os.cpu_count(),
             "load_avg": {"start": load_start, "end": load_avg()}}  # fmt: skip
 
 

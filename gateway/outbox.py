@@ -126,8 +126,6 @@ class Outbox:
         """Below min_free_bytes free, until twice that is free again."""
         self.freed_rows = 0
         """Delivered rows deleted before their retention ended to make room on the disk."""
-        self._disk_seen = (0, 0)
-        """(free, needed) bytes at the last check of the disk."""
         self._lock = threading.Lock()
         self._db = self._open(path, durability)
         self._cursors = self._load_cursors(sinks)
@@ -191,7 +189,8 @@ class Outbox:
                 if "full" in str(exc).lower():
                     self.disk_low = True
                     raise OutboxFullError(
-                        f"the disk holding {self.path} is full: {exc}", disk=True
+                        f"the disk holding {self.path} is full: {exc}{self._free_now()}",
+                        disk=True,
                     ) from exc
                 raise OutboxError(f"cannot write the outbox at {self.path}: {exc}") from exc
 
@@ -200,8 +199,8 @@ class Outbox:
         priority = all(r.kind in PRIORITY_KINDS for r in records)
         if priority:
             limit += HEADROOM_ROWS
-        elif self._no_room_on_disk(records):
-            free, needed = self._disk_seen
+        elif shortfall := self._disk_shortfall(records):
+            free, needed = shortfall
             raise OutboxFullError(
                 f"the disk holding {self.path} is nearly full ({free // 1024} KiB free, "
                 f"{needed // 1024} KiB needed: store.min_free_disk_kb = "
@@ -313,33 +312,42 @@ class Outbox:
         return self._delete_delivered(now_s - self.retention_s)
 
     def free_disk_bytes(self) -> int:
-        """Bytes an unprivileged writer may still use on the outbox's filesystem."""
-        stat = os.statvfs(self.path.parent)
+        """Bytes an unprivileged writer may still use on the outbox's filesystem; -1 if the
+        filesystem cannot say."""
+        try:
+            stat = os.statvfs(self.path.parent)
+        except OSError:
+            return -1
         return stat.f_bavail * stat.f_frsize
 
-    def _no_room_on_disk(self, records: Sequence[OutRecord]) -> bool:
-        """Too little disk for these rows, even after delivered history made way for them."""
+    def _disk_shortfall(self, records: Sequence[OutRecord]) -> tuple[int, int] | None:
+        """(free, needed) bytes when these rows do not fit, even after delivered history made
+        way for them; None when they fit."""
         batch_bytes = sum(len(r.payload) + len(r.line or b"") for r in records)
-        if not self._disk_is_low(batch_bytes):
-            return False
+        if self._disk_need(batch_bytes) is None:
+            return None
         with contextlib.suppress(OutboxError):  # the caller reports the full disk
             self._free_locked()
-        return self._disk_is_low(batch_bytes)
+        return self._disk_need(batch_bytes)
 
-    def _disk_is_low(self, batch_bytes: int) -> bool:
-        """Would the batch leave less than the floor free? Once it would, the floor counts
-        twice until that much is free again (no flapping). A row costs about twice its bytes
-        on disk (the write-ahead log, then the database file)."""
-        if self.min_free_bytes <= 0:
-            return False
+    def _disk_need(self, batch_bytes: int) -> tuple[int, int] | None:
+        """(free, needed) if the batch would leave less than the floor free. Once it would,
+        the floor counts twice until that much is free again (no flapping). A row costs
+        about twice its bytes on disk (the write-ahead log, then the database file)."""
+        free = self.free_disk_bytes()
+        if self.min_free_bytes <= 0 or free < 0:
+            return None
+        needed = (2 if self.disk_low else 1) * self.min_free_bytes + 2 * batch_bytes
+        self.disk_low = free < needed
+        return (free, needed) if self.disk_low else None
+
+    def _free_now(self) -> str:
+        """Free what delivered history can give (the lock is held); what failed, if it did."""
         try:
-            free = self.free_disk_bytes()
-        except OSError:
-            return False
-        floor = (2 if self.disk_low else 1) * self.min_free_bytes
-        self.disk_low = free - 2 * batch_bytes < floor
-        self._disk_seen = (free, floor + 2 * batch_bytes)
-        return self.disk_low
+            self._free_locked()
+        except OutboxError as exc:
+            return f"; {exc}"
+        return ""
 
     def free_space(self) -> int:
         """On a full disk: delete every delivered row, whatever its age (see _free_locked)."""
@@ -360,6 +368,8 @@ class Outbox:
                     "(SELECT seq FROM records WHERE seq <= ? ORDER BY seq LIMIT ?)",
                     (low, FREE_SPACE_CHUNK_ROWS),
                 ).rowcount
+                if chunk == 0:
+                    return deleted
                 self._db.executescript("PRAGMA incremental_vacuum;")  # every free page
                 # RESTART, not TRUNCATE: the log keeps the space it will need again
                 self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()

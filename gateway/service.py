@@ -282,8 +282,7 @@ class Gateway:
             except OutboxFullError as exc:
                 self._on_full(str(exc))
                 log.debug("outbox still full: %s", exc)
-                if exc.disk:
-                    self._free_space()
+                self._report_freed()
             except OutboxError as exc:
                 self._quiet.error("outbox", "outbox write failed, retrying: %s", exc)
             if self.stop_event.wait(RETRY_COMMIT_S) and self._queue.empty():
@@ -332,20 +331,6 @@ class Gateway:
             source.send(b"".join(frames))
 
     # -- outbox fill -------------------------------------------------------------
-
-    def _free_disk_bytes(self) -> int:
-        try:
-            return self.outbox.free_disk_bytes()
-        except OSError:
-            return -1
-
-    def _free_space(self) -> None:
-        """The disk is full: give up delivered history so undelivered records fit."""
-        try:
-            self.outbox.free_space()
-        except OutboxError as exc:
-            self._quiet.error("free-space", "%s", exc)
-        self._report_freed()
 
     def _report_freed(self) -> None:
         freed = self.outbox.freed_rows - self._freed_reported
@@ -481,7 +466,7 @@ class Gateway:
             outbox_pending=self.outbox.pending(),
             outbox_max_pending=self.outbox.max_pending,
             outbox_full=self._full,
-            outbox_free_disk_bytes=self._free_disk_bytes(),
+            outbox_free_disk_bytes=self.outbox.free_disk_bytes(),
             outbox_history_freed=self.outbox.freed_rows,
             sources=tuple(
                 SourceObservation(s.label, s.connected, s.reconnects, s.bytes_in, s.last_error)
