@@ -208,9 +208,17 @@ def record_for(
     if len(payload) > MAX_PAYLOAD_BYTES:
         return Rejected("oversized", f"{len(payload)} bytes (limit {MAX_PAYLOAD_BYTES})")
     try:
-        message = MODELS[parts.kind].model_validate_json(payload)
+        return _validated_record(parts, payload, measurement_prefix)
     except ValidationError as exc:
         return Rejected("invalid", describe_errors(exc.errors()), parts.pump_id)
+    except Exception as exc:  # noqa: BLE001 - nothing a publisher sends may stop the worker
+        return Rejected("invalid", f"{type(exc).__name__}: {str(exc)[:200]}", parts.pump_id)
+
+
+def _validated_record(
+    parts: TopicParts, payload: bytes, measurement_prefix: str
+) -> OutRecord | Rejected:
+    message = MODELS[parts.kind].model_validate_json(payload)
     assert isinstance(message, Reading | DeviceEvent | AlertTransition)  # MODELS says so
     if message.pump_id != parts.pump_id:
         problem = f"payload pump_id {message.pump_id!r} is not the topic's {parts.pump_id!r}"

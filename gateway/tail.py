@@ -113,6 +113,14 @@ def filter_base(topic_filter: str) -> str:
 
 def _summary(topic: str, payload: bytes) -> list[Segment]:
     try:
+        return _parsed_summary(topic, payload)
+    except Exception as exc:  # noqa: BLE001 - nothing a publisher sends may stop the view
+        problem = _clip(f"{type(exc).__name__}: {exc}", MAX_ERROR_CHARS)
+        return [(f"unreadable: {problem}", WARN), *_raw(" raw", payload)]
+
+
+def _parsed_summary(topic: str, payload: bytes) -> list[Segment]:
+    try:
         data = json.loads(payload)
     except (ValueError, RecursionError):
         return _raw("not JSON", payload)

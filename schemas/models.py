@@ -20,6 +20,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -44,7 +45,10 @@ INTENDED_USE: IntendedUse = (
 )
 """DOMAIN.md section 6: carried by every alert payload."""
 
-EARLIEST_DEVICE_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+EARLIEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST_TIMESTAMP = datetime(2100, 1, 1, tzinfo=UTC)
+"""Every timestamp on the wire lies in [EARLIEST_TIMESTAMP, LATEST_TIMESTAMP): anything outside
+is a broken clock or a forged message, and the bound keeps date arithmetic from overflowing."""
 MAX_DEVICE_CLOCK_AHEAD = timedelta(days=1)
 """A device timestamp later than receive time plus this is a broken clock, not data."""
 
@@ -75,8 +79,22 @@ def _not_a_number(value: object) -> object:
     return value
 
 
-Timestamp = Annotated[AwareDatetime, BeforeValidator(_not_a_number)]
-"""An aware date-time; numbers (which pydantic would read as Unix time) are rejected."""
+def _within_bounds(value: datetime) -> datetime:
+    if value < EARLIEST_TIMESTAMP:
+        raise ValueError(
+            f"{value.isoformat()} is before {EARLIEST_TIMESTAMP.date()}: the clock is not set"
+        )
+    if value >= LATEST_TIMESTAMP:
+        raise ValueError(
+            f"{value.isoformat()} is not before {LATEST_TIMESTAMP.date()}:"
+            " a broken clock or a forged message"
+        )
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_not_a_number), AfterValidator(_within_bounds)]
+"""An aware date-time between 2000 and 2100; numbers (which pydantic would read as Unix time)
+are rejected."""
 
 
 # Numbers are strict (no "12.5" strings, no booleans); Frozen's allow_inf_nan=False rejects
@@ -173,11 +191,6 @@ class DeviceMessage(Frozen):
 
     @model_validator(mode="after")
     def _device_clock_plausible(self) -> Self:
-        if self.device_time < EARLIEST_DEVICE_TIME:
-            raise ValueError(
-                f"device_time {self.device_time.isoformat()} is before "
-                f"{EARLIEST_DEVICE_TIME.date()}: the pump clock is not set"
-            )
         if self.device_time > self.received_at + MAX_DEVICE_CLOCK_AHEAD:
             raise ValueError(
                 f"device_time {self.device_time.isoformat()} is more than "

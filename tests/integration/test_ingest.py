@@ -7,6 +7,7 @@ reading published, whichever worker stored it.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -170,6 +171,9 @@ class WorkerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(STOP_S)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def subscribed(self) -> bool:
         return "MQTT connected" in self.log() and "refused" not in self.log()
@@ -372,3 +376,50 @@ def session_present(port: int, client_id: str) -> bool:
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+# --- a poison message never stops ingest ----------------------------------------------------
+
+
+def poison_payload(pump_id: str) -> bytes:
+    """A reading that once overflowed date arithmetic in validation and killed the worker."""
+    data = reading(pump_id, 0).model_dump(mode="json")
+    data["received_at"] = "9999-12-31T23:59:59Z"
+    return json.dumps(data).encode()
+
+
+def test_a_retained_poison_message_is_quarantined_and_the_worker_keeps_storing(
+    tmp_path: Path, broker: Mosquitto, producer: Producer, victoria_metrics: VictoriaMetrics
+) -> None:
+    names = Names.fresh()
+    config = ingest_config(tmp_path / "ingest.toml", names, broker, victoria_metrics)
+    batch = messages(names.prefix)[:24]
+    poison_topic = batch[0][0]
+    info = producer.client.publish(poison_topic, poison_payload(batch[0][2].pump_id), 1, True)
+    info.wait_for_publish(PUBLISH_S)
+    worker = WorkerProcess(config, tmp_path / "w", "worker-poison").start()
+    try:
+        assert wait_until(worker.subscribed, 20), worker.log()
+        producer.publish(batch[:12])
+        want = expected_points(batch[:12])
+        assert wait_until(
+            lambda: distinct_points(victoria_metrics, names.reading_metric) >= want, ARRIVE_S, 0.5
+        ), worker.log()
+        assert worker.running(), worker.log()
+        assert worker.stop() == 0
+        # Restarted with the poison still retained on the broker: it starts and stores again.
+        worker.start()
+        assert wait_until(worker.subscribed, 20), worker.log()
+        producer.publish(batch[12:])
+        want = expected_points(batch)
+        assert wait_until(
+            lambda: distinct_points(victoria_metrics, names.reading_metric) >= want, ARRIVE_S, 0.5
+        ), worker.log()
+        assert worker.running(), worker.log()
+    finally:
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.stop()
+    quarantined = outbox_record_ids(worker.store, ("quarantine",))
+    assert len(quarantined) == 1, "the poison message is kept once, with its reason"
+    assert "is not before 2100-01-01" in worker.log()
+    assert "Traceback" not in worker.log()

@@ -264,7 +264,8 @@ def test_device_time_far_in_the_future_is_rejected() -> None:
 def test_device_time_before_2000_is_rejected() -> None:
     text = error_text(Reading, reading(device_time="1999-12-31T23:59:59Z"))
     assert text == (
-        "device_time 1999-12-31T23:59:59+00:00 is before 2000-01-01: the pump clock is not set"
+        "device_time='1999-12-31T23:59:59Z': 1999-12-31T23:59:59+00:00 is before 2000-01-01:"
+        " the clock is not set"
     )
     assert Reading.model_validate(reading(device_time="2000-01-01T00:00:00Z"))
 
