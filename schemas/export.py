@@ -1,11 +1,13 @@
-"""Export one JSON Schema per message model to schemas/json, or check the files for drift.
+"""Export one JSON Schema per message model and the AsyncAPI document of the MQTT topics to
+schemas/json, or check the files for drift.
 
-    python -m schemas.export            # write schemas/json/<kind>.schema.json
+    python -m schemas.export            # write schemas/json/<kind>.schema.json, asyncapi.json
     python -m schemas.export --check    # exit 1 and list the files that differ
 
 The schemas describe the JSON payloads that `model.model_dump_json()` produces (what
 the gateway publishes on MQTT), so they are generated in serialization mode. Output is
-deterministic: sorted keys, two-space indent, a trailing newline.
+deterministic: sorted keys, two-space indent, a trailing newline. The AsyncAPI document
+(`schemas.asyncapi`) embeds the same schemas; its keys keep the document's reading order.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Final
 
 from pydantic import BaseModel
 
+from schemas import asyncapi
 from schemas.models import MODELS_BY_KIND, SCHEMA_VERSION
 
 SCHEMA_DIR: Final = Path(__file__).resolve().parent / "json"
@@ -45,12 +48,17 @@ def render(schema: dict[str, Any]) -> str:
     return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+def render_document(document: dict[str, Any]) -> str:
+    """Deterministic text of the AsyncAPI document, in the order it was built."""
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
 def expected_files() -> dict[str, str]:
-    """File name to contents for every kind in MODELS_BY_KIND."""
-    return {
-        f"{kind}{SCHEMA_SUFFIX}": render(schema_for(kind, model))
-        for kind, model in sorted(MODELS_BY_KIND.items())
-    }
+    """File name to contents for every kind in MODELS_BY_KIND, then the AsyncAPI document."""
+    schemas = {kind: schema_for(kind, model) for kind, model in sorted(MODELS_BY_KIND.items())}
+    files = {f"{kind}{SCHEMA_SUFFIX}": render(schema) for kind, schema in schemas.items()}
+    files[asyncapi.DOCUMENT_NAME] = render_document(asyncapi.document(schemas))
+    return files
 
 
 def drift(directory: Path = SCHEMA_DIR) -> list[str]:
@@ -60,7 +68,8 @@ def drift(directory: Path = SCHEMA_DIR) -> list[str]:
     changed = [
         name
         for name, text in expected.items()
-        if name not in present or (directory / name).read_text(encoding="utf-8") != text
+        if not (directory / name).is_file()
+        or (directory / name).read_text(encoding="utf-8") != text
     ]
     return sorted(changed + sorted(present - expected.keys()))
 

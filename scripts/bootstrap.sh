@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# Make the machine ready for the tests and the demo: a .venv with pumpgw[dev] installed, and
-# the Debian packages whose servers the integration tests start as private processes.
+# Make the machine ready for the tests and the demo: a .venv with pumpgw[dev] installed, the
+# Debian packages whose servers the integration tests start as private processes, and the
+# node_modules of tests/node (installed from its package-lock.json) for the node-side checks.
 # Call it (scripts/bootstrap.sh) or source it; either way it runs from the repository root.
 set -euo pipefail
 
 BOOTSTRAP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$BOOTSTRAP_ROOT/.venv"
 INSTALL_STAMP="$VENV/.pyproject.sha256"
+NODE_TESTS="$BOOTSTRAP_ROOT/tests/node"
+NODE_STAMP="$NODE_TESTS/node_modules/.package-lock.sha256"
 MIN_PYTHON="3.11"
 # Debian package -> the binary it provides (mosquitto lives in /usr/sbin, often off a user's PATH).
 declare -A SERVER_BINARIES=(
     [mosquitto]="/usr/sbin/mosquitto"
     [victoria-metrics]="victoria-metrics"
     [influxdb]="influxd"
+    # Not servers: node and npm run the AsyncAPI parser on the generated document (tests/node).
+    [nodejs]="node"
+    [npm]="npm"
 )
 
 bootstrap_fail() {
@@ -94,10 +100,23 @@ ensure_server_packages() {
     apt_install_without_services $missing || bootstrap_fail "apt-get install $missing failed"
 }
 
+# `npm ci` from the lockfile when node_modules is missing or package-lock.json changed.
+# --ignore-scripts: no dependency's install script runs (one would report to an analytics site).
+ensure_node_modules() {
+    local wanted
+    wanted="$(sha256sum "$NODE_TESTS/package-lock.json" | cut -d' ' -f1)"
+    [[ -f "$NODE_STAMP" && "$(cat "$NODE_STAMP")" == "$wanted" ]] && return
+    echo "bootstrap: npm ci in tests/node (node_modules missing or package-lock.json changed)"
+    (cd "$NODE_TESTS" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error) \
+        || bootstrap_fail "npm ci in tests/node failed: check that the npm registry is reachable"
+    echo "$wanted" >"$NODE_STAMP"
+}
+
 bootstrap() {
     ensure_venv
     ensure_dev_install
     ensure_server_packages
+    ensure_node_modules
 }
 
 bootstrap
