@@ -30,6 +30,7 @@ from gateway.topics import (
     deadletter_topic,
     is_retained,
     status_topic,
+    subscription_filter,
     topic_for,
 )
 from schemas.models import (
@@ -188,7 +189,7 @@ def examples() -> dict[str, list[tuple[str, BaseModel]]]:
                 "pump_id": "P0001", "telemetry": "lost", "at": EXAMPLE_AT,
                 **_session(PumpStatus, 42)})),
         ],
-        "gateway_status": [("birth", _gateway_status("online", 0)),
+        "gateway_status": [("birth", _gateway_status("online", 2)),
                            ("last will", _gateway_status("offline", 1))],
         "quarantine": [("checksum", Quarantined(
             quarantine_id="q1", source="socket://127.0.0.1:7000", reason_kind="checksum",
@@ -215,7 +216,8 @@ GATEWAY_STATUS_TEXT: Final = (
     "publishes its birth (`state: online`, retained): seeing `online` also means it is listening "
     "for acknowledgements. Its MQTT last will is the same message with `state: offline`, which "
     "the broker publishes when the gateway vanishes (after 1.5 x the keep-alive without "
-    "traffic); a clean stop ends with `offline` too. A new `session_id` means the gateway "
+    "traffic); it is built when the gateway starts, so its `at`, `seq` and `sources` are those "
+    "of the start. A clean stop ends with `offline` too. A new `session_id` means the gateway "
     "restarted; `seq` counts status messages within a session."
 )
 
@@ -489,11 +491,11 @@ def _info_description() -> str:
     return (
         f"**{INTENDED_USE}**\n\n"
         "The MQTT interface of one pumpgw gateway: everything a station knows, published under "
-        "`{prefix}/{site}/{station}` from the gateway's durable outbox (QoS 1, at least once: "
+        f"`{ROOT}` from the gateway's durable outbox (QoS {QOS}, at least once: "
         "deduplicate on the ids named per message), and the topics where operators acknowledge "
         "alerts. Retained topics hold the current state, so a late subscriber sees it at once. "
         "Use the payloads' times (`received_at`, `at`), not the arrival time, for age and order. "
-        "A dashboard subscribes to `{prefix}/{site}/{station}/#`.\n\n"
+        f"A dashboard subscribes to `{subscription_filter(PLACEHOLDERS)}`.\n\n"
         "Central ingest workers (`pumpgw ingest`, `[ingest] group`) take the channels tagged "
         "`ingest` through MQTT 5 shared subscriptions, so the workers of one group split the "
         f"load: {', '.join(f'`{f}`' for f in ingest_filters())}.\n\n"

@@ -1,5 +1,6 @@
-"""Export one JSON Schema per message model and the AsyncAPI document of the MQTT topics to
-schemas/json, or check the files for drift.
+"""Export the message models' JSON Schemas and the MQTT topics' AsyncAPI document, or check.
+
+Both go to schemas/json, one JSON Schema per message model and one AsyncAPI document.
 
     python -m schemas.export            # write schemas/json/<kind>.schema.json, asyncapi.json
     python -m schemas.export --check    # exit 1 and list the files that differ
@@ -21,7 +22,6 @@ from typing import Any, Final
 
 from pydantic import BaseModel
 
-from schemas import asyncapi
 from schemas.models import MODELS_BY_KIND, SCHEMA_VERSION
 
 SCHEMA_DIR: Final = Path(__file__).resolve().parent / "json"
@@ -55,6 +55,10 @@ def render_document(document: dict[str, Any]) -> str:
 
 def expected_files() -> dict[str, str]:
     """File name to contents for every kind in MODELS_BY_KIND, then the AsyncAPI document."""
+    # Imported here: the document reads the gateway's topics and MQTT settings, which users of
+    # schema_for alone (the models' tests) need not load.
+    from schemas import asyncapi
+
     schemas = {kind: schema_for(kind, model) for kind, model in sorted(MODELS_BY_KIND.items())}
     files = {f"{kind}{SCHEMA_SUFFIX}": render(schema) for kind, schema in schemas.items()}
     files[asyncapi.DOCUMENT_NAME] = render_document(asyncapi.document(schemas))
