@@ -17,7 +17,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 import urllib3
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from gateway.adapters.delivery import (
     ACCEPTED,
@@ -63,8 +63,8 @@ class FhirSettings(BaseModel):
     timeout_s: float = Field(10.0, gt=0, le=600, description="per request")
     verify_tls: bool = Field(True, description="verify the server certificate (https)")
     ca_file: Path | None = Field(None, description="CA bundle for a private CA (https)")
-    retry_initial_s: float = Field(0.5, gt=0)
-    retry_max_s: float = Field(30.0, gt=0)
+    retry_initial_s: float = Field(0.5, gt=0, description="first backoff after a failure")
+    retry_max_s: float = Field(30.0, gt=0, description="backoff cap; also the refused pace")
 
     @field_validator("base_url")
     @classmethod
@@ -88,8 +88,17 @@ class FhirSettings(BaseModel):
             load_device_map(value, "")
         return value
 
+    @model_validator(mode="after")
+    def _consistent(self) -> FhirSettings:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set fhir.token or fhir.token_file, not both")
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError("retry_max_s must be at least retry_initial_s")
+        return self
+
     def display_url(self) -> str:
-        return f"{self.base_url} (transaction Bundles)"
+        auth = "bearer token" if self.token or self.token_file else "no token"
+        return f"{self.base_url} (transaction Bundles, {auth})"
 
     def pacing(self) -> Pacing:
         return Pacing(self.batch_rows, self.send_every_s, self.retry_initial_s, self.retry_max_s)

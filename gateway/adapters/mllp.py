@@ -78,14 +78,14 @@ class Hl7Settings(BaseModel):
     patient_assigning_authority: str = Field("", description="PID-3.4 with device_map_file")
     batch_rows: int = Field(2000, ge=1, le=100_000, description="outbox rows read at once")
     send_every_s: float = Field(1.0, ge=0, le=3600, description="pause after a busy drain")
-    connect_timeout_s: float = Field(5.0, gt=0, le=600)
+    connect_timeout_s: float = Field(5.0, gt=0, le=600, description="TCP and TLS connect")
     ack_timeout_s: float = Field(10.0, gt=0, le=600, description="wait for the ACK")
     ca_file: Path | None = Field(None, description="mllps: CA bundle of a private CA")
     cert_file: Path | None = Field(None, description="mllps: client certificate (PEM)")
     key_file: Path | None = Field(None, description="mllps: client key (PEM, mode 600)")
     verify_tls: bool = Field(True, description="mllps: verify the receiver's certificate")
-    retry_initial_s: float = Field(0.5, gt=0)
-    retry_max_s: float = Field(30.0, gt=0)
+    retry_initial_s: float = Field(0.5, gt=0, description="first backoff after a failure")
+    retry_max_s: float = Field(30.0, gt=0, description="backoff cap; also the refused pace")
 
     @field_validator("url")
     @classmethod
