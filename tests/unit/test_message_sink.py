@@ -1,0 +1,125 @@
+"""The shared message-sink driver over a real outbox: cursor, retry, poison isolation.
+
+The transport here is a scripted implementation of our own Transport protocol (the receivers
+are exercised for real in tests/integration/test_interop_sinks.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.adapters.delivery import (
+    ACCEPTED,
+    Answer,
+    MessageSink,
+    Outgoing,
+    Pacing,
+    Verdict,
+)
+from gateway.outbox import Outbox, OutRecord, StoredRecord
+
+PACING = Pacing(batch_rows=100, send_every_s=0.0, retry_initial_s=0.001, retry_max_s=0.002)
+
+
+class PerRecord:
+    """One message per 'reading' row (others skipped); splittable as asked."""
+
+    def __init__(self, splittable: bool, per_message: int = 1) -> None:
+        self.splittable = splittable
+        self.per_message = per_message
+
+    def encode(self, rows: Sequence[StoredRecord]) -> list[Outgoing]:
+        chosen = [r for r in rows if r.kind == "reading"]
+        n = self.per_message
+        return [
+            Outgoing(tuple(chosen[i : i + n]), b"|".join(r.payload for r in chosen[i : i + n]),
+                     chosen[i].record_id)
+            for i in range(0, len(chosen), n)
+        ]  # fmt: skip
+
+
+class Scripted:
+    """Answers by payload: 'bad' is rejected, 'busy' answered RETRY twice."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.busy_left = 2
+
+    def send(self, message: Outgoing) -> Answer:
+        self.sent.append(message.body)
+        if b"bad" in message.body:
+            return Answer(Verdict.REJECTED, "refused: bad")
+        if b"busy" in message.body and self.busy_left:
+            self.busy_left -= 1
+            return Answer(Verdict.RETRY, "busy")
+        return ACCEPTED
+
+    def close(self) -> None:
+        pass
+
+
+def outbox_with(tmp_path: Path, payloads: list[str]) -> Outbox:
+    outbox = Outbox(tmp_path / "outbox.db", ["hl7"], durability="normal")
+    records = [
+        OutRecord("status" if p == "status" else "reading", f"id-{i}", "P1", p.encode())
+        for i, p in enumerate(payloads)
+    ]
+    outbox.append(records)
+    return outbox
+
+
+Drained = tuple[Outbox, Scripted, list[tuple[str, str]], MessageSink]
+
+
+def drain(tmp_path: Path, payloads: list[str], encoder: PerRecord) -> Drained:
+    outbox = outbox_with(tmp_path, payloads)
+    transport = Scripted()
+    poisoned: list[tuple[str, str]] = []
+    sink = MessageSink(
+        "hl7", outbox, encoder, transport, PACING,
+        on_poison=lambda name, row, reason, raw: poisoned.append((row.record_id, reason)),
+    )  # fmt: skip
+    sink.drain(threading.Event())
+    return outbox, transport, poisoned, sink
+
+
+def test_cursor_passes_every_row_and_skipped_kinds_once_all_are_accepted(tmp_path: Path) -> None:
+    outbox, transport, poisoned, sink = drain(tmp_path, ["a", "status", "b"], PerRecord(False))
+    assert transport.sent == [b"a", b"b"]
+    assert outbox.cursor("hl7") == 3
+    assert poisoned == []
+    assert sink.health()["written"] == 2
+    outbox.close()
+
+
+def test_a_retried_message_is_resent_unchanged_until_accepted(tmp_path: Path) -> None:
+    outbox, transport, poisoned, sink = drain(tmp_path, ["a", "busy", "c"], PerRecord(False))
+    assert transport.sent == [b"a", b"busy", b"busy", b"busy", b"c"]
+    assert sink.health()["retries"] == 2
+    assert poisoned == []
+    outbox.close()
+
+
+def test_an_unsplittable_rejected_message_is_quarantined_whole(tmp_path: Path) -> None:
+    outbox, transport, poisoned, _ = drain(
+        tmp_path, ["a", "bad", "c", "d"], PerRecord(False, per_message=2)
+    )
+    assert poisoned == [("id-0", "refused: bad"), ("id-1", "refused: bad")]
+    assert transport.sent[-1] == b"c|d"
+    assert outbox.cursor("hl7") == 4
+    outbox.close()
+
+
+def test_a_splittable_rejected_message_is_halved_until_one_record_is_quarantined(
+    tmp_path: Path,
+) -> None:
+    outbox, _, poisoned, sink = drain(
+        tmp_path, ["a", "b", "bad", "d", "e"], PerRecord(True, per_message=5)
+    )
+    assert poisoned == [("id-2", "refused: bad")]
+    assert sink.health()["written"] == 4
+    assert sink.health()["poisoned"] == 1
+    assert outbox.cursor("hl7") == 5
+    outbox.close()
