@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import quote
+
+from pydantic_core import to_json
 
 from gateway.hl7_messages import NO_LINK, READING_METRICS, READING_STATES, DeviceLink
 from schemas.mdc import DEVICE_MDC, MDC_CODE_SYSTEM, UCUM_SYSTEM, alert_code_for, mdc_for
@@ -72,6 +74,11 @@ def _search(system: str, value: str) -> str:
 
 def field_concept(name: str) -> dict[str, Any]:
     """The CodeableConcept of a reading field: MDC when known, else FIELD_SYSTEM."""
+    concept = _CONCEPTS.get(name)
+    return concept if concept is not None else _field_concept(name)
+
+
+def _field_concept(name: str) -> dict[str, Any]:
     entry = mdc_for(name)
     if entry is not None and entry.code is not None and entry.confidence in ("C", "D"):
         refid = entry.refid or name
@@ -79,6 +86,15 @@ def field_concept(name: str) -> dict[str, Any]:
     else:
         coding = {"system": FIELD_SYSTEM, "code": name, "display": name}
     return {"coding": [coding], "text": name}
+
+
+_CONCEPTS: Final = {
+    name: _field_concept(name)
+    for name in ("reservoir_ml", "basal_rate_ml_per_day", "delivered_total_ml",
+                 "reservoir_capacity_ml", "low_reservoir_alarm_ml", "bolus_count_24h",
+                 "battery_remaining_pct", "pump_state", "battery_state", "drug")
+}  # fmt: skip
+"""Computed once: a Bundle repeats them for every reading (the JSON encoder copies them)."""
 
 
 def _quantity(name: str, value: float) -> dict[str, Any]:
@@ -272,15 +288,17 @@ def transaction_bundle(
     records: Sequence[Reading | AlertTransition],
     links: Mapping[str, DeviceLink] | None = None,
     *,
-    with_metrics: bool = True,
+    metrics_for: Collection[str] | None = None,
 ) -> FhirBundle:
-    """A transaction Bundle: each pump's Device (and DeviceMetrics) once, then the records."""
+    """A transaction Bundle: each pump's Device once (with its DeviceMetrics if the pump is in
+    `metrics_for`; None: every pump), then one entry per record."""
     links = links or {}
     pumps = dict.fromkeys(r.pump_id for r in records)
     entries: list[dict[str, Any]] = []
     for pump_id in pumps:
         entries.append(device_entry(pump_id, links.get(pump_id, NO_LINK)))
-        if with_metrics and pump_id != GATEWAY_PUMP_ID:
+        wanted = metrics_for is None or pump_id in metrics_for
+        if wanted and pump_id != GATEWAY_PUMP_ID:
             entries.extend(metric_entries(pump_id))
     record_ids = []
     for record in records:
@@ -291,7 +309,7 @@ def transaction_bundle(
             entries.append(alert_entry(record, link))
         record_ids.append(record.record_id)
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-    return FhirBundle(json.dumps(bundle, separators=(",", ":")).encode(), tuple(record_ids))
+    return FhirBundle(to_json(bundle), tuple(record_ids))
 
 
 def outcome_reason(body: bytes | str | None, limit_chars: int = 500) -> str | None:

@@ -37,6 +37,9 @@ from schemas.models import AlertTransition, Reading
 
 SINK_NAME: Final = "fhir"
 RETRYABLE_STATUSES: Final = frozenset({408, 429})
+METRICS_REFRESH_S: Final = 600.0
+"""A pump's DeviceMetrics (conditional updates, never referenced by its Observations) go with
+its first Bundle and again after this long, not with every Bundle: 10 entries per pump."""
 REASON_MAX_CHARS: Final = 500
 
 
@@ -51,7 +54,9 @@ class FhirSettings(BaseModel):
     records_per_bundle: int = Field(200, ge=1, le=5000, description="readings and alerts per POST")
     batch_rows: int = Field(2000, ge=1, le=100_000, description="outbox rows read at once")
     send_every_s: float = Field(1.0, ge=0, le=3600, description="pause after a busy drain")
-    device_metrics: bool = Field(True, description="a DeviceMetric per quantity in each Bundle")
+    device_metrics: bool = Field(
+        True, description="a DeviceMetric per quantity, per pump at start and every 10 minutes"
+    )
     send_readings: bool = Field(True, description="Observations")
     send_alerts: bool = Field(True, description="DetectedIssues")
     device_map_file: Path | None = Field(
@@ -112,6 +117,7 @@ class FhirEncoder:
     def __init__(self, settings: FhirSettings, links: Mapping[str, DeviceLink]) -> None:
         self._settings = settings
         self._links = links
+        self._metrics_sent_m: dict[str, float] = {}
 
     def encode(self, rows: Sequence[StoredRecord]) -> list[Outgoing]:
         chosen: list[tuple[StoredRecord, Reading | AlertTransition]] = []
@@ -124,12 +130,23 @@ class FhirEncoder:
         return [self._bundle(chosen[i : i + size]) for i in range(0, len(chosen), size)]
 
     def _bundle(self, part: list[tuple[StoredRecord, Reading | AlertTransition]]) -> Outgoing:
-        bundle = transaction_bundle(
-            [record for _, record in part],
-            self._links,
-            with_metrics=self._settings.device_metrics,
-        )
+        records = [record for _, record in part]
+        bundle = transaction_bundle(records, self._links, metrics_for=self._metrics_due(records))
         return Outgoing(tuple(row for row, _ in part), bundle.body, bundle.record_ids[0])
+
+    def _metrics_due(self, records: Sequence[Reading | AlertTransition]) -> set[str]:
+        """Pumps whose DeviceMetrics go in this Bundle; noted as sent (a refused Bundle is
+        split and encoded again, so a pump may then wait METRICS_REFRESH_S)."""
+        if not self._settings.device_metrics:
+            return set()
+        now_m = time.monotonic()
+        due = {
+            r.pump_id
+            for r in records
+            if now_m - self._metrics_sent_m.get(r.pump_id, -METRICS_REFRESH_S) >= METRICS_REFRESH_S
+        }
+        self._metrics_sent_m.update(dict.fromkeys(due, now_m))
+        return due
 
 
 def answer_for_status(status: int, body: bytes, retry_after: str | None, now_s: float) -> Answer:

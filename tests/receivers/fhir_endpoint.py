@@ -105,6 +105,7 @@ class Store:
     def __init__(self, path: Path, control: Path | None, validating: bool) -> None:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # survives a process restart
         self.db.executescript(SCHEMA)
         self.lock = threading.Lock()
         self.control = control

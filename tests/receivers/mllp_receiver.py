@@ -68,22 +68,24 @@ def validate(text: str) -> str | None:
     return None
 
 
-def describe(message: hl7.Message) -> dict[str, Any]:
-    """Control id, type, carried record ids, and for PCD-04 the alert id and phase."""
-    msh = message.segment("MSH")
-    message_type = str(msh[9])
-    obrs = [s for s in message if str(s[0]) == "OBR"]
+def describe(text: str) -> dict[str, Any]:
+    """Control id, type, carried record ids, and for PCD-04 the alert id and phase (read by
+    splitting on the delimiters: hl7apy has validated the message, or validation is off)."""
+    segments = [s.split("|") for s in text.split("\r") if s]
+    msh = segments[0]
+    message_type = msh[8]
+    obrs = [s for s in segments if s[0] == "OBR"]
     alert_id = phase = None
     if message_type.startswith("ORU^R40"):
-        record_ids = [str(obr[2][0][0]) for obr in obrs]
-        alert_id = str(obrs[0][3][0][0]) if obrs else None
-        for obx in (s for s in message if str(s[0]) == "OBX"):
-            if str(obx[3][0][0]) == PHASE_CODE:
-                phase = str(obx[5])
+        record_ids = [obr[2].split("^")[0] for obr in obrs]
+        alert_id = obrs[0][3].split("^")[0] if obrs else None
+        for obx in (s for s in segments if s[0] == "OBX"):
+            if obx[3].split("^")[0] == PHASE_CODE:
+                phase = obx[5]
     else:
-        record_ids = [str(obr[3][0][0]) for obr in obrs]
+        record_ids = [obr[3].split("^")[0] for obr in obrs]
     return {
-        "control_id": str(msh[10]),
+        "control_id": msh[9],
         "message_type": message_type,
         "record_ids": record_ids,
         "alert_id": alert_id,
@@ -103,6 +105,7 @@ class Receiver:
     def __init__(self, store: Path, control: Path | None, validating: bool) -> None:
         self.db = sqlite3.connect(store, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # survives a process restart
         self.db.executescript(SCHEMA)
         self.control = control
         self.validating = validating
@@ -119,8 +122,7 @@ class Receiver:
 
     def answer(self, text: str) -> tuple[str, str, dict[str, Any]]:
         """(ack code, reason, description) for one message."""
-        message = hl7.parse(text)
-        info = describe(message)
+        info = describe(text)
         reason = validate(text) if self.validating else None
         if reason is not None:
             return "AR", reason, info
@@ -159,7 +161,8 @@ class Receiver:
                 text = block.decode("utf-8")
                 code, reason, info = self.answer(text)
                 self.log(text, code, reason, info)
-                ack = hl7.parse(text).create_ack(ack_code=code, application="RECEIVER")
+                msh = text.split("\r", 1)[0]  # hl7 builds the ACK from the MSH alone
+                ack = hl7.parse(msh).create_ack(ack_code=code, application="RECEIVER")
                 ack_text = str(ack)
                 if reason:
                     ack_text = ack_text.rstrip("\r") + "|" + reason.replace("|", " ")[:200]
