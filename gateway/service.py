@@ -391,10 +391,14 @@ class Gateway:
     def _full_condition(self, full: bool) -> tuple[str, bool, str, float, float]:
         limit = float(self.outbox.max_pending)
         text = (
-            "Outbox full: the gateway has stopped accepting pump telemetry until MQTT or "
-            "InfluxDB catch up; nothing has been dropped."
+            "Outbox full: the gateway has stopped accepting pump telemetry until the "
+            f"{self._slowest_sink()} sink catches up; nothing has been dropped."
         )
         return "outbox_full", full, text, float(self.outbox.pending()), limit
+
+    def _slowest_sink(self) -> str:
+        """The sink with the largest backlog (mqtt, influx, hl7 or fhir)."""
+        return max(self.sinks.names(), key=lambda name: self.outbox.backlog(name)[0])
 
     def _check_fill(self, batch: Batch) -> None:
         limit = self.outbox.max_pending
@@ -406,7 +410,7 @@ class Gateway:
             self._near_full = near
             text = (
                 f"Outbox {pending / limit:.0%} full ({pending} records wait for delivery): "
-                "check the MQTT broker and InfluxDB."
+                f"check the receiver of the {self._slowest_sink()} sink."
             )
             self.pipeline.condition(
                 "outbox_near_full",
