@@ -123,3 +123,32 @@ def test_a_splittable_rejected_message_is_halved_until_one_record_is_quarantined
     assert sink.health()["poisoned"] == 1
     assert outbox.cursor("hl7") == 5
     outbox.close()
+
+
+def _row(seq: int, kind: str, payload: bytes) -> StoredRecord:
+    return StoredRecord(seq, kind, f"id-{seq}", "P", payload, None, False, 0.0)
+
+
+def test_hl7_encoder_groups_readings_per_pump_and_interval_and_sends_alerts_alone() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.adapters.mllp import Hl7Encoder, Hl7Settings
+    from tests.unit.test_interop_messages import alert, reading
+
+    t0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+    rows: list[StoredRecord] = []
+    for i in range(6):  # P0001 and P0002 interleaved, one reading a minute each
+        for pump in ("P0001", "P0002"):
+            model = reading(i, pump_id=pump, device_time=t0 + timedelta(minutes=i),
+                            received_at=t0 + timedelta(minutes=i, seconds=1))  # fmt: skip
+            rows.append(_row(len(rows) + 1, "reading", model.model_dump_json().encode()))
+    rows.append(_row(len(rows) + 1, "pump_status", b"{}"))
+    rows.append(_row(len(rows) + 1, "alert", alert("start").model_dump_json().encode()))
+    settings = Hl7Settings(url="mllp://e:1", reading_interval_s=180, max_readings_per_message=2)
+    messages = Hl7Encoder(settings, {}).encode(rows)
+    groups = sorted(tuple(r.seq for r in m.rows) for m in messages)
+    # 3-minute buckets [0, 3) and [3, 6) per pump, at most 2 readings each, the alert alone
+    assert groups == [(1, 3), (2, 4), (5,), (6,), (7, 9), (8, 10), (11,), (12,), (14,)]
+    alert_message = next(m for m in messages if m.rows[0].seq == 14)
+    assert b"|ORU^R40^ORU_R40|" in alert_message.body
+    assert all(b"|ORU^R01^ORU_R01|" in m.body for m in messages if m is not alert_message)
