@@ -85,9 +85,24 @@ class MllpReceiver(ScriptServer):
     name = "mllp receiver"
     script = "mllp_receiver.py"
 
+    def __init__(
+        self, workdir: Path, *, validate: bool = True, tls: tuple[Path, Path, Path] | None = None
+    ) -> None:
+        """tls: (server certificate, its key, the CA client certificates must chain to)."""
+        super().__init__(workdir, validate=validate)
+        self.tls = tls
+
+    def _argv(self) -> list[str]:
+        if self.tls is None:
+            return super()._argv()
+        cert, key, client_ca = self.tls
+        tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(client_ca)]
+        return [*super()._argv(), *tls]
+
     @property
     def url(self) -> str:
-        return f"mllp://127.0.0.1:{self.port}"
+        scheme = "mllp" if self.tls is None else "mllps"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def messages(self) -> list[Hl7Received]:
         rows = self._rows(

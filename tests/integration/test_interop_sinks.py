@@ -20,6 +20,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from gateway.adapters.delivery import Outgoing, Verdict
+from gateway.adapters.mllp import Hl7Settings, MllpTransport
 from tests.e2e import (
     GatewayProcess,
     Metrics,
@@ -29,7 +31,7 @@ from tests.e2e import (
     wait_until,
 )
 from tests.interop_servers import FhirEndpoint, MllpReceiver
-from tests.servers import Mosquitto
+from tests.servers import Mosquitto, Pki
 
 pytestmark = pytest.mark.integration
 
@@ -337,3 +339,50 @@ def phases(receiver: MllpReceiver) -> list[str]:
             ordered.append(m.phase or "?")
         seen[m.control_id] += 1
     return ordered
+
+
+# --- 4. MLLP over TLS --------------------------------------------------------------------
+
+TLS_WARD = f"--scenario normal --pumps 1 --seed 4 --count 20 {TIMING}"
+
+
+def test_mllps_delivers_with_the_clinic_ca_and_a_client_certificate_and_refuses_a_rogue_ca(
+    tmp_path: Path, mosquitto: Mosquitto, pki: Pki
+) -> None:
+    tls = (pki.server_cert, pki.server_key, pki.ca_cert)
+    with MllpReceiver(tmp_path / "mllps", tls=tls) as receiver:
+        rogue = Hl7Settings(url=receiver.url, ca_file=pki.rogue_ca_cert, ack_timeout_s=5.0)
+        probe = b"MSH|^~\\&|PUMPGW||||20260105||ORU^R01^ORU_R01|PROBE|P|2.6"
+        answer = MllpTransport(rogue).send(Outgoing((), probe, "probe"))
+        assert answer.verdict is Verdict.RETRY
+        assert "CERTIFICATE_VERIFY_FAILED" in answer.reason
+        assert receiver.messages() == []
+
+        outbox = tmp_path / "outbox.db"
+        hl7 = {
+            "url": receiver.url,
+            "ca_file": str(pki.ca_cert),
+            "cert_file": str(pki.client_cert),
+            "key_file": str(pki.client_key),
+            "reading_interval_s": 0,
+            "send_every_s": 0.2,
+        }
+        with ward_running(tmp_path, TLS_WARD) as ward:
+            config = gateway_config(
+                tmp_path, sim_port=ward.port, mqtt_port=mosquitto.port,
+                prefix=f"tls-{uuid.uuid4().hex[:8]}", extra={"hl7": hl7},
+            )  # fmt: skip
+            gateway = GatewayProcess(config, tmp_path / "gateway.log").start()
+            try:
+                assert ward.summary()["all_acked"] is True
+                metrics = gateway.wait_metrics(
+                    lambda m: m.value("pumpgw_sink_backlog_records", sink="hl7") == 0
+                    and m.value("pumpgw_sink_connected", sink="hl7") == 1,
+                    DELIVERED_S,
+                )
+            finally:
+                gateway.stop()
+        readings = stored_ids(outbox, "reading")
+        assert len(readings) == 20
+        assert set(receiver.accepted_ids()) == readings
+        assert metrics.value("pumpgw_sink_messages_total", sink="hl7") >= 20

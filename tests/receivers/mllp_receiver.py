@@ -15,7 +15,9 @@ receiver answer on demand:
 "reject": any message carrying a record id that matches the pattern (fnmatch) gets that code
 (AR or AE) every time;
 "transient": answered AE that many times, then normally. Every message is logged with its
-answer; `--no-validate` skips hl7apy (for benchmarks, which measure the sender).
+answer; `--no-validate` skips hl7apy (for benchmarks, which measure the sender). With
+--tls-cert and --tls-key it speaks MLLP over TLS, and with --tls-client-ca it requires a
+client certificate signed by that CA.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import fnmatch
 import json
 import signal
 import sqlite3
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -174,10 +177,27 @@ class Receiver:
             writer.close()
 
 
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """MLLP over TLS with --tls-cert/--tls-key; --tls-client-ca also requires a client cert."""
+    if args.tls_cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(args.tls_cert, args.tls_key)
+    if args.tls_client_ca is not None:
+        context.load_verify_locations(args.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 async def main_async(args: argparse.Namespace) -> None:
     receiver = Receiver(args.store, args.control, not args.no_validate)
     server = await start_hl7_server(
-        receiver.serve, "127.0.0.1", args.port, limit=64 * 1024 * 1024, encoding="utf-8"
+        receiver.serve,
+        "127.0.0.1",
+        args.port,
+        limit=64 * 1024 * 1024,
+        encoding="utf-8",
+        ssl=tls_context(args),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -194,6 +214,9 @@ def main() -> int:
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--control", type=Path)
     parser.add_argument("--no-validate", action="store_true")
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--tls-client-ca", type=Path)
     asyncio.run(main_async(parser.parse_args()))
     return 0
 
