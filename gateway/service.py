@@ -219,8 +219,10 @@ class Gateway:
         self._queue.put(("poison", record.record_id, record.line or b"", reason, "influx"))
 
     def _on_sink_poison(self, sink: str, record: StoredRecord, reason: str, raw: bytes) -> None:
-        """Called on an HL7 or FHIR sink's thread when the receiver refuses a record for good."""
-        self._queue.put(("poison", record.record_id, raw, reason, sink))
+        """Called on an HL7 or FHIR sink's thread when the receiver refuses a record for good.
+        The quarantine keeps the record's JSON, not the refused message: a message may carry
+        a patient id from the device map, and quarantine entries go to the dead-letter topic."""
+        self._queue.put(("poison", record.record_id, record.payload, reason, sink))
 
     def _ingest_loop(self) -> None:
         next_tick = time.monotonic()

@@ -256,6 +256,8 @@ def test_ar_and_422_quarantine_exactly_one_record_and_ae_and_503_are_resent(
     assert hl7_quarantine[0]["reason_kind"] == "hl7_rejected"
     assert "AR: rejected on demand" in hl7_quarantine[0]["reason"]
     assert next(iter(rejected)) in hl7_quarantine[0]["reason"]
+    kept = json.loads(bytes.fromhex(hl7_quarantine[0]["raw_hex"]))
+    assert f"{kept['pump_id']}:{kept['boot_id']}:{kept['seq']}" in rejected  # the record, not PID
 
     assert fhir_endpoint.record_ids("Observation") == readings - refused_fhir
     fhir_quarantine = quarantined(outbox, "fhir")
