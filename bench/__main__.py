@@ -121,7 +121,8 @@ SUITES: tuple[Suite, ...] = (
     _one("interop", "bench.bench_interop", ["--count", "100000", "--mqtt-count", "20000"],
          ["--count", "5000", "--mqtt-count", "2000", "--builder-readings", "50"]),
 )  # fmt: skip
-"""In run order. Full sizes: the 1,000,000-reading drain is the issue's; the rest are cut
+"""In run order. Full sizes: the 1,000,000-reading drain and the 100,000-reading interop
+drains are their issues'; the rest are cut
 from the modules' defaults (gateway steady window 60 -> 30 s, saturation and baseline 200,000
 -> 100,000 readings, one run each, latency phases 20 -> 10 s, MQTT sink 50,000 -> 20,000
 records once per protocol) to keep the suite under 15 minutes. Quick sizes are smaller except
