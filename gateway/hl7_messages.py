@@ -64,7 +64,8 @@ READING_STATES: Final = ("pump_state", "battery_state")
 """Coded fields of a Reading, reported as CWE observations (values in LOCAL_SYSTEM)."""
 
 _ESCAPES: Final = str.maketrans(
-    {"\\": "\\E\\", "|": "\\F\\", "^": "\\S\\", "~": "\\R\\", "&": "\\T\\", "\r": " ", "\n": " "}
+    {"\\": "\\E\\", "|": "\\F\\", "^": "\\S\\", "~": "\\R\\", "&": "\\T\\", "\r": " ", "\n": " ",
+     "\x0b": " ", "\x1c": " "}  # the last two would end an MLLP block early
 )
 
 

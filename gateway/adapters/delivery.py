@@ -27,8 +27,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final, Protocol
 
+from pydantic import ValidationError
+
 from gateway.outbox import Outbox, OutboxError, StoredRecord
 from gateway.quiet import QuietLog
+from schemas.models import describe_errors
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,8 @@ class Outgoing:
     body: bytes
     label: str
     """How logs and quarantine reasons name it (an MSH-10, a bundle's first record id)."""
+    unreadable: str | None = None
+    """Why the encoder could not read this row (then it is quarantined, never sent)."""
 
     @property
     def first_seq(self) -> int:
@@ -72,7 +77,8 @@ class Outgoing:
 
 
 class Encoder(Protocol):
-    """Turns outbox rows into messages; pure. `splittable`: a rejected message may be halved."""
+    """Turns outbox rows into messages; pure. `splittable`: a rejected message may be halved.
+    A row it cannot read becomes an Outgoing of its own with `unreadable` set."""
 
     splittable: bool
 
@@ -107,6 +113,12 @@ class Pacing:
     send_every_s: float
     retry_initial_s: float
     retry_max_s: float
+
+
+def unreadable(row: StoredRecord, exc: ValidationError) -> Outgoing:
+    """The stand-in for a stored row that no longer validates (a schema change)."""
+    reason = f"stored {row.kind} no longer validates: {describe_errors(exc.errors())}"
+    return Outgoing((row,), b"", row.record_id, unreadable=reason)
 
 
 PoisonCallback = Callable[[str, StoredRecord, str, bytes], None]
@@ -227,6 +239,9 @@ class MessageSink:
         self._acknowledge(rows[-1].seq)
 
     def _deliver(self, message: Outgoing, stop: threading.Event) -> None:
+        if message.unreadable is not None:
+            self._poison(message, message.unreadable)
+            return
         answer = self._send_until_answered(message, stop)
         if answer.verdict is Verdict.ACCEPTED:
             return

@@ -17,7 +17,15 @@ from typing import Final
 from urllib.parse import urlsplit
 
 import urllib3
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.adapters.delivery import (
     ACCEPTED,
@@ -27,6 +35,7 @@ from gateway.adapters.delivery import (
     Pacing,
     PoisonCallback,
     Verdict,
+    unreadable,
 )
 from gateway.adapters.influx import _check_secret_file, read_secret, retry_after_s
 from gateway.adapters.mllp import load_device_map
@@ -121,13 +130,17 @@ class FhirEncoder:
 
     def encode(self, rows: Sequence[StoredRecord]) -> list[Outgoing]:
         chosen: list[tuple[StoredRecord, Reading | AlertTransition]] = []
+        broken: list[Outgoing] = []
         for row in rows:
-            if row.kind == "reading" and self._settings.send_readings:
-                chosen.append((row, Reading.model_validate_json(row.payload)))
-            elif row.kind == "alert" and self._settings.send_alerts:
-                chosen.append((row, AlertTransition.model_validate_json(row.payload)))
+            try:
+                if row.kind == "reading" and self._settings.send_readings:
+                    chosen.append((row, Reading.model_validate_json(row.payload)))
+                elif row.kind == "alert" and self._settings.send_alerts:
+                    chosen.append((row, AlertTransition.model_validate_json(row.payload)))
+            except ValidationError as exc:
+                broken.append(unreadable(row, exc))
         size = self._settings.records_per_bundle
-        return [self._bundle(chosen[i : i + size]) for i in range(0, len(chosen), size)]
+        return broken + [self._bundle(chosen[i : i + size]) for i in range(0, len(chosen), size)]
 
     def _bundle(self, part: list[tuple[StoredRecord, Reading | AlertTransition]]) -> Outgoing:
         records = [record for _, record in part]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Final, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.adapters.delivery import (
     ACCEPTED,
@@ -32,6 +32,7 @@ from gateway.adapters.delivery import (
     Pacing,
     PoisonCallback,
     Verdict,
+    unreadable,
 )
 from gateway.hl7_messages import (
     NO_LINK,
@@ -176,23 +177,35 @@ class Hl7Encoder:
     def encode(self, rows: Sequence[StoredRecord]) -> list[Outgoing]:
         out: list[Outgoing] = []
         groups: dict[tuple[str, int], list[tuple[StoredRecord, Reading]]] = {}
-        interval_s = self._settings.reading_interval_s
-        limit = self._settings.max_readings_per_message
         for row in rows:
-            if row.kind == "reading" and self._settings.send_readings:
-                reading = Reading.model_validate_json(row.payload)
-                when_s = reading.device_time.timestamp()
-                bucket = int(when_s // interval_s) if interval_s else row.seq
-                group = groups.setdefault((reading.pump_id, bucket), [])
-                group.append((row, reading))
-                if len(group) >= limit:
-                    out.append(self._readings(groups.pop((reading.pump_id, bucket))))
-            elif row.kind == "alert" and self._settings.send_alerts:
-                alert = AlertTransition.model_validate_json(row.payload)
-                link = self._links.get(alert.pump_id, NO_LINK)
-                out.append(_outgoing((row,), pcd04_message(alert, self._envelope, link)))
+            try:
+                if row.kind == "reading" and self._settings.send_readings:
+                    self._group(row, Reading.model_validate_json(row.payload), groups, out)
+                elif row.kind == "alert" and self._settings.send_alerts:
+                    out.append(self._alert(row, AlertTransition.model_validate_json(row.payload)))
+            except ValidationError as exc:
+                out.append(unreadable(row, exc))
         out.extend(self._readings(group) for group in groups.values())
         return out
+
+    def _group(
+        self,
+        row: StoredRecord,
+        reading: Reading,
+        groups: dict[tuple[str, int], list[tuple[StoredRecord, Reading]]],
+        out: list[Outgoing],
+    ) -> None:
+        """Add a reading to its (pump, interval) group; a full group becomes a message."""
+        interval_s = self._settings.reading_interval_s
+        bucket = int(reading.device_time.timestamp() // interval_s) if interval_s else row.seq
+        group = groups.setdefault((reading.pump_id, bucket), [])
+        group.append((row, reading))
+        if len(group) >= self._settings.max_readings_per_message:
+            out.append(self._readings(groups.pop((reading.pump_id, bucket))))
+
+    def _alert(self, row: StoredRecord, alert: AlertTransition) -> Outgoing:
+        link = self._links.get(alert.pump_id, NO_LINK)
+        return _outgoing((row,), pcd04_message(alert, self._envelope, link))
 
     def _readings(self, group: list[tuple[StoredRecord, Reading]]) -> Outgoing:
         readings = [reading for _, reading in group]

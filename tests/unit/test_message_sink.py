@@ -152,3 +152,28 @@ def test_hl7_encoder_groups_readings_per_pump_and_interval_and_sends_alerts_alon
     alert_message = next(m for m in messages if m.rows[0].seq == 14)
     assert b"|ORU^R40^ORU_R40|" in alert_message.body
     assert all(b"|ORU^R01^ORU_R01|" in m.body for m in messages if m is not alert_message)
+
+
+def test_a_stored_row_that_no_longer_validates_is_quarantined_unsent(tmp_path: Path) -> None:
+    from gateway.adapters.mllp import Hl7Encoder, Hl7Settings
+    from tests.unit.test_interop_messages import reading
+
+    outbox = Outbox(tmp_path / "outbox.db", ["hl7"], durability="normal")
+    good = reading(1)
+    outbox.append([
+        OutRecord("reading", "broken", "P1", b'{"kind": "reading", "pump_id": "P1"}'),
+        OutRecord("reading", good.record_id, "P0001", good.model_dump_json().encode()),
+    ])  # fmt: skip
+    transport = Scripted()
+    poisoned: list[tuple[str, str]] = []
+    sink = MessageSink(
+        "hl7", outbox, Hl7Encoder(Hl7Settings(url="mllp://e:1"), {}), transport, PACING,
+        on_poison=lambda name, row, reason, raw: poisoned.append((row.record_id, reason)),
+    )  # fmt: skip
+    sink.drain(threading.Event())
+    assert [rid for rid, _ in poisoned] == ["broken"]
+    assert "no longer validates" in poisoned[0][1]
+    assert len(transport.sent) == 1
+    assert b"P0001:b1a2:1" in transport.sent[0]
+    assert outbox.cursor("hl7") == 2
+    outbox.close()
