@@ -292,7 +292,7 @@ class MessageSink:
         reason = reason[:REASON_MAX_CHARS] or "refused without a reason"
         self._quiet.warning(
             "poison",
-            "%s sink: the receiver refused message %s for good (%s); quarantined",
+            "%s sink: message %s refused for good (%s); quarantined",
             self.name,
             message.label,
             reason,
