@@ -118,8 +118,11 @@ SUITES: tuple[Suite, ...] = (
         Step(LATENCY, ("--seconds", "10", "--broker-nodelay"),
              ("--seconds", "1", "--broker-nodelay")),
     )),
+    _one("interop", "bench.bench_interop", ["--count", "100000", "--mqtt-count", "20000"],
+         ["--count", "5000", "--mqtt-count", "2000", "--builder-readings", "50"]),
 )  # fmt: skip
-"""In run order. Full sizes: the 1,000,000-reading drain is the issue's; the rest are cut
+"""In run order. Full sizes: the 1,000,000-reading drain and the 100,000-reading interop
+drains are their issues'; the rest are cut
 from the modules' defaults (gateway steady window 60 -> 30 s, saturation and baseline 200,000
 -> 100,000 readings, one run each, latency phases 20 -> 10 s, MQTT sink 50,000 -> 20,000
 records once per protocol) to keep the suite under 15 minutes. Quick sizes are smaller except
@@ -228,6 +231,30 @@ def _ingest_rate(case: dict[str, Any]) -> float | None:
 
 
 MODULE = "module's own target"
+ISSUE_14 = "issue 14"
+
+
+def _interop_complete(case: str) -> Check:
+    def check(data: dict[str, Any]) -> str | None:
+        return None if dig(data, case, "complete") else f"{case}: not every reading arrived"
+
+    return check
+
+
+INTEROP_FIGURES: tuple[Figure, ...] = (
+    Figure("interop", "HL7 PCD-01 ORU^R01 over MLLP, backlog drain (batched per pump and 100 min)",
+           ("hl7", "readings_per_s"), "readings/s", 5_000, source=ISSUE_14,
+           check=_interop_complete("hl7")),
+    Figure("interop", "HL7 test receiver CPU during that drain", ("hl7", "receiver_cpu_s"),
+           "CPU s"),
+    Figure("interop", "FHIR R4 transaction Bundles, backlog drain (200 records/Bundle)",
+           ("fhir", "readings_per_s"), "readings/s", 2_000, source=ISSUE_14,
+           check=_interop_complete("fhir")),
+    Figure("interop", "FHIR test endpoint CPU during that drain", ("fhir", "receiver_cpu_s"),
+           "CPU s"),
+    Figure("interop", "MQTT drain throughput lost while HL7 and FHIR drain too",
+           ("mqtt_cost", "mqtt_throughput_loss"), "fraction", 0.10, True, source=ISSUE_14),
+)  # fmt: skip
 FIGURES: tuple[Figure, ...] = (
     Figure("gateway", "End to end, QoS 1, durability full, MQTT + VictoriaMetrics",
            ("saturation_influx", "sustained_per_s"), "readings/s", 10_000,
@@ -268,6 +295,7 @@ FIGURES: tuple[Figure, ...] = (
     Figure("simulator", "Simulator over TCP, 100 pumps, read back",
            ("cases", {"pumps": 100}, "reader_frames_per_s"), "frames/s", 10_000,
            source=MODULE),
+    *INTEROP_FIGURES,
 )  # fmt: skip
 
 

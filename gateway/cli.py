@@ -92,6 +92,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  sources: {', '.join(s.label for s in settings.sources) or 'none'}")
     print(f"  mqtt: {settings.mqtt.display_url()}{_tls_note(settings)}")
     print(f"  influx: {settings.influx.display_url() if settings.influx else 'not configured'}")
+    print(f"  hl7: {settings.hl7.display_url() if settings.hl7 else 'not configured'}")
+    print(f"  fhir: {settings.fhir.display_url() if settings.fhir else 'not configured'}")
     print(f"  store: {settings.store.path} (durability {settings.store.durability})")
     keys = environment_keys()
     if keys:

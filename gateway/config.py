@@ -31,7 +31,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from gateway.adapters.fhir_rest import FhirSettings
 from gateway.adapters.influx import InfluxSettings
+from gateway.adapters.mllp import Hl7Settings
 from gateway.adapters.mqtt import MqttSettings
 from gateway.adapters.serial_port import SourceSettings
 from gateway.alert_settings import RulesConfig
@@ -154,6 +156,8 @@ class Settings(BaseSettings):
     sources: list[SourceSettings] = Field(default_factory=list)
     mqtt: MqttSettings = MqttSettings()
     influx: InfluxSettings | None = None
+    hl7: Hl7Settings | None = None
+    fhir: FhirSettings | None = None
     store: StoreSection = StoreSection()
     health: HealthSection = HealthSection()
     alerts: RulesConfig = RulesConfig()

@@ -13,7 +13,9 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from gateway.adapters.fhir_rest import FhirSettings
 from gateway.adapters.influx import InfluxSettings
+from gateway.adapters.mllp import Hl7Settings
 from gateway.adapters.mqtt import MqttSettings, MqttTls
 from gateway.adapters.serial_port import SourceSettings
 from gateway.alert_settings import RuleSettings
@@ -29,7 +31,8 @@ use a double underscore: `PUMPGW_MQTT__URL`, `PUMPGW_MQTT__PASSWORD`, `PUMPGW_IN
 `PUMPGW_GATEWAY__STATION`. `pumpgw check-config FILE` prints every problem with its key path
 and exits 2; a valid file prints a summary (secrets are never printed). Unknown keys are errors.
 
-Secrets (`mqtt.password`, `influx.token`, `influx.password`, `gateway.pseudonymize_key`) are
+Secrets (`mqtt.password`, `influx.token`, `influx.password`, `fhir.token`,
+`gateway.pseudonymize_key`) are
 best given as environment variables or as `*_file` paths to files readable only by their owner
 (mode 600): a file readable by group or others is refused. They never appear in logs, metrics,
 status payloads or process arguments.
@@ -46,6 +49,10 @@ SECTIONS: tuple[tuple[str, str, type[BaseModel]], ...] = (
     ("mqtt", "`[mqtt]`: the broker", MqttSettings),
     ("mqtt.tls", "`[mqtt.tls]`: TLS for `mqtts://`", MqttTls),
     ("influx", "`[influx]`: the time-series database (optional)", InfluxSettings),
+    ("hl7", "`[hl7]`: HL7 v2 PCD-01/PCD-04 over MLLP (optional, docs/interoperability.md)",
+     Hl7Settings),
+    ("fhir", "`[fhir]`: FHIR R4 transaction Bundles (optional, docs/interoperability.md)",
+     FhirSettings),
     ("store", "`[store]`: the outbox", StoreSection),
     ("health", "`[health]`: /healthz and /metrics", HealthSection),
     (

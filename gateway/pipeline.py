@@ -40,6 +40,8 @@ BOOTS_REMEMBERED = 4
 SEQS_REMEMBERED = 20_000
 """Per pump boot, sequence numbers kept for duplicate detection above the gap-free floor."""
 RETAINED_KINDS = frozenset({"info", "pump_status", "active_alerts", "gateway_status"})
+SINK_SOURCES = frozenset({"influx", "hl7", "fhir"})
+"""Quarantine sources that are sinks: their raw bytes hold only ids as they left the station."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,14 +362,20 @@ class Pipeline:
         return None
 
     def poisoned_point(
-        self, record_id: str, line: bytes, reason: str, now_s: float, batch: Batch
+        self,
+        record_id: str,
+        line: bytes,
+        reason: str,
+        now_s: float,
+        batch: Batch,
+        sink: str = "influx",
     ) -> None:
-        """The time-series database refused a point for good: quarantine it with its reason."""
+        """A sink's receiver refused a record for good: quarantine it with the reason."""
         self.counts.poisoned += 1
         self._quarantine(
             batch,
-            "influx",
-            "influx_rejected",
+            sink,
+            f"{sink}_rejected",
             f"{record_id}: {reason}",
             line,
             _to_datetime(now_s),
@@ -389,7 +397,7 @@ class Pipeline:
         if counted:  # a frame: part of the accounting frames_in = accepted + quarantined + dup
             self.counts.quarantined[kind] += 1
         self._quarantine_n += 1
-        if self._key is not None and source != "influx":
+        if self._key is not None and source not in SINK_SOURCES:
             # The raw frame holds the real pump id and serial: it never leaves the station.
             raw, reason = b"", f"{reason} (raw bytes withheld: pump ids are pseudonymised)"
         entry = Quarantined(

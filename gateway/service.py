@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
+from gateway.adapters.delivery import MessageSink
+from gateway.adapters.fhir_rest import make_fhir_sink
 from gateway.adapters.influx import InfluxSink
+from gateway.adapters.mllp import make_hl7_sink
 from gateway.adapters.mqtt import MqttSink, ReceivedAck
 from gateway.adapters.serial_port import SerialSource
 from gateway.config import Settings, pseudonymize_key
@@ -55,10 +58,17 @@ class SinkSet:
 
     mqtt: MqttSink | None = None
     influx: InfluxSink | None = None
+    messages: list[MessageSink] = field(default_factory=list)
+    """HL7 v2 and FHIR: each a MessageSink (adapters/delivery.py) with its own cursor."""
     threads: list[threading.Thread] = field(default_factory=list)
 
     def names(self) -> list[str]:
-        return [n for n, s in (("mqtt", self.mqtt), ("influx", self.influx)) if s is not None]
+        fixed = [n for n, s in (("mqtt", self.mqtt), ("influx", self.influx)) if s is not None]
+        return fixed + [s.name for s in self.messages]
+
+    def by_name(self, name: str) -> MqttSink | InfluxSink | MessageSink | None:
+        fixed = {"mqtt": self.mqtt, "influx": self.influx}
+        return fixed[name] if name in fixed else {s.name: s for s in self.messages}.get(name)
 
 
 class Gateway:
@@ -81,6 +91,8 @@ class Gateway:
         self._sources_seen: tuple[bool, ...] = ()
         self._batches_done = 0
         sink_names = ["mqtt"] + (["influx"] if settings.influx is not None else [])
+        sink_names += [n for n in ("hl7", "fhir") if getattr(settings, n) is not None]
+        self.wake_messages = {name: threading.Event() for name in ("hl7", "fhir")}
         store = settings.store
         self.outbox = Outbox(
             store.path,
@@ -129,6 +141,14 @@ class Gateway:
         )
         if self.settings.influx is not None:
             sinks.influx = InfluxSink(self.settings.influx, self.outbox, on_poison=self._on_poison)
+        if self.settings.hl7 is not None:
+            sinks.messages.append(
+                make_hl7_sink(self.settings.hl7, self.outbox, on_poison=self._on_sink_poison)
+            )
+        if self.settings.fhir is not None:
+            sinks.messages.append(
+                make_fhir_sink(self.settings.fhir, self.outbox, on_poison=self._on_sink_poison)
+            )
         return sinks
 
     # -- lifecycle ---------------------------------------------------------------
@@ -142,6 +162,9 @@ class Gateway:
             self._spawn("mqtt sink", self.sinks.mqtt.run, self.stop_event, self.wake_mqtt)
         if self.sinks.influx is not None:
             self._spawn("influx sink", self.sinks.influx.run, self.stop_event, self.wake_influx)
+        for sink in self.sinks.messages:
+            wake = self.wake_messages[sink.name]
+            self._spawn(f"{sink.name} sink", sink.run, self.stop_event, wake)
         log.info(
             "gateway %s/%s started (session %s); sources: %s",
             self.settings.gateway.site,
@@ -193,7 +216,13 @@ class Gateway:
 
     def _on_poison(self, record: StoredRecord, reason: str) -> None:
         """Called on the influx sink's thread when the database rejects a point for good."""
-        self._queue.put(("poison", record.record_id, record.line or b"", reason))
+        self._queue.put(("poison", record.record_id, record.line or b"", reason, "influx"))
+
+    def _on_sink_poison(self, sink: str, record: StoredRecord, reason: str, raw: bytes) -> None:
+        """Called on an HL7 or FHIR sink's thread when the receiver refuses a record for good.
+        The quarantine keeps the record's JSON, not the refused message: a message may carry
+        a patient id from the device map, and quarantine entries go to the dead-letter topic."""
+        self._queue.put(("poison", record.record_id, record.payload, reason, sink))
 
     def _ingest_loop(self) -> None:
         next_tick = time.monotonic()
@@ -260,8 +289,8 @@ class Gateway:
             if error:
                 self._quiet.warning("operator-ack", error)
         elif kind == "poison":
-            _, record_id, line, reason = item
-            self.pipeline.poisoned_point(record_id, line, reason, time.time(), batch)
+            _, record_id, line, reason, sink = item
+            self.pipeline.poisoned_point(record_id, line, reason, time.time(), batch, sink)
         for entry in batch.quarantined:
             self._quiet.warning(
                 f"quarantine:{entry.reason_kind}",
@@ -317,6 +346,8 @@ class Gateway:
     def _wake_sinks(self) -> None:
         self.wake_mqtt.set()
         self.wake_influx.set()
+        for wake in self.wake_messages.values():
+            wake.set()
 
     def _send_acks(self, acks: dict[AckKey, list[int]]) -> None:
         """Tell each device which frames are stored: one range per gap-free run."""
@@ -362,10 +393,14 @@ class Gateway:
     def _full_condition(self, full: bool) -> tuple[str, bool, str, float, float]:
         limit = float(self.outbox.max_pending)
         text = (
-            "Outbox full: the gateway has stopped accepting pump telemetry until MQTT or "
-            "InfluxDB catch up; nothing has been dropped."
+            "Outbox full: the gateway has stopped accepting pump telemetry until the "
+            f"{self._slowest_sink()} sink catches up; nothing has been dropped."
         )
         return "outbox_full", full, text, float(self.outbox.pending()), limit
+
+    def _slowest_sink(self) -> str:
+        """The sink with the largest backlog (mqtt, influx, hl7 or fhir)."""
+        return max(self.sinks.names(), key=lambda name: self.outbox.backlog(name)[0])
 
     def _check_fill(self, batch: Batch) -> None:
         limit = self.outbox.max_pending
@@ -377,7 +412,7 @@ class Gateway:
             self._near_full = near
             text = (
                 f"Outbox {pending / limit:.0%} full ({pending} records wait for delivery): "
-                "check the MQTT broker and InfluxDB."
+                f"check the receiver of the {self._slowest_sink()} sink."
             )
             self.pipeline.condition(
                 "outbox_near_full",
@@ -432,7 +467,7 @@ class Gateway:
         now_s = time.time()
         sinks = []
         for name in self.sinks.names():
-            sink = self.sinks.mqtt if name == "mqtt" else self.sinks.influx
+            sink = self.sinks.by_name(name)
             assert sink is not None
             backlog, oldest_s = self.outbox.backlog(name)
             health = sink.health()

@@ -177,6 +177,26 @@ def test_gateway_service_mounts_its_config_where_the_command_reads_it() -> None:
     assert settings.influx.url == "http://influxdb:8086"
 
 
+def test_the_env_example_points_hl7_and_fhir_at_an_engine_when_uncommented(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lines = (DEPLOY / "pumpgw.env.example").read_text().splitlines()
+    optional = dict(
+        line.removeprefix("# ").split("=", 1)
+        for line in lines
+        if line.startswith(("# PUMPGW_HL7__", "# PUMPGW_FHIR__"))
+    )
+    assert set(optional) >= {"PUMPGW_HL7__URL", "PUMPGW_FHIR__BASE_URL", "PUMPGW_FHIR__TOKEN"}
+    for key, value in optional.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings(ROOT / "config" / "pumpgw.compose.toml")
+    assert settings.hl7 is not None
+    assert settings.hl7.url == optional["PUMPGW_HL7__URL"]
+    assert settings.fhir is not None
+    assert settings.fhir.token is not None
+    assert settings.fhir.token.get_secret_value() == optional["PUMPGW_FHIR__TOKEN"]
+
+
 def test_compose_config_holds_no_secrets() -> None:
     text = (ROOT / "config" / "pumpgw.compose.toml").read_text()
     settings = load_settings(ROOT / "config" / "pumpgw.compose.toml")
