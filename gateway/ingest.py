@@ -895,7 +895,6 @@ class IngestWorker:
                         "mqtt_stale_acks": counts.stale_acks,
                         "mqtt_qos0_dropped": sub.qos0_dropped,
                         "mqtt_queue_full_waits": sub.queue_full_waits,
-                        "stations": self.origin.stations,
                     },
                 ),
             ),

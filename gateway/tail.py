@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import queue
+import ssl
 import sys
 import threading
 import urllib.parse
@@ -28,6 +29,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ValidationError
 
+from gateway.adapters.mqtt import MqttSettings
 from schemas.models import (
     MODELS_BY_KIND,
     Acknowledgement,
@@ -310,6 +312,20 @@ def is_historical(properties: Properties | None) -> bool:
     return any(key == "historical" and str(value).lower() == "true" for key, value in pairs)
 
 
+def connection_options(mqtt_settings: MqttSettings) -> dict[str, Any]:
+    """run_tail's credentials, TLS and protocol from the gateway's [mqtt] section."""
+    tls = mqtt_settings.tls
+    return {
+        "username": mqtt_settings.username,
+        "password": mqtt_settings.password_value(),
+        "ca_file": str(tls.ca_file) if tls.ca_file else None,
+        "cert_file": str(tls.cert_file) if tls.cert_file else None,
+        "key_file": str(tls.key_file) if tls.key_file else None,
+        "tls_insecure": tls.insecure_skip_verify,
+        "protocol": mqtt_settings.protocol,
+    }
+
+
 def run_tail(
     url: str,
     topic_filter: str,
@@ -320,6 +336,7 @@ def run_tail(
     ca_file: str | None = None,
     cert_file: str | None = None,
     key_file: str | None = None,
+    tls_insecure: bool = False,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
     protocol: str = "5",
@@ -339,7 +356,9 @@ def run_tail(
     if username is not None:
         client.username_pw_set(username, password)
     if address.tls or ca_file is not None:
-        client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file)
+        required = ssl.CERT_NONE if tls_insecure else ssl.CERT_REQUIRED
+        client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file, cert_reqs=required)
+        client.tls_insecure_set(tls_insecure)
     client.connect_async(address.host, address.port, keepalive=KEEPALIVE_S)
     client.loop_start()
     try:
