@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.admission import OriginGuard, OriginLimits, TimeWindow
 from gateway.ingest import MAX_PAYLOAD_BYTES, IngestSection, Rejected, record_for
@@ -172,3 +174,28 @@ def test_an_invalid_message_does_not_use_up_a_pump_slot() -> None:
 def test_the_queue_must_hold_what_the_broker_may_send_unacknowledged() -> None:
     with pytest.raises(ValueError, match="max_queue_messages 10 must be at least receive_max"):
         IngestSection(receive_max=100, max_queue_messages=10)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
+    max_leaves=20,
+)
+any_time = st.datetimes(timezones=st.just(UTC)).map(lambda t: t.isoformat())
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    field=st.sampled_from(sorted(json.loads(reading()))),
+    value=json_values | any_time,
+    site=st.text(max_size=80),
+)
+def test_any_field_value_and_site_name_is_a_record_or_a_reason_with_every_check_on(
+    field: str, value: object, site: str
+) -> None:
+    data = json.loads(reading())
+    data[field] = value
+    guard = OriginGuard(OriginLimits(sites=("north", "s*"), max_pumps_per_station=2))
+    result = record_for(topic(site=site.replace("/", "_") or "x"), json.dumps(data).encode(),
+                        "pumpgw", window=WINDOW, origin=guard)  # fmt: skip
+    assert isinstance(result, Rejected) or result.record_id.endswith("P0001:b1:7")
