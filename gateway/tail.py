@@ -59,6 +59,10 @@ PROTOCOLS: Final = {
     "3.1.1": MQTTProtocolVersion.MQTTv311,
     "311": MQTTProtocolVersion.MQTTv311,
 }
+MAX_QUEUED_MESSAGES: Final = 1000
+"""Messages waiting to be printed; past this tail counts them instead (a flood cannot grow it)."""
+MAX_PAYLOAD_BYTES: Final = 65_536
+"""Bytes kept of one payload: a larger one is no pumpgw message and is shown raw anyway."""
 FATAL_CONNACK: Final = frozenset({"Bad user name or password", "Not authorized", "Banned"})
 """Refusals that retrying cannot fix: tail stops with exit code 1."""
 
@@ -292,6 +296,14 @@ class _Status:
     fatal: bool = False
 
 
+@dataclass(slots=True)
+class _Dropped:
+    """Messages not queued because tail was behind; `shown`: how many it has reported."""
+
+    count: int = 0
+    shown: int = 0
+
+
 def parse_broker_url(url: str) -> BrokerAddress:
     """`mqtt://host[:port]` or `mqtts://host[:port]`; raise ValueError naming the problem."""
     parts = urllib.parse.urlsplit(url)
@@ -352,7 +364,8 @@ def run_tail(
         print(f"pumpgw tail: protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}", file=err)
         return 2
     events: queue.Queue[_Received | _Status] = queue.Queue()
-    client = _client(version, events, topic_filter, url)
+    dropped = _Dropped()
+    client = _client(version, events, dropped, topic_filter, url)
     if username is not None:
         client.username_pw_set(username, password)
     if address.tls or ca_file is not None:
@@ -362,16 +375,24 @@ def run_tail(
     client.connect_async(address.host, address.port, keepalive=KEEPALIVE_S)
     client.loop_start()
     try:
-        return _print_events(events, _Printer(out), filter_base(topic_filter), stop)
+        return _print_events(events, dropped, _Printer(out), filter_base(topic_filter), stop)
     finally:
         client.disconnect()
         client.loop_stop()
 
 
 def _print_events(
-    events: queue.Queue[_Received | _Status], printer: _Printer, base: str, stop: threading.Event
+    events: queue.Queue[_Received | _Status],
+    dropped: _Dropped,
+    printer: _Printer,
+    base: str,
+    stop: threading.Event,
 ) -> int:
     while not stop.is_set():
+        if dropped.count > dropped.shown:
+            missed, dropped.shown = dropped.count - dropped.shown, dropped.count
+            printer.line(datetime.now().astimezone(), [(f"-- {missed} messages not shown: "
+                         "they arrived faster than they could be printed", WARN)])  # fmt: skip
         try:
             event = events.get(timeout=POLL_S)
         except queue.Empty:
@@ -396,6 +417,7 @@ def _print_events(
 def _client(
     version: MQTTProtocolVersion,
     events: queue.Queue[_Received | _Status],
+    dropped: _Dropped,
     topic_filter: str,
     url: str,
 ) -> mqtt.Client:
@@ -433,7 +455,11 @@ def _client(
     def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         historical = is_historical(getattr(msg, "properties", None))
         at = datetime.now().astimezone()
-        events.put(_Received(msg.topic, bytes(msg.payload), historical, bool(msg.retain), at))
+        if events.qsize() >= MAX_QUEUED_MESSAGES:
+            dropped.count += 1
+            return
+        payload = bytes(msg.payload[:MAX_PAYLOAD_BYTES])
+        events.put(_Received(msg.topic, payload, historical, bool(msg.retain), at))
 
     client.on_connect, client.on_subscribe = on_connect, on_subscribe
     client.on_disconnect, client.on_message = on_disconnect, on_message
