@@ -17,6 +17,7 @@ secret() {
 gateway_pw="$(secret)"
 ingest_pw="$(secret)"
 dashboard_pw="$(secret)"
+technician_pw="$(secret)"
 influx_pw="$(secret)"
 influx_token="$(secret)"
 grafana_pw="$(secret)"
@@ -30,6 +31,7 @@ write() { # write EXAMPLE TARGET: fill in the change-me values
     sed -e "s|=change-me-gateway\$|=$gateway_pw|" \
         -e "s|=change-me-ingest\$|=$ingest_pw|" \
         -e "s|=change-me-dashboard\$|=$dashboard_pw|" \
+        -e "s|=change-me-technician\$|=$technician_pw|" \
         -e "s|=change-me-influx-admin-password\$|=$influx_pw|" \
         -e "s|=change-me-influx-token\$|=$influx_token|" \
         -e "s|=change-me-grafana-admin\$|=$grafana_pw|" \
@@ -43,4 +45,4 @@ write "$src/pumpgw.env.example" "$dir/pumpgw.env"
 write "$src/ingest.env.example" "$dir/ingest.env"
 write "$src/grafana.env.example" "$dir/grafana.env"
 write "$src/mosquitto/users.env.example" "$dir/mosquitto/users.env"
-echo "make-env.sh: the dashboard's MQTT password is in $dir/mosquitto/users.env"
+echo "make-env.sh: the dashboard's and technician's MQTT passwords are in $dir/mosquitto/users.env"

@@ -15,6 +15,7 @@ import time
 import tomllib
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from gateway import __version__
 from gateway.config import ConfigError, Settings, environment_keys, load_settings
@@ -129,9 +130,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from gateway.tail import run_tail
+    from gateway.tail import connection_options, run_tail
 
     url, topic_filter = args.url, args.topic
+    options: dict[str, Any] = {}
     if args.config is not None:
         settings = load_settings(args.config)
         url = url or settings.mqtt.url
@@ -139,9 +141,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
         topic_filter = topic_filter or (
             f"{prefix}/{settings.gateway.site}/{settings.gateway.station}/#"
         )
+        options = connection_options(settings.mqtt)  # the gateway's user, password and TLS
     stop = threading.Event()
     _stop_on_signals(stop)
-    return run_tail(url or "mqtt://127.0.0.1:1883", topic_filter or "pumpgw/#", stop=stop)
+    return run_tail(
+        url or "mqtt://127.0.0.1:1883", topic_filter or "pumpgw/#", stop=stop, **options
+    )
 
 
 def cmd_history(args: argparse.Namespace) -> int:

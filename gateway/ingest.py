@@ -27,7 +27,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final
@@ -38,7 +38,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from gateway.adapters.influx import InfluxSink
 from gateway.adapters.mqtt import (
@@ -48,6 +48,7 @@ from gateway.adapters.mqtt import (
     paho_errors,
     reason,
 )
+from gateway.admission import OriginGuard, OriginLimits, Refusal, TimeWindow
 from gateway.config import ConfigError, Section, Settings, load_settings_as
 from gateway.health import HealthServer, Observation, SinkObservation, SourceObservation
 from gateway.outbox import Outbox, OutboxError, OutboxFullError, OutRecord, StoredRecord
@@ -74,7 +75,8 @@ MODELS: Final[dict[str, type[Frozen]]] = {
 }
 QOS: Final = 1
 MAX_PAYLOAD_BYTES: Final = 65_536
-"""A larger message is quarantined unread (a reading is under 1 KiB, an alert under 2 KiB)."""
+"""A larger message is quarantined unread (a reading is under 1 KiB, an alert under 2 KiB):
+only its first QUARANTINE_RAW_BYTES leave paho's thread."""
 QUARANTINE_RAW_BYTES: Final = 4096
 RECENT_IDS: Final = 50_000
 """Record ids remembered to drop a redelivered message without storing it twice."""
@@ -86,6 +88,8 @@ RECONNECT_MIN_DELAY_S: Final = 1
 SOURCE_NAME: Final = "mqtt"
 RETIRE_IDLE_S: Final = 3.0
 """A retiring worker's session counts as drained after this long without a message."""
+QUEUE_FULL_WAIT_S: Final = 1.0
+"""paho's thread re-checks this often for room in a full queue (the worker frees it)."""
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -114,6 +118,64 @@ class IngestSection(Section):
         1000, ge=1, le=65_535, description="messages the broker may send before they are acked"
     )
     measurement_prefix: str = Field("", description="prefix of measurement names, as on stations")
+    sites: list[str] = Field(
+        ["*"],
+        min_length=1,
+        description="site names (glob patterns) whose messages are stored; others are quarantined",
+    )
+    stations: list[str] = Field(
+        ["*"], min_length=1, description="station names (glob patterns) whose messages are stored"
+    )
+    max_name_chars: int = Field(64, ge=1, le=128, description="longest site or station name")
+    max_stations: int = Field(
+        10_000, ge=1, description="distinct site/station pairs one worker stores (series bound)"
+    )
+    max_pumps_per_station: int = Field(
+        256, ge=1, description="distinct pumps one station may report (series bound)"
+    )
+    max_record_age_days: float = Field(
+        366.0,
+        gt=0,
+        description="oldest receive or device time stored, before this worker's clock; longer "
+        "than the longest outage a station's outbox bridges",
+    )
+    max_clock_ahead_s: float = Field(
+        300.0,
+        ge=0,
+        description="receive and alert times may be this far after this worker's clock "
+        "(device times one day more: a pump's clock drifts)",
+    )
+    max_queue_messages: int = Field(
+        5000, ge=1, description="deliveries waiting between paho's thread and the worker"
+    )
+    max_queue_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=MAX_PAYLOAD_BYTES,
+        description="payload bytes waiting between paho's thread and the worker",
+    )
+
+    @model_validator(mode="after")
+    def _queue_holds_the_window(self) -> IngestSection:
+        if self.max_queue_messages < self.receive_max:
+            raise ValueError(
+                f"max_queue_messages {self.max_queue_messages} must be at least receive_max "
+                f"{self.receive_max}, the messages the broker may send before an ack"
+            )
+        return self
+
+    def origin_limits(self) -> OriginLimits:
+        return OriginLimits(
+            sites=tuple(self.sites),
+            stations=tuple(self.stations),
+            max_name_chars=self.max_name_chars,
+            max_stations=self.max_stations,
+            max_pumps_per_station=self.max_pumps_per_station,
+        )
+
+    def window(self, now: datetime) -> TimeWindow:
+        return TimeWindow.around(
+            now, timedelta(days=self.max_record_age_days), timedelta(seconds=self.max_clock_ahead_s)
+        )
 
     @field_validator("group")
     @classmethod
@@ -198,17 +260,41 @@ def _tags(site: str, station: str, measurement_prefix: str) -> PointTags:
     return PointTags(site, station, measurement_prefix)
 
 
+def record_id_for(parts: TopicParts, message_record_id: str) -> str:
+    """A record's identity at a consumer: site and station from the topic, then the message's.
+
+    The broker lets a station publish only under its own site and station, so no station can
+    take another's ids (a message's own id is unique only within its station). '/' cannot
+    occur in a topic level, so the joined id is unambiguous.
+    """
+    return f"{parts.site}/{parts.station}/{message_record_id}"
+
+
 def record_for(
-    topic: str, payload: bytes, prefix: str, measurement_prefix: str = ""
+    topic: str,
+    payload: bytes,
+    prefix: str,
+    measurement_prefix: str = "",
+    *,
+    payload_bytes: int | None = None,
+    window: TimeWindow | None = None,
+    origin: OriginGuard | None = None,
 ) -> OutRecord | Rejected:
-    """The outbox record (with its point) of one message, or why it cannot be one."""
+    """The outbox record (with its point) of one message, or why it cannot be one.
+
+    payload_bytes: the message's real size when `payload` is only its start (a message too
+    large to copy); window and origin: the worker's admission checks (none when omitted).
+    """
     parts = parse_topic(topic, prefix)
     if parts is None:
         return Rejected("topic", f"{topic[:200]}: not a telemetry, event or alert topic")
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        return Rejected("oversized", f"{len(payload)} bytes (limit {MAX_PAYLOAD_BYTES})")
+    size = len(payload) if payload_bytes is None else payload_bytes
+    if size > MAX_PAYLOAD_BYTES:
+        return Rejected("oversized", f"{size} bytes (limit {MAX_PAYLOAD_BYTES})")
+    if origin is not None and (refusal := origin.admit_station(parts.site, parts.station)):
+        return Rejected(refusal.reason_kind, refusal.reason)
     try:
-        return _validated_record(parts, payload, measurement_prefix)
+        return _validated_record(parts, payload, measurement_prefix, window, origin)
     except ValidationError as exc:
         return Rejected("invalid", describe_errors(exc.errors()), parts.pump_id)
     except Exception as exc:  # noqa: BLE001 - nothing a publisher sends may stop the worker
@@ -216,19 +302,31 @@ def record_for(
 
 
 def _validated_record(
-    parts: TopicParts, payload: bytes, measurement_prefix: str
+    parts: TopicParts,
+    payload: bytes,
+    measurement_prefix: str,
+    window: TimeWindow | None,
+    origin: OriginGuard | None,
 ) -> OutRecord | Rejected:
     message = MODELS[parts.kind].model_validate_json(payload)
     assert isinstance(message, Reading | DeviceEvent | AlertTransition)  # MODELS says so
     if message.pump_id != parts.pump_id:
         problem = f"payload pump_id {message.pump_id!r} is not the topic's {parts.pump_id!r}"
         return Rejected("pump_mismatch", problem, parts.pump_id)
+    refusal: Refusal | None = None
+    if window is not None:
+        refusal = window.problem(message)
+    if refusal is None and origin is not None:
+        refusal = origin.admit_pump(parts.site, parts.station, parts.pump_id)
+    if refusal is not None:
+        return Rejected(refusal.reason_kind, refusal.reason, parts.pump_id)
     try:
         tags = _tags(parts.site, parts.station, measurement_prefix)
     except ValueError as exc:
         return Rejected("topic", str(exc), parts.pump_id)
     line = line_for(message, tags)
-    return OutRecord(parts.kind, message.record_id, message.pump_id, payload, line)
+    record_id = record_id_for(parts, message.record_id)
+    return OutRecord(parts.kind, record_id, message.pump_id, payload, line)
 
 
 def quarantine_record(
@@ -283,6 +381,8 @@ class Delivery:
     mid: int
     qos: int
     generation: int
+    size_bytes: int
+    """The payload's real size; `payload` holds only its start when it is over the limit."""
 
 
 class MqttSubscription:
@@ -292,6 +392,12 @@ class MqttSubscription:
     disconnect starts a new generation: an acknowledgement for a message of an earlier
     connection is not sent, because the broker delivers that message again (with the same
     packet id, which it may by then have given to another message).
+
+    Back-pressure: the filters are subscribed at QoS 1 and the CONNECT's Receive Maximum
+    bounds the QoS 1 messages in flight, but a QoS 0 publish bypasses both; so a QoS 0
+    delivery is dropped and counted here, never queued (a station publishes at QoS 1). The
+    queue to the worker is bounded in messages and bytes: when it is full, paho's thread
+    waits for room, so the broker holds the rest.
     """
 
     def __init__(
@@ -313,7 +419,13 @@ class MqttSubscription:
         self.subscribed = False
         self.reconnects = 0
         self.bytes_in = 0
+        self.qos0_dropped = 0
+        self.queue_full_waits = 0
         self.last_error: str | None = None
+        self._room = threading.Condition()
+        self._queued_messages = 0
+        self._queued_bytes = 0
+        self._closing = False
         self._client = self._make_client()
 
     def _make_client(self) -> mqtt.Client:
@@ -361,6 +473,9 @@ class MqttSubscription:
 
     def close(self, *, end_session: bool = False) -> None:
         """Disconnect; the session and its unacknowledged messages stay unless `end_session`."""
+        with self._room:
+            self._closing = True
+            self._room.notify_all()
         with self._lock:
             self.generation += 1
         props = None
@@ -450,16 +565,49 @@ class MqttSubscription:
     ) -> None:
         self._events.put(("unsubscribed",))
 
+    def taken(self, delivery: Delivery) -> None:
+        """The worker took a delivery off the queue: its room is free again."""
+        with self._room:
+            self._queued_messages -= 1
+            self._queued_bytes -= len(delivery.payload)
+            self._room.notify()
+
+    def queued(self) -> tuple[int, int]:
+        """(messages, payload bytes) waiting for the worker."""
+        with self._room:
+            return self._queued_messages, self._queued_bytes
+
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        self.bytes_in += len(message.payload)
-        self._events.put(
-            (
-                "message",
-                Delivery(
-                    message.topic, bytes(message.payload), message.mid, message.qos, self.generation
-                ),
-            )
+        size = len(message.payload)
+        self.bytes_in += size
+        if message.qos == 0:
+            self.qos0_dropped += 1
+            return
+        # An oversized payload is quarantined unread: only its start is copied and handed over.
+        kept = (
+            message.payload if size <= MAX_PAYLOAD_BYTES else message.payload[:QUARANTINE_RAW_BYTES]
         )
+        payload = bytes(kept)
+        if not self._wait_for_room(len(payload)):
+            return  # closing: not acknowledged, so the broker delivers it again
+        delivery = Delivery(message.topic, payload, message.mid, message.qos, self.generation, size)
+        self._events.put(("message", delivery))
+
+    def _wait_for_room(self, payload_bytes: int) -> bool:
+        """Reserve queue room for one delivery, waiting while the queue is full."""
+        limits = self.ingest
+        with self._room:
+            while not self._closing and (
+                self._queued_messages >= limits.max_queue_messages
+                or self._queued_bytes + payload_bytes > limits.max_queue_bytes
+            ):
+                self.queue_full_waits += 1
+                self._room.wait(QUEUE_FULL_WAIT_S)
+            if self._closing:
+                return False
+            self._queued_messages += 1
+            self._queued_bytes += payload_bytes
+            return True
 
 
 # --- the worker ---------------------------------------------------------------------------
@@ -500,6 +648,7 @@ class IngestWorker:
         )
         self._recent = RecentIds()
         self._recent.extend(self.outbox.recent_record_ids(RECENT_IDS))
+        self.origin = OriginGuard(settings.ingest.origin_limits())
         self.subscription = MqttSubscription(settings, self._events, retire=retire)
         self._unsubscribed = False
         self.sink = InfluxSink(settings.influx, self.outbox, on_poison=self._on_poison)
@@ -586,6 +735,7 @@ class IngestWorker:
                 break
             wait_s = None
             if event[0] == "message":
+                self.subscription.taken(event[1])
                 deliveries.append(event[1])
             else:
                 self._connection_event(*event)
@@ -643,6 +793,9 @@ class IngestWorker:
             delivery.payload,
             self.settings.mqtt.topic_prefix,
             self.settings.ingest.measurement_prefix,
+            payload_bytes=delivery.size_bytes,
+            window=self.settings.ingest.window(datetime.now(UTC)),
+            origin=self.origin,
         )
         if isinstance(result, Rejected):
             self.counts.quarantined[result.reason_kind] += 1
@@ -740,6 +893,8 @@ class IngestWorker:
                         "poisoned": int(health["poisoned"]),
                         "mqtt_acked": counts.acked,
                         "mqtt_stale_acks": counts.stale_acks,
+                        "mqtt_qos0_dropped": sub.qos0_dropped,
+                        "mqtt_queue_full_waits": sub.queue_full_waits,
                     },
                 ),
             ),

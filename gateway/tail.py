@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import queue
+import ssl
 import sys
 import threading
 import urllib.parse
@@ -28,6 +29,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ValidationError
 
+from gateway.adapters.mqtt import MqttSettings
 from schemas.models import (
     MODELS_BY_KIND,
     Acknowledgement,
@@ -57,6 +59,10 @@ PROTOCOLS: Final = {
     "3.1.1": MQTTProtocolVersion.MQTTv311,
     "311": MQTTProtocolVersion.MQTTv311,
 }
+MAX_QUEUED_MESSAGES: Final = 1000
+"""Messages waiting to be printed; past this tail counts them instead (a flood cannot grow it)."""
+MAX_PAYLOAD_BYTES: Final = 65_536
+"""Bytes kept of one payload: a larger one is no pumpgw message and is shown raw anyway."""
 FATAL_CONNACK: Final = frozenset({"Bad user name or password", "Not authorized", "Banned"})
 """Refusals that retrying cannot fix: tail stops with exit code 1."""
 
@@ -290,6 +296,14 @@ class _Status:
     fatal: bool = False
 
 
+@dataclass(slots=True)
+class _Dropped:
+    """Messages not queued because tail was behind; `shown`: how many it has reported."""
+
+    count: int = 0
+    shown: int = 0
+
+
 def parse_broker_url(url: str) -> BrokerAddress:
     """`mqtt://host[:port]` or `mqtts://host[:port]`; raise ValueError naming the problem."""
     parts = urllib.parse.urlsplit(url)
@@ -310,6 +324,20 @@ def is_historical(properties: Properties | None) -> bool:
     return any(key == "historical" and str(value).lower() == "true" for key, value in pairs)
 
 
+def connection_options(mqtt_settings: MqttSettings) -> dict[str, Any]:
+    """run_tail's credentials, TLS and protocol from the gateway's [mqtt] section."""
+    tls = mqtt_settings.tls
+    return {
+        "username": mqtt_settings.username,
+        "password": mqtt_settings.password_value(),
+        "ca_file": str(tls.ca_file) if tls.ca_file else None,
+        "cert_file": str(tls.cert_file) if tls.cert_file else None,
+        "key_file": str(tls.key_file) if tls.key_file else None,
+        "tls_insecure": tls.insecure_skip_verify,
+        "protocol": mqtt_settings.protocol,
+    }
+
+
 def run_tail(
     url: str,
     topic_filter: str,
@@ -320,6 +348,7 @@ def run_tail(
     ca_file: str | None = None,
     cert_file: str | None = None,
     key_file: str | None = None,
+    tls_insecure: bool = False,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
     protocol: str = "5",
@@ -335,24 +364,35 @@ def run_tail(
         print(f"pumpgw tail: protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}", file=err)
         return 2
     events: queue.Queue[_Received | _Status] = queue.Queue()
-    client = _client(version, events, topic_filter, url)
+    dropped = _Dropped()
+    client = _client(version, events, dropped, topic_filter, url)
     if username is not None:
         client.username_pw_set(username, password)
     if address.tls or ca_file is not None:
-        client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file)
+        required = ssl.CERT_NONE if tls_insecure else ssl.CERT_REQUIRED
+        client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file, cert_reqs=required)
+        client.tls_insecure_set(tls_insecure)
     client.connect_async(address.host, address.port, keepalive=KEEPALIVE_S)
     client.loop_start()
     try:
-        return _print_events(events, _Printer(out), filter_base(topic_filter), stop)
+        return _print_events(events, dropped, _Printer(out), filter_base(topic_filter), stop)
     finally:
         client.disconnect()
         client.loop_stop()
 
 
 def _print_events(
-    events: queue.Queue[_Received | _Status], printer: _Printer, base: str, stop: threading.Event
+    events: queue.Queue[_Received | _Status],
+    dropped: _Dropped,
+    printer: _Printer,
+    base: str,
+    stop: threading.Event,
 ) -> int:
     while not stop.is_set():
+        if dropped.count > dropped.shown:
+            missed, dropped.shown = dropped.count - dropped.shown, dropped.count
+            printer.line(datetime.now().astimezone(), [(f"-- {missed} messages not shown: "
+                         "they arrived faster than they could be printed", WARN)])  # fmt: skip
         try:
             event = events.get(timeout=POLL_S)
         except queue.Empty:
@@ -377,6 +417,7 @@ def _print_events(
 def _client(
     version: MQTTProtocolVersion,
     events: queue.Queue[_Received | _Status],
+    dropped: _Dropped,
     topic_filter: str,
     url: str,
 ) -> mqtt.Client:
@@ -414,7 +455,11 @@ def _client(
     def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         historical = is_historical(getattr(msg, "properties", None))
         at = datetime.now().astimezone()
-        events.put(_Received(msg.topic, bytes(msg.payload), historical, bool(msg.retain), at))
+        if events.qsize() >= MAX_QUEUED_MESSAGES:
+            dropped.count += 1
+            return
+        payload = bytes(msg.payload[:MAX_PAYLOAD_BYTES])
+        events.put(_Received(msg.topic, payload, historical, bool(msg.retain), at))
 
     client.on_connect, client.on_subscribe = on_connect, on_subscribe
     client.on_disconnect, client.on_message = on_disconnect, on_message

@@ -60,6 +60,13 @@ MAX_CONCENTRATION_MG_PER_ML = 100.0
 """[D] Ceiling above every listed concentration (morphine 25 mg/mL, DOMAIN.md 1.4)."""
 MAX_DELIVERED_TOTAL_ML = 1_000_000.0
 MAX_SEQ = 2**32 - 1
+MAX_ALARMS_PER_READING = 64
+"""More alarms than one wire frame can carry (MAX_FRAME_BYTES 2048 / 31 bytes of the shortest
+alarm), so no reading a station decodes is refused; it bounds what an MQTT publisher can send."""
+MAX_ACTIVE_ALERTS = 128
+"""Above one alert per rule kind plus one per device alarm code a reading can carry."""
+MAX_SOURCES = 1024
+"""Serial sources in one gateway status."""
 
 PUMP_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 BOOT_ID_PATTERN = r"^[0-9A-Za-z]{1,16}$"
@@ -232,7 +239,7 @@ class Reading(DeviceMessage):
     bolus_count_24h: Annotated[int, Field(ge=0, le=1000, strict=True)] = 0
     battery_state: BatteryState = BatteryState.OK
     battery_remaining_pct: Percent | None = None
-    alarms: tuple[DeviceAlarm, ...] = ()
+    alarms: Annotated[tuple[DeviceAlarm, ...], Field(max_length=MAX_ALARMS_PER_READING)] = ()
 
     @model_validator(mode="after")
     def _volumes_fit_reservoir(self) -> Self:
@@ -383,7 +390,7 @@ class GatewayStatus(Frozen):
     state: Literal["online", "offline"]
     at: Timestamp
     version: str
-    sources: tuple[SourceStatus, ...] = ()
+    sources: Annotated[tuple[SourceStatus, ...], Field(max_length=MAX_SOURCES)] = ()
     intended_use: IntendedUse = INTENDED_USE
 
     @property
@@ -413,7 +420,7 @@ class ActiveAlerts(Frozen):
     kind: Literal["active_alerts"] = "active_alerts"
     pump_id: PumpId
     at: Timestamp
-    alerts: tuple[AlertTransition, ...]
+    alerts: Annotated[tuple[AlertTransition, ...], Field(max_length=MAX_ACTIVE_ALERTS)]
     intended_use: IntendedUse = INTENDED_USE
 
 

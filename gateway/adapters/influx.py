@@ -10,6 +10,7 @@ Errors (third-party exceptions become these in `_mapped_errors` and `error_for_s
     InfluxError                  root
     ├── InfluxUnavailableError   retry with backoff, no limit: connection, timeout, 408, 429, 5xx
     ├── InfluxRejectedError      the server refused these points (400, 413, 422): bisect, poison
+    │                            (InfluxDB's partial writes, e.g. beyond retention, are these)
     ├── InfluxRefusedError       a person must act (401, 403, 404, other 4xx): retry slowly
     └── InfluxConfigError        a secret file cannot be read at start
 """
@@ -55,6 +56,8 @@ REASON_MAX_CHARS: Final = 500
 RETRYABLE_STATUSES: Final = frozenset({408, 429})
 REJECTED_STATUSES: Final = frozenset({400, 413, 422})
 MAX_JITTER_ATTEMPT: Final = 32
+VICTORIA_METRICS_AHEAD_S: Final = 2 * 86_400
+"""VictoriaMetrics answers 204 yet ignores points more than two days ahead of its clock."""
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -198,6 +201,18 @@ class InfluxSettings(BaseModel):
     ca_file: Path | None = Field(None, description="CA bundle for a private CA (https)")
     retry_initial_s: float = Field(0.5, gt=0, description="first backoff after a failure")
     retry_max_s: float = Field(30.0, gt=0, description="backoff cap; also the auth-failure pace")
+    max_point_ahead_s: float = Field(
+        VICTORIA_METRICS_AHEAD_S - 3600,
+        gt=0,
+        description="a point later than this after the sink's clock is refused (quarantined), "
+        "never sent: VictoriaMetrics answers 204 but drops points over two days ahead",
+    )
+    max_point_age_days: float | None = Field(
+        None,
+        gt=0,
+        description="a point older than this is refused (quarantined), never sent: set it to the "
+        "bucket's retention, which the database enforces by dropping points, sometimes with a 2xx",
+    )
 
     @field_validator("url")
     @classmethod
@@ -367,12 +382,43 @@ class SinkStats:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """Outbox rows read together: the points among them and their encoded request body."""
+    """Outbox rows read together: the points among them and their encoded request body, and
+    the points the database would drop unseen (refused here, with the reason)."""
 
     rows: int
     last_seq: int
     points: list[StoredRecord]
     body: bytes
+    refused: list[tuple[StoredRecord, str]]
+
+
+def line_time_ns(line: bytes) -> int | None:
+    """The timestamp at the end of a line protocol point, or None without one."""
+    last = line.rstrip().rsplit(b" ", 1)[-1]
+    return int(last) if last.isdigit() else None
+
+
+def storable_problem(line: bytes, now_s: float, settings: InfluxSettings) -> str | None:
+    """Why the database would drop this point while answering 2xx, or None if it keeps it."""
+    at_ns = line_time_ns(line)
+    if at_ns is None:
+        return None
+    at_s = at_ns / 1e9
+    if at_s > now_s + settings.max_point_ahead_s:
+        return (
+            f"point time {at_s:.0f} s is more than influx.max_point_ahead_s "
+            f"{settings.max_point_ahead_s:.0f} after this clock ({now_s:.0f} s): the database "
+            "would answer 2xx and not store it"
+        )
+    if (
+        settings.max_point_age_days is not None
+        and at_s < now_s - settings.max_point_age_days * 86_400
+    ):
+        return (
+            f"point time {at_s:.0f} s is older than influx.max_point_age_days "
+            f"{settings.max_point_age_days:g} (the bucket's retention): the database would drop it"
+        )
+    return None
 
 
 PoisonCallback = Callable[[StoredRecord, str], None]
@@ -475,9 +521,19 @@ class InfluxSink:
         rows = self._outbox.read_lines(self.name, after_seq, self.settings.batch_size)
         if not rows:
             return None
-        points = [row for row in rows if row.line is not None]
+        now_s = time.time()
+        points: list[StoredRecord] = []
+        refused: list[tuple[StoredRecord, str]] = []
+        for row in rows:
+            if row.line is None:
+                continue
+            problem = storable_problem(row.line, now_s, self.settings)
+            if problem is None:
+                points.append(row)
+            else:
+                refused.append((row, problem))
         body = encode_body(points, self.settings.gzip) if points else b""
-        return Batch(rows=len(rows), last_seq=rows[-1].seq, points=points, body=body)
+        return Batch(len(rows), rows[-1].seq, points, body, refused)
 
     def _deliver_batch(self, batch: Batch, stop: threading.Event) -> None:
         if batch.points:
@@ -485,6 +541,9 @@ class InfluxSink:
                 self._post_until_answered(batch.body, len(batch.points), stop)
             except InfluxRejectedError:
                 self._bisect(batch.points, stop)
+        # After the rest is written: refusing moves the cursor past the refused point.
+        for record, problem in batch.refused:
+            self._poison(record, InfluxRejectedError(problem))
         self._acknowledge(batch.last_seq)
 
     def _deliver(self, points: list[StoredRecord], stop: threading.Event) -> None:

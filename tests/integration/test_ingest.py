@@ -38,7 +38,8 @@ STATIONS = ("bed-1", "bed-2", "bed-3")
 PUMPS_PER_STATION = 4
 READINGS = 2400
 """Readings published in all: 200 per pump over 12 pumps on 3 gateways' topics."""
-T0 = datetime(2026, 1, 5, tzinfo=UTC)
+T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
+"""Recent: the worker stores only times within ingest.max_record_age_days of its clock."""
 ARRIVE_S = 60.0
 PUBLISH_S = 30.0
 STOP_S = 15.0

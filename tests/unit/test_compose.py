@@ -18,6 +18,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from paho.mqtt.client import topic_matches_sub
 
 from gateway.adapters.influx import InfluxSettings, InfluxSink
 from gateway.adapters.mqtt import MqttSettings, MqttSink
@@ -237,8 +238,9 @@ def test_make_env_writes_matching_random_secrets(tmp_path: Path) -> None:
     assert values["deploy/pumpgw.env"]["PUMPGW_INFLUX__TOKEN"] == token
     assert values["deploy/ingest.env"]["PUMPGW_INFLUX__TOKEN"] == token
     assert values["deploy/grafana.env"]["INFLUX_TOKEN"] == token
-    assert len(set(users.values())) == 3
-    assert all(len(v) >= 40 and ":" not in v for v in users.values())
+    passwords = [v for k, v in users.items() if k.endswith("_PASSWORD")]
+    assert len(set(passwords)) == len(passwords) == 4
+    assert all(len(v) >= 40 and ":" not in v for v in passwords)
 
 
 def test_example_env_files_agree_on_shared_values() -> None:
@@ -246,6 +248,9 @@ def test_example_env_files_agree_on_shared_values() -> None:
     gateway = env_values(DEPLOY / "pumpgw.env.example")
     token = env_values(DEPLOY / "influxdb.env.example")["DOCKER_INFLUXDB_INIT_ADMIN_TOKEN"]
     assert gateway["PUMPGW_MQTT__PASSWORD"] == users["MQTT_GATEWAY_PASSWORD"]
+    config = tomllib.loads((ROOT / "config" / "pumpgw.compose.toml").read_text())
+    site_station = f"{config['gateway']['site']}/{config['gateway']['station']}"
+    assert config["mqtt"]["username"] == users["MQTT_GATEWAY_USER"] == site_station
     assert gateway["PUMPGW_INFLUX__TOKEN"] == token
     assert env_values(DEPLOY / "grafana.env.example")["INFLUX_TOKEN"] == token
 
@@ -373,14 +378,18 @@ def test_mosquitto_refuses_anonymous_and_serves_websockets() -> None:
     assert int(conf["max_queued_messages"][0]) >= 100_000
 
 
-def test_acl_lets_ingest_read_every_subscription_it_makes() -> None:
-    acl = (DEPLOY / "mosquitto" / "acl").read_text()
-    ingest = acl.split("user ingest", 1)[1].split("user ", 1)[0]
-    readable = re.findall(r"^topic read (\S+)$", ingest, re.MULTILINE)
+def test_the_ingest_role_lets_workers_make_and_read_every_subscription() -> None:
+    """make-passwd.sh's `ingest` role (dynamic-security roles file) against the worker's filters."""
+    script = (DEPLOY / "mosquitto" / "make-passwd.sh").read_text()
+    role = script.split('{"rolename": "ingest", "acls"', 1)[1].split('{"rolename"', 1)[0]
+    subscribable = re.findall(r"acl subscribePattern '(\S+)' true", role)
+    readable = re.findall(r"acl publishClientReceive '(\S+)' true", role)
     settings = load_ingest_settings(DEPLOY / "ingest" / "pumpgw-ingest.toml")
-    assert settings.mqtt.username == "ingest"
+    assert settings.mqtt.username == "ingest-1"
     for shared in subscriptions(settings.ingest.group, settings.mqtt.topic_prefix):
-        assert shared.split("/", 2)[2] in readable
+        assert any(topic_matches_sub(allowed, shared) for allowed in subscribable), shared
+        topic = shared.split("/", 2)[2]
+        assert any(topic_matches_sub(allowed, topic) for allowed in readable), topic
 
 
 # --- Prometheus -------------------------------------------------------------------------------

@@ -130,7 +130,8 @@ def test_subscriptions_share_every_point_topic_in_the_group() -> None:
 def test_reading_becomes_a_point_tagged_with_the_topics_station() -> None:
     payload = reading().model_dump_json().encode()
     record = accepted(record_for(TELEMETRY, payload, "pumpgw", "t_"))
-    assert (record.kind, record.record_id, record.pump_id) == ("reading", "P0001:b1:7", "P0001")
+    assert (record.kind, record.pump_id) == ("reading", "P0001")
+    assert record.record_id == "north/bed-12/P0001:b1:7"  # scoped by the topic's station
     assert record.payload == payload
     assert record.line is not None
     assert record.line.startswith(b"t_pump_reading,boot=b1,drug=morphine,pump=P0001,")
@@ -156,7 +157,7 @@ def test_event_and_alert_become_points() -> None:
     assert events.line.startswith(b"pump_event,")
     assert alerts.line is not None
     assert alerts.line.startswith(b"pump_alert,")
-    assert alerts.record_id == "P0001:low_reservoir:1:start"
+    assert alerts.record_id == "north/bed-12/P0001:low_reservoir:1:start"
 
 
 def test_gateway_alert_is_stored_under_the_gateway_pump_id() -> None:

@@ -13,7 +13,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 CORE_MODULES = ("schemas.models", "schemas.codec", "schemas.mdc")
-OPTIONAL_CORE_MODULES = ("gateway.rules", "gateway.topics", "gateway.points", "simulator.model")
+OPTIONAL_CORE_MODULES = (
+    "gateway.rules",
+    "gateway.topics",
+    "gateway.points",
+    "gateway.admission",
+    "simulator.model",
+)
 FORBIDDEN = ("paho", "serial", "influxdb_client", "sqlite3", "urllib3")
 
 

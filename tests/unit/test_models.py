@@ -524,7 +524,9 @@ def bounds_text(prop: dict[str, Any], defs: dict[str, Any]) -> str:
             return "one of " + ", ".join(f"`{v}`" for v in target["enum"])
         return ""
     if prop.get("type") == "array":
-        return bounds_text(prop["items"], defs)
+        items = bounds_text(prop["items"], defs)
+        count = f"items ≤ {prop['maxItems']}" if "maxItems" in prop else ""
+        return ", ".join(t for t in (items, count) if t)
     words = []
     if "const" in prop:
         shown = "INTENDED_USE" if prop["const"] == INTENDED_USE else f"`{prop['const']}`"
