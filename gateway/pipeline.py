@@ -181,6 +181,8 @@ class Pipeline:
         self._session_id = session_id
         self._state_seq = 0
         """Last seq given to a retained state message (status, active alerts) this session."""
+        self._alert_pumps: set[str] = set()
+        """Pumps whose active-alert set was published by this process."""
         self._alert_started: dict[str, datetime] = {}
         """Start time of each alert that started in this process and has not ended."""
         self._seen: dict[str, OrderedDict[str, SeqWindow]] = {}
@@ -334,6 +336,7 @@ class Pipeline:
             batch.records.append(self._active_record(pump_id, now))
 
     def _active_record(self, pump_id: str, now: datetime) -> OutRecord:
+        self._alert_pumps.add(pump_id)
         seq = self._next_state_seq()
         active = ActiveAlerts(
             pump_id=pump_id,
@@ -359,12 +362,14 @@ class Pipeline:
             self._alert_started.pop(transition.alert_id, None)
 
     def reassert(self, now_s: float, batch: Batch) -> None:
-        """Retained state again, with fresh seqs: every pump's status and active alerts (also
-        an empty set), so a stale or forged retained copy on the broker is soon replaced."""
+        """Retained state again, with fresh seqs: every pump's status, and the active alerts of
+        every pump that has some or had a set published (then maybe empty), so a stale or
+        forged retained copy on the broker is soon replaced."""
         now = _to_datetime(now_s)
         for view in self.pumps.values():
             batch.records.append(self._status_record(view, now))
-        for pump_id in self.engine.pumps():
+        alerting = {p for p in self.engine.pumps() if self.engine.active_alerts(p)}
+        for pump_id in sorted(alerting | self._alert_pumps):
             batch.records.append(self._active_record(pump_id, now))
 
     def tick(self, now_s: float, batch: Batch) -> None:

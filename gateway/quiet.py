@@ -41,8 +41,8 @@ class QuietLog:
 
 
 class CountedLog:
-    """Logs every occurrence of a key at its level, at most once per `interval_s`; the
-    occurrences in between are counted and the count is logged with the next line."""
+    """Logs a key at its level at most once per `interval_s`; the occurrences in between go
+    to debug and are counted, and the count is logged with the key's next line."""
 
     def __init__(
         self, logger: logging.Logger, interval_s: float = 60.0, max_keys: int = MAX_KEYS
@@ -61,6 +61,7 @@ class CountedLog:
         logged_m, held = self._last.pop(key, (float("-inf"), 0))
         if now_m - logged_m < self._interval_s:
             self._last[key] = (logged_m, held + 1)
+            self._log.debug(msg, *args)  # counted for the next line at `level`, and kept here
         else:
             if held:
                 msg = f"{msg} (and {held} more like it in the last {now_m - logged_m:.0f} s)"

@@ -793,9 +793,10 @@ class MqttSink:
         self._quiet.warning("unreachable", "%s", self.last_error)
 
     def _session_lost(self) -> None:
-        """The broker kept no session for us: acks published while away were not queued."""
-        self.sessions_lost += 1
-        if self._ever_connected and self.connections > 1:
+        """The broker kept no session for us: acks published while away were not queued.
+        (At the process's first connect that is also what a first run looks like.)"""
+        if self.connections > 1:
+            self.sessions_lost += 1
             log.warning("MQTT: the broker did not keep this gateway's session (it expired, or "
                         "another client connected with client id %r and a clean start): "
                         "acknowledgements published while the gateway was away are lost; "
