@@ -111,6 +111,8 @@ class Gateway:
         self._state_epoch = -1
         self._refresh_due_m = float("-inf")
         self.acks_dropped = 0
+        self._acks_unsaved = False
+        """Acknowledgements changed the engine since its state was last given to a commit."""
         self._quiet = QuietLog(log)
         self._refusal_log = CountedLog(log)
         self._full = False
@@ -252,7 +254,7 @@ class Gateway:
             items = self._take_batch(timeout_s=max(0.0, next_tick - time.monotonic()))
             if not items and self.stop_event.is_set() and self._queue.empty():
                 return
-            acks_applied = self._apply_acks()
+            self._apply_acks()
             batch = Batch()
             for item in items:
                 self._apply(item, batch)
@@ -263,9 +265,10 @@ class Gateway:
                 self._check_fill(batch)
                 self._refresh_state(batch)
             self._check_sources(batch)
-            snapshot = batch.alerts_changed or acks_applied or now >= next_snapshot
+            snapshot = batch.alerts_changed or self._acks_unsaved or now >= next_snapshot
             if snapshot:
                 next_snapshot = now + ENGINE_SNAPSHOT_EVERY_S
+                self._acks_unsaved = False  # the state taken by this commit includes them
             self._commit(batch, snapshot)
             self._committed_m = time.monotonic()
             self._batches_done += 1
@@ -381,12 +384,11 @@ class Gateway:
 
     # -- operator acknowledgements ---------------------------------------------------
 
-    def _apply_acks(self) -> bool:
+    def _apply_acks(self) -> None:
         """Apply the acknowledgements received so far and store their transitions at once,
         through the outbox's reserve for alerts: they do not wait for the batch being read
-        nor for room in a full outbox. Return whether any was applied."""
+        nor for room in a full outbox. The engine state follows with the next commit."""
         batch = Batch()
-        applied = False
         while True:
             try:
                 received = self._acks.get_nowait()
@@ -398,7 +400,7 @@ class Gateway:
                 username, received.payload, time.time(), batch, retained=received.retained
             )
             if refusal is None:
-                applied = True
+                self._acks_unsaved = True
             else:
                 self._refused(refusal)
         if batch.records:
@@ -407,7 +409,6 @@ class Gateway:
             except OutboxError as exc:
                 log.error("cannot store an acknowledgement: %s; the operator must resend it", exc)
             self._wake_sinks()
-        return applied
 
     def _refused(self, refusal: AckRefusal) -> None:
         """Log a refused acknowledgement (WARNING, rate-limited with a count) and tell the

@@ -615,7 +615,10 @@ class MqttSink:
     def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
         # Birth and will are built for each connection: the birth's seq is above the last
         # connection's will, so a consumer ordering by seq never keeps an old `offline`.
-        self._birth, self._will = self._status()
+        try:
+            self._birth, self._will = self._status()
+        except Exception as exc:  # noqa: BLE001 - a service bug must not stop paho's thread
+            self._quiet.error("status", "cannot build the birth and will: %r", exc)
         client.will_set(self._status_topic, self._will, qos=QOS, retain=True)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
