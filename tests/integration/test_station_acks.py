@@ -278,3 +278,36 @@ def test_after_a_takeover_the_birth_outranks_the_will_and_retained_state_is_reas
     # gateway learns of the takeover from the session the broker no longer has for it.
     assert metrics.value("pumpgw_sink_sessions_lost_total", sink="mqtt") == 1
     assert "did not keep this gateway's session" in log
+
+
+def test_retained_state_is_reasserted_periodically_with_rising_seqs(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    port, prefix = mosquitto.port, unique_prefix()
+    root = f"{prefix}/{SITE}/{STATION}"
+    with (
+        collecting(port, root) as collector,
+        ward_running(tmp_path, *ALERT_WARD) as ward,
+    ):
+        config = station_config(tmp_path, ward.port, port, prefix, gateway={"state_refresh_s": 1.0})
+        with gateway_running(config, tmp_path / "gateway.log") as gateway:
+            ward.summary()  # the ward is done: from now on only re-assertions publish state
+
+            def active_sets() -> list[dict[str, Any]]:
+                with collector._lock:
+                    sets = collector.payloads["active_alerts"]
+                    return [a for a in sets if a["pump_id"] == "P0001"]
+
+            assert collector.wait_for(lambda: len(active_sets()) >= 1, METRICS_S)
+            seen = len(active_sets())
+            assert collector.wait_for(lambda: len(active_sets()) >= seen + 2, METRICS_S), explain(
+                gateway, ward
+            )
+            sets = active_sets()
+    seqs = [s["seq"] for s in sets]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == len(seqs), "a re-assertion repeated a seq"
+    assert {s["session_id"] for s in sets} == {sets[0]["session_id"]}
+    last, before = ({a["alert_id"] for a in s["alerts"]} for s in sets[-1:-3:-1])
+    assert last, "the re-asserted set lost the active alerts"
+    assert last == before, "nothing happened, yet the re-asserted sets differ"
