@@ -574,6 +574,7 @@ class Gateway:
             alert_transitions=counts.alerts,
             acks_in=counts.acks_in,
             acks_rejected=counts.acks_rejected,
+            acks_refused_by_reason=dict(counts.acks_refused),
             outbox_pending=self.outbox.pending(),
             outbox_max_pending=self.outbox.max_pending,
             outbox_full=self._full,

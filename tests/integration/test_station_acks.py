@@ -129,6 +129,9 @@ def test_an_ack_counts_only_for_the_user_in_its_topic_and_each_refusal_is_receip
     # Exactly four refusals: the ack retained before the gateway subscribed never arrived.
     assert metrics.value("pumpgw_operator_acks_total", result="rejected") == 4
     assert metrics.value("pumpgw_operator_acks_total", result="accepted") == 1
+    assert metrics.by_label("pumpgw_operator_acks_refused_total", "reason") == {
+        "by_mismatch": 1, "legacy_topic": 1, "unknown_alert": 1, "retained": 1,
+    }  # fmt: skip
     by_kind = {r["reason_kind"]: r for r in refusals(collector)}
     assert set(by_kind) == {"by_mismatch", "legacy_topic", "unknown_alert", "retained"}
     assert by_kind["by_mismatch"]["username"] == "nurse.smith"
