@@ -463,11 +463,13 @@ class Pipeline:
         return None
 
     def _active_alert(self, alert_id: str) -> AlertTransition | None:
-        """The latest transition of an alert that has not ended (ids start with the pump id)."""
-        pump_id = alert_id.partition(":")[0]
-        for transition in self.engine.active_alerts(pump_id):
-            if transition.alert_id == alert_id:
-                return transition
+        """The latest transition of an alert that has not ended: among the alerts of the pump
+        its id starts with, else (another id scheme) among all; acknowledgements are rare."""
+        first = alert_id.partition(":")[0]
+        for pump_id in (first, *(p for p in self.engine.pumps() if p != first)):
+            for transition in self.engine.active_alerts(pump_id):
+                if transition.alert_id == alert_id:
+                    return transition
         return None
 
     def _claimed_time(self, ack: Acknowledgement, now: datetime) -> datetime | None:
