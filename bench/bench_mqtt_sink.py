@@ -64,8 +64,7 @@ def drain(
             settings,
             outbox,
             TopicBase(site="site", station="station", prefix="bench"),
-            birth=b"{}",
-            will=b"{}",
+            status=lambda: (b"{}", b"{}"),
             on_ack=lambda ack: None,
         )
         stop, wake = threading.Event(), threading.Event()

@@ -73,8 +73,20 @@ class GatewaySection(Section):
     )
     ack_allowed: list[str] | None = Field(
         None,
-        description="operators whose acknowledgements are accepted (the Acknowledgement 'by' "
-        "field); None accepts any operator the broker's ACL lets publish on the ack topic",
+        description="MQTT user names whose acknowledgements of clinical alerts are accepted "
+        "(the user is the last level of the ack topic, {root}/ack/{user}, which the broker's "
+        "ACL binds to the login); None accepts any user the ACL lets publish there",
+    )
+    ack_technical: list[str] = Field(
+        default_factory=list,
+        description="MQTT user names that may acknowledge technical alerts: the gateway's own "
+        "(outbox_full, outbox_near_full) and telemetry_lost; empty: nobody can acknowledge them",
+    )
+    state_refresh_s: float = Field(
+        60.0,
+        gt=0,
+        description="how often retained state (gateway, pump status, active alerts) is "
+        "published again with a fresh seq, besides after every reconnect",
     )
 
     @field_validator("site", "station")

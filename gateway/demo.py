@@ -189,7 +189,13 @@ class DemoOperator:
 
 def demo_settings(workdir: Path, broker_port: int, sim_port: int) -> Settings:
     return Settings(
-        gateway=GatewaySection(site="demo", station="ward-1", status_interval_s=5.0),
+        gateway=GatewaySection(
+            site="demo",
+            station="ward-1",
+            status_interval_s=5.0,
+            ack_allowed=[DEMO_OPERATOR],
+            ack_technical=[DEMO_OPERATOR],
+        ),
         sources=[SourceSettings(url=f"socket://127.0.0.1:{sim_port}", name="ward-1 line")],
         mqtt=MqttSettings(url=f"mqtt://127.0.0.1:{broker_port}"),
         store=StoreSection(path=workdir / "outbox.db", durability="normal"),
@@ -259,7 +265,7 @@ def run_demo(
             health.start()
             gateway.start()
             operator = DemoOperator(
-                broker_port, f"{gateway.topics.prefix}/#", ack_topic(gateway.topics)
+                broker_port, f"{gateway.topics.prefix}/#", ack_topic(gateway.topics, DEMO_OPERATOR)
             )
             header = (
                 f"broker: {broker_desc}   store: {settings.store.path}   "

@@ -60,6 +60,7 @@ class Observation:
     pumps_total: int
     pumps_telemetry_lost: int
     max_backlog_age_s: float
+    acks_refused_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 def health_report(obs: Observation) -> tuple[bool, dict[str, Any]]:
@@ -171,6 +172,13 @@ def render_metrics(obs: Observation) -> str:
         "counter",
         "Operator acknowledgements by result.",
         [({"result": "accepted"}, obs.acks_in), ({"result": "rejected"}, obs.acks_rejected)],
+    )
+    _metric(
+        out,
+        "pumpgw_operator_acks_refused_total",
+        "counter",
+        "Operator acknowledgements refused, by reason (docs/topics.md).",
+        [({"reason": k}, v) for k, v in sorted(obs.acks_refused_by_reason.items())],
     )
     _metric(
         out,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import re
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,9 +21,12 @@ from pydantic import ValidationError
 from gateway.outbox import OutRecord
 from gateway.points import PointTags, line_for
 from gateway.rules import AlertEngine
+from gateway.topics import GATEWAY_PUMP_ID
 from schemas.codec import Frame, FrameError, MessageError, message_from_frame
 from schemas.models import (
+    OPERATOR_PATTERN,
     Acknowledgement,
+    AckRefusal,
     ActiveAlerts,
     AlertTransition,
     AlertType,
@@ -37,6 +41,11 @@ from schemas.models import (
 
 RECENT_ALERTS_KEPT = 12
 BOOTS_REMEMBERED = 4
+ACK_TOPIC_HINT = "{root}/ack/{your MQTT user name}"
+SYSTEM_ALERT_KINDS = frozenset({"telemetry_lost"})
+"""Alerts about the monitoring chain rather than the pump's therapy; with every alert of the
+gateway itself (pump id `_gateway`: outbox_full, outbox_near_full), only the technical role
+(gateway.ack_technical) may acknowledge them."""
 SEQS_REMEMBERED = 20_000
 """Per pump boot, sequence numbers kept for duplicate detection above the gap-free floor."""
 RETAINED_KINDS = frozenset({"info", "pump_status", "active_alerts", "gateway_status"})
@@ -82,7 +91,10 @@ class Counts:
     accepted_by_kind: Counter[str] = field(default_factory=Counter)
     alerts: int = 0
     acks_in: int = 0
+    """Acknowledgements applied."""
     acks_rejected: int = 0
+    """Messages on the ack topics refused, for any reason (acks_refused says which)."""
+    acks_refused: Counter[str] = field(default_factory=Counter)
     poisoned: int = 0
     """Points the time-series database refused for good (quarantined, not frames)."""
 
@@ -135,6 +147,11 @@ def pseudonym(key: bytes, value: str) -> str:
     return "p" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:16]
 
 
+def is_system_alert(alert: AlertTransition) -> bool:
+    """An alert for the technical role: the gateway's own, or lost telemetry."""
+    return alert.pump_id == GATEWAY_PUMP_ID or alert.alert_kind in SYSTEM_ALERT_KINDS
+
+
 def _to_datetime(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, UTC)
 
@@ -150,6 +167,9 @@ class Pipeline:
         pseudonymize_key: bytes | None = None,
         status_interval_s: float = 10.0,
         ack_allowed: frozenset[str] | None = None,
+        ack_technical: frozenset[str] = frozenset(),
+        session_id: str | None = None,
+        ack_topic_hint: str = ACK_TOPIC_HINT,
     ) -> None:
         self.engine = engine
         self.tags = tags
@@ -158,6 +178,15 @@ class Pipeline:
         self._key = pseudonymize_key
         self._status_interval_s = status_interval_s
         self._ack_allowed = ack_allowed
+        self._ack_technical = ack_technical
+        self._ack_topic_hint = ack_topic_hint
+        self._session_id = session_id
+        self._state_seq = 0
+        """Last seq given to a retained state message (status, active alerts) this session."""
+        self._alert_pumps: set[str] = set()
+        """Pumps whose active-alert set was published by this process."""
+        self._alert_started: dict[str, datetime] = {}
+        """Start time of each alert that started in this process and has not ended."""
         self._seen: dict[str, OrderedDict[str, SeqWindow]] = {}
         self._quarantine_n = 0
         self.recent_alerts: deque[AlertTransition] = deque(maxlen=RECENT_ALERTS_KEPT)
@@ -252,8 +281,13 @@ class Pipeline:
         if changed or now.timestamp() - view.status_sent_s >= self._status_interval_s:
             batch.records.append(self._status_record(view, now))
 
+    def _next_state_seq(self) -> int:
+        self._state_seq += 1
+        return self._state_seq
+
     def _status_record(self, view: PumpView, now: datetime) -> OutRecord:
         view.status_sent_s = now.timestamp()
+        seq = self._next_state_seq()
         status = PumpStatus(
             pump_id=view.pump_id,
             telemetry="ok" if view.telemetry == "ok" else "lost",
@@ -263,10 +297,12 @@ class Pipeline:
             reservoir_ml=view.reservoir_ml,
             pump_state=view.pump_state,
             battery_state=view.battery_state,
+            session_id=self._session_id,
+            seq=seq,
         )
         return OutRecord(
             "pump_status",
-            f"{view.pump_id}:status:{now.timestamp():.6f}",
+            f"{view.pump_id}:status:{self._session_id}:{seq}",
             view.pump_id,
             status.model_dump_json().encode(),
             None,
@@ -282,6 +318,7 @@ class Pipeline:
         touched: dict[str, None] = {}
         for transition in transitions:
             self.counts.alerts += 1
+            self._note_life(transition)
             self.recent_alerts.append(transition)
             touched[transition.pump_id] = None
             batch.records.append(
@@ -298,19 +335,44 @@ class Pipeline:
                 view.telemetry = "ok" if transition.phase.value == "end" else "lost"
                 batch.records.append(self._status_record(view, now))
         for pump_id in touched:
-            active = ActiveAlerts(
-                pump_id=pump_id, at=now, alerts=self.engine.active_alerts(pump_id)
-            )
-            batch.records.append(
-                OutRecord(
-                    "active_alerts",
-                    f"{pump_id}:active:{now.timestamp():.6f}",
-                    pump_id,
-                    active.model_dump_json().encode(),
-                    None,
-                    True,
-                )
-            )
+            batch.records.append(self._active_record(pump_id, now))
+
+    def _active_record(self, pump_id: str, now: datetime) -> OutRecord:
+        self._alert_pumps.add(pump_id)
+        seq = self._next_state_seq()
+        active = ActiveAlerts(
+            pump_id=pump_id,
+            at=now,
+            alerts=self.engine.active_alerts(pump_id),
+            session_id=self._session_id,
+            seq=seq,
+        )
+        return OutRecord(
+            "active_alerts",
+            f"{pump_id}:active:{self._session_id}:{seq}",
+            pump_id,
+            active.model_dump_json().encode(),
+            None,
+            True,
+        )
+
+    def _note_life(self, transition: AlertTransition) -> None:
+        """Remember when each alert started, to bound an acknowledgement's claimed time."""
+        if transition.phase.value == "start":
+            self._alert_started[transition.alert_id] = transition.at
+        elif transition.phase.value == "end":
+            self._alert_started.pop(transition.alert_id, None)
+
+    def reassert(self, now_s: float, batch: Batch) -> None:
+        """Retained state again, with fresh seqs: every pump's status, and the active alerts of
+        every pump that has some or had a set published (then maybe empty), so a stale or
+        forged retained copy on the broker is soon replaced."""
+        now = _to_datetime(now_s)
+        for view in self.pumps.values():
+            batch.records.append(self._status_record(view, now))
+        alerting = {p for p in self.engine.pumps() if self.engine.active_alerts(p)}
+        for pump_id in sorted(alerting | self._alert_pumps):
+            batch.records.append(self._active_record(pump_id, now))
 
     def tick(self, now_s: float, batch: Batch) -> None:
         """Wall-clock checks (telemetry lost)."""
@@ -346,20 +408,88 @@ class Pipeline:
         )
         self._add_transitions(transitions, now, batch)
 
-    def operator_ack(self, payload: bytes, now_s: float, batch: Batch) -> str | None:
-        """Apply an operator's acknowledgement; return an error text when it is refused."""
+    def operator_ack(
+        self,
+        username: str | None,
+        payload: bytes,
+        now_s: float,
+        batch: Batch,
+        *,
+        retained: bool = False,
+    ) -> AckRefusal | None:
+        """Apply an acknowledgement published on `.../ack/{username}` (None: the legacy topic)
+        and received at `now_s`; return why it was refused, or None when it was applied."""
         now = _to_datetime(now_s)
+        user = username if username and re.fullmatch(OPERATOR_PATTERN, username) else None
+        if username is None:
+            return self._refuse(
+                None, None, "legacy_topic", f"the ack topic without a user name is no longer "
+                f"read: publish on {self._ack_topic_hint}", now)
+        if user is None:
+            return self._refuse(
+                None, None, "bad_user", f"MQTT user name {username[:40]!r} cannot acknowledge: "
+                "use letters, digits and ._@- only", now)
+        if retained:
+            return self._refuse(
+                user, None, "retained", "retained acknowledgement ignored: publish "
+                "acknowledgements without the retain flag", now)
         try:
             ack = Acknowledgement.model_validate_json(payload)
         except ValidationError as exc:
-            self.counts.acks_rejected += 1
-            return f"acknowledgement rejected: {describe_errors(exc.errors())}"
-        if self._ack_allowed is not None and ack.by not in self._ack_allowed:
-            self.counts.acks_rejected += 1
-            return f"acknowledgement rejected: operator {ack.by!r} is not on the allow-list"
+            return self._refuse(user, None, "invalid", describe_errors(exc.errors()), now)
+        problem = self._ack_problem(user, ack)
+        if problem is not None:
+            return self._refuse(user, ack.alert_id, *problem, now)
+        applied = ack.model_copy(update={"by": user, "at": self._claimed_time(ack, now)})
         self.counts.acks_in += 1
-        self._add_transitions(self.engine.on_acknowledgement(ack, now), now, batch)
+        self._add_transitions(self.engine.on_acknowledgement(applied, now), now, batch)
         return None
+
+    def _ack_problem(self, user: str, ack: Acknowledgement) -> tuple[str, str] | None:
+        """Why `user` may not acknowledge `ack` (reason kind, text), or None."""
+        if ack.by is not None and ack.by != user:
+            return "by_mismatch", (
+                f"'by' is {ack.by!r} but the message was published by MQTT user {user!r}")
+        alert = self._active_alert(ack.alert_id)
+        if alert is None:
+            return "unknown_alert", f"no active alert {ack.alert_id!r} (unknown or ended)"
+        if is_system_alert(alert):
+            if user not in self._ack_technical:
+                return "technical_role", (
+                    f"{alert.alert_kind} is a technical alert: only the users in "
+                    "gateway.ack_technical may acknowledge it")
+        elif self._ack_allowed is not None and user not in self._ack_allowed:
+            return "not_allowed", f"MQTT user {user!r} is not in gateway.ack_allowed"
+        if alert.acknowledged_by is not None:
+            return "already_acknowledged", f"already acknowledged by {alert.acknowledged_by}"
+        return None
+
+    def _active_alert(self, alert_id: str) -> AlertTransition | None:
+        """The latest transition of an alert that has not ended: among the alerts of the pump
+        its id starts with, else (another id scheme) among all; acknowledgements are rare."""
+        first = alert_id.partition(":")[0]
+        for pump_id in (first, *(p for p in self.engine.pumps() if p != first)):
+            for transition in self.engine.active_alerts(pump_id):
+                if transition.alert_id == alert_id:
+                    return transition
+        return None
+
+    def _claimed_time(self, ack: Acknowledgement, now: datetime) -> datetime | None:
+        """The console's time of the acknowledgement, bounded to the alert's life so far."""
+        if ack.at is None:
+            return None
+        alert = self._active_alert(ack.alert_id)
+        began = self._alert_started.get(ack.alert_id, alert.at if alert else now)
+        return min(max(ack.at, began), now)
+
+    def _refuse(
+        self, user: str | None, alert_id: str | None, kind: str, reason: str, now: datetime
+    ) -> AckRefusal:
+        self.counts.acks_rejected += 1
+        self.counts.acks_refused[kind] += 1
+        return AckRefusal(
+            username=user, alert_id=alert_id, reason_kind=kind, reason=reason[:500], at=now
+        )
 
     def poisoned_point(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -37,3 +38,34 @@ class QuietLog:
     def forget(self, key: str) -> None:
         """The condition ended: warn again next time it happens."""
         self._seen.pop(key, None)
+
+
+class CountedLog:
+    """Logs a key at its level at most once per `interval_s`; the occurrences in between go
+    to debug and are counted, and the count is logged with the key's next line."""
+
+    def __init__(
+        self, logger: logging.Logger, interval_s: float = 60.0, max_keys: int = MAX_KEYS
+    ) -> None:
+        self._log = logger
+        self._interval_s = interval_s
+        self._max_keys = max_keys
+        self._last: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        """key -> (monotonic time it was last logged, occurrences not logged since)."""
+
+    def warning(self, key: str, msg: str, *args: Any) -> None:
+        self._emit(logging.WARNING, key, msg, *args)
+
+    def _emit(self, level: int, key: str, msg: str, *args: Any) -> None:
+        now_m = time.monotonic()
+        logged_m, held = self._last.pop(key, (float("-inf"), 0))
+        if now_m - logged_m < self._interval_s:
+            self._last[key] = (logged_m, held + 1)
+            self._log.debug(msg, *args)  # counted for the next line at `level`, and kept here
+        else:
+            if held:
+                msg = f"{msg} (and {held} more like it in the last {now_m - logged_m:.0f} s)"
+            self._log.log(level, msg, *args)
+            self._last[key] = (now_m, 0)
+        if len(self._last) > self._max_keys:
+            self._last.popitem(last=False)

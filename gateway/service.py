@@ -9,6 +9,7 @@ wakes the sinks. Sinks run in their own threads and advance their own cursors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -31,11 +32,11 @@ from gateway.health import HealthServer, Observation, SinkObservation, SourceObs
 from gateway.outbox import Outbox, OutboxError, OutboxFullError, OutRecord, StoredRecord
 from gateway.pipeline import AckKey, Batch, Pipeline, ack_runs
 from gateway.points import PointTags
-from gateway.quiet import QuietLog
+from gateway.quiet import CountedLog, QuietLog
 from gateway.rules import AlertEngine
-from gateway.topics import TopicBase
+from gateway.topics import TopicBase, ack_filter, ack_origin
 from schemas.codec import Frame, FrameDecoder, FrameError, encode_ack
-from schemas.models import GatewayStatus
+from schemas.models import AckRefusal, GatewayStatus
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,39 @@ ENGINE_SNAPSHOT_EVERY_S = 5.0
 RETRY_COMMIT_S = 1.0
 RECENT_IDS_ON_START = 50_000
 ENGINE_STATE_KEY = "alert_engine"
+ACK_QUEUE_ITEMS = 1000
+"""Operator acknowledgements waiting for the ingest thread; they have their own queue so that
+a full ingest queue or a full outbox never holds them back."""
+STATUS_SEQ_BLOCK = 2**20
+"""GatewayStatus seqs of one connection: birth at the block's start, will at its end."""
+
+
+class StatusSequence:
+    """GatewayStatus seqs of one session, ordered across connections; thread-safe.
+
+    Connection k owns [k * BLOCK, (k + 1) * BLOCK): its birth takes the first, its will the
+    last, and the statuses published while it lasts the ones between. So every birth is above
+    the previous connection's will, and every will above its connection's other statuses."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next = 1
+        self._will = STATUS_SEQ_BLOCK - 1
+
+    def connection(self) -> tuple[int, int]:
+        """(birth seq, will seq) of a new connection."""
+        with self._lock:
+            birth = self._will + 1
+            self._will = birth + STATUS_SEQ_BLOCK - 1
+            self._next = birth + 1
+            return birth, self._will
+
+    def next(self) -> int:
+        """The seq of a status published during the current connection."""
+        with self._lock:
+            seq = self._next
+            self._next = min(seq + 1, self._will - 1)  # a million statuses a connection
+            return seq
 
 
 @dataclass
@@ -82,8 +116,15 @@ class Gateway:
         self.wake_mqtt = threading.Event()
         self.wake_influx = threading.Event()
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(INGEST_QUEUE_ITEMS)
-        self._status_seq = 0
+        self._acks: queue.Queue[ReceivedAck] = queue.Queue(ACK_QUEUE_ITEMS)
+        self._status_seq = StatusSequence()
+        self._state_epoch = -1
+        self._refresh_due_m = float("-inf")
+        self.acks_dropped = 0
+        self._acks_unsaved = False
+        """Acknowledgements changed the engine since its state was last given to a commit."""
         self._quiet = QuietLog(log)
+        self._refusal_log = CountedLog(log)
         self._full = False
         self._near_full = False
         self._freed_reported = 0
@@ -102,12 +143,12 @@ class Gateway:
             retention_s=store.retention_days * 86400,
             min_free_bytes=store.min_free_disk_kb * 1024,
         )
-        self.pipeline = self._build_pipeline()
         self.topics = TopicBase(
             prefix=settings.mqtt.topic_prefix,
             site=settings.gateway.site,
             station=settings.gateway.station,
         )
+        self.pipeline = self._build_pipeline()
         self.sources = [SerialSource(s, self._deliver) for s in settings.sources]
         self.sinks = self._build_sinks()
         self._threads: list[threading.Thread] = []
@@ -125,6 +166,9 @@ class Gateway:
             pseudonymize_key=pseudonymize_key(gw),
             status_interval_s=gw.status_interval_s,
             ack_allowed=frozenset(gw.ack_allowed) if gw.ack_allowed is not None else None,
+            ack_technical=frozenset(gw.ack_technical),
+            session_id=self.session_id,
+            ack_topic_hint=ack_filter(self.topics).removesuffix("+") + "{your MQTT user name}",
         )
         pipeline.remember(self.outbox.recent_record_ids(RECENT_IDS_ON_START))
         return pipeline
@@ -135,8 +179,7 @@ class Gateway:
             self.settings.mqtt,
             self.outbox,
             self.topics,
-            birth=self._gateway_status("online"),
-            will=self._gateway_status("offline"),
+            status=self._connection_status,
             on_ack=self._on_operator_ack,
         )
         if self.settings.influx is not None:
@@ -208,11 +251,20 @@ class Gateway:
         return False
 
     def _on_operator_ack(self, received: ReceivedAck) -> None:
-        """Called on paho's thread: hand the payload over, nothing more."""
+        """Called on paho's thread: hand the message over and wake the ingest thread."""
         try:
-            self._queue.put_nowait(("ack", received.payload))
+            self._acks.put_nowait(received)
         except queue.Full:
-            log.warning("acknowledgement dropped because the gateway is saturated; resend it")
+            self.acks_dropped += 1
+            self._refusal_log.warning(
+                "ack-queue-full",
+                "acknowledgement on %s dropped: %d acknowledgements wait already; resend it",
+                received.topic[:200],
+                ACK_QUEUE_ITEMS,
+            )
+            return
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(("acks",))
 
     def _on_poison(self, record: StoredRecord, reason: str) -> None:
         """Called on the influx sink's thread when the database rejects a point for good."""
@@ -231,6 +283,7 @@ class Gateway:
             items = self._take_batch(timeout_s=max(0.0, next_tick - time.monotonic()))
             if not items and self.stop_event.is_set() and self._queue.empty():
                 return
+            self._apply_acks()
             batch = Batch()
             for item in items:
                 self._apply(item, batch)
@@ -239,10 +292,12 @@ class Gateway:
                 next_tick = now + TICK_S
                 self.pipeline.tick(time.time(), batch)
                 self._check_fill(batch)
+                self._refresh_state(batch)
             self._check_sources(batch)
-            snapshot = batch.alerts_changed or now >= next_snapshot
+            snapshot = batch.alerts_changed or self._acks_unsaved or now >= next_snapshot
             if snapshot:
                 next_snapshot = now + ENGINE_SNAPSHOT_EVERY_S
+                self._acks_unsaved = False  # the state taken by this commit includes them
             self._commit(batch, snapshot)
             self._committed_m = time.monotonic()
             self._batches_done += 1
@@ -284,10 +339,6 @@ class Gateway:
         elif kind == "capture":
             _, label, received_s, frames = item
             self.pipeline.frames(label, received_s, frames, batch)
-        elif kind == "ack":
-            error = self.pipeline.operator_ack(item[1], time.time(), batch)
-            if error:
-                self._quiet.warning("operator-ack", error)
         elif kind == "poison":
             _, record_id, line, reason, sink = item
             self.pipeline.poisoned_point(record_id, line, reason, time.time(), batch, sink)
@@ -314,6 +365,7 @@ class Gateway:
                 self._report_freed()
             except OutboxError as exc:
                 self._quiet.error("outbox", "outbox write failed, retrying: %s", exc)
+            self._apply_acks()  # acknowledgements never wait behind a full outbox
             if self.stop_event.wait(RETRY_COMMIT_S) and self._queue.empty():
                 log.error(
                     "stopping with %d records not stored; the device will resend them",
@@ -360,6 +412,64 @@ class Gateway:
                 encode_ack(key.pump_id, key.boot_id, last, first) for first, last in ack_runs(seqs)
             ]
             source.send(b"".join(frames))
+
+    # -- operator acknowledgements ---------------------------------------------------
+
+    def _apply_acks(self) -> None:
+        """Apply the acknowledgements received so far and store their transitions at once,
+        through the outbox's reserve for alerts: they do not wait for the batch being read
+        nor for room in a full outbox. The engine state follows with the next commit."""
+        batch = Batch()
+        while True:
+            try:
+                received = self._acks.get_nowait()
+            except queue.Empty:
+                break
+            origin = ack_origin(self.topics, received.topic)
+            username = origin.username if origin is not None else None
+            refusal = self.pipeline.operator_ack(
+                username, received.payload, time.time(), batch, retained=received.retained
+            )
+            if refusal is None:
+                self._acks_unsaved = True
+            else:
+                self._refused(refusal)
+        if batch.records:
+            try:
+                self.outbox.append(batch.records)
+            except OutboxError as exc:
+                log.error("cannot store an acknowledgement: %s; the operator must resend it", exc)
+            self._wake_sinks()
+
+    def _refused(self, refusal: AckRefusal) -> None:
+        """Log a refused acknowledgement (WARNING, rate-limited with a count) and tell the
+        operator's console why on the refusal topic."""
+        self._refusal_log.warning(
+            f"ack-refused:{refusal.reason_kind}",
+            "acknowledgement from MQTT user %r of alert %r refused: %s",
+            refusal.username,
+            refusal.alert_id,
+            refusal.reason,
+        )
+        if self.sinks.mqtt is not None:
+            self.sinks.mqtt.send_refusal(refusal.model_dump_json().encode())
+
+    # -- retained state ------------------------------------------------------------------
+
+    def _refresh_state(self, batch: Batch) -> None:
+        """Publish the retained state again, with fresh seqs, after every (re)connect or
+        replay and every gateway.state_refresh_s (not while the outbox is full)."""
+        mqtt = self.sinks.mqtt
+        if mqtt is None or self._full:
+            return
+        now_m = time.monotonic()
+        epoch = mqtt.state_epoch
+        if epoch == self._state_epoch and now_m < self._refresh_due_m:
+            return
+        self._state_epoch = epoch
+        self._refresh_due_m = now_m + self.settings.gateway.state_refresh_s
+        self.pipeline.reassert(time.time(), batch)
+        batch.records.append(self._status_record())
 
     # -- outbox fill -------------------------------------------------------------
 
@@ -427,13 +537,17 @@ class Gateway:
 
     # -- status ------------------------------------------------------------------
 
-    def _gateway_status(self, state: str) -> bytes:
-        self._status_seq += 1
+    def _connection_status(self) -> tuple[bytes, bytes]:
+        """Birth and will of a new MQTT connection (called on paho's thread before it)."""
+        birth_seq, will_seq = self._status_seq.connection()
+        return self._gateway_status("online", birth_seq), self._gateway_status("offline", will_seq)
+
+    def _gateway_status(self, state: str, seq: int) -> bytes:
         status = GatewayStatus(
             site=self.settings.gateway.site,
             station=self.settings.gateway.station,
             session_id=self.session_id,
-            seq=self._status_seq,
+            seq=seq,
             state=state,
             at=datetime.now(UTC),
             version=__version__,
@@ -447,17 +561,14 @@ class Gateway:
         if connected == self._sources_seen:
             return
         self._sources_seen = connected
-        payload = self._gateway_status("online")
-        batch.records.append(
-            OutRecord(
-                "gateway_status",
-                f"gateway:{self.session_id}:{self._status_seq}",
-                None,
-                payload,
-                None,
-                True,
-            )
-        )
+        batch.records.append(self._status_record())
+
+    def _status_record(self) -> OutRecord:
+        """An `online` GatewayStatus to store and publish, with the next seq."""
+        seq = self._status_seq.next()
+        payload = self._gateway_status("online", seq)
+        record_id = f"gateway:{self.session_id}:{seq}"
+        return OutRecord("gateway_status", record_id, None, payload, None, True)
 
     # -- observation ---------------------------------------------------------------
 
@@ -498,6 +609,7 @@ class Gateway:
             alert_transitions=counts.alerts,
             acks_in=counts.acks_in,
             acks_rejected=counts.acks_rejected,
+            acks_refused_by_reason=dict(counts.acks_refused),
             outbox_pending=self.outbox.pending(),
             outbox_max_pending=self.outbox.max_pending,
             outbox_full=self._full,

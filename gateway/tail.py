@@ -33,6 +33,7 @@ from gateway.adapters.mqtt import MqttSettings
 from schemas.models import (
     MODELS_BY_KIND,
     Acknowledgement,
+    AckRefusal,
     ActiveAlerts,
     AlertTransition,
     DeviceEvent,
@@ -133,7 +134,7 @@ def _parsed_summary(topic: str, payload: bytes) -> list[Segment]:
     if not isinstance(data, dict):
         return _raw("not a JSON object", payload)
     kind = data.get("kind")
-    if kind is None and topic.endswith("/ack"):
+    if kind is None and ("/ack/" in topic or topic.endswith("/ack")):
         kind = "acknowledgement"
     model = MODELS_BY_KIND.get(kind) if isinstance(kind, str) else None
     if model is None:
@@ -255,7 +256,14 @@ def _event(e: DeviceEvent) -> list[Segment]:
 
 def _acknowledgement(a: Acknowledgement) -> list[Segment]:
     note = f": {a.note}" if a.note else ""
-    return [(f"ACK {a.alert_id} by {a.by}{note}", "")]
+    by = f" by {a.by}" if a.by else ""
+    return [(f"ACK {a.alert_id}{by}{note}", "")]
+
+
+def _ack_refusal(r: AckRefusal) -> list[Segment]:
+    who = r.username or "an unusable user name"
+    return [(f"ACK REFUSED {r.alert_id or '-'} from {who}: {r.reason_kind}", WARN),
+            (f" {_printable(r.reason)}", "")]  # fmt: skip
 
 
 RENDERERS: Final[dict[type[BaseModel], Callable[[Any], list[Segment]]]] = {
@@ -268,6 +276,7 @@ RENDERERS: Final[dict[type[BaseModel], Callable[[Any], list[Segment]]]] = {
     DeviceInfo: _info,
     DeviceEvent: _event,
     Acknowledgement: _acknowledgement,
+    AckRefusal: _ack_refusal,
 }
 
 

@@ -11,8 +11,12 @@ Pure: no I/O. docs/topics.md describes every topic, its payload, QoS and retain 
     {prefix}/{site}/{station}/gateway/status                 GatewayStatus (retained, birth/will)
     {prefix}/{site}/{station}/gateway/alerts                 AlertTransition, pump "_gateway"
     {prefix}/{site}/{station}/gateway/alerts/active          ActiveAlerts, "_gateway" (retained)
+    {prefix}/{site}/{station}/gateway/acks/refused           AckRefusal (not retained)
     {prefix}/{site}/{station}/deadletter                     Quarantined
-    {prefix}/{site}/{station}/ack                            Acknowledgement (operators publish)
+    {prefix}/{site}/{station}/ack/{username}                 Acknowledgement (operators publish)
+
+The last level of an ack topic is the publisher's MQTT user name: the broker's ACL lets each
+user publish only on its own (`.../ack/%u`), so it is the acknowledging identity.
 """
 
 from __future__ import annotations
@@ -123,9 +127,44 @@ def deadletter_topic(base: TopicBase) -> str:
     return f"{base.root}/deadletter"
 
 
-def ack_topic(base: TopicBase) -> str:
-    """Where operators publish Acknowledgement JSON; the gateway subscribes."""
+def ack_topic(base: TopicBase, username: str) -> str:
+    """Where the MQTT user `username` publishes its Acknowledgement JSON."""
+    return f"{ack_filter(base).removesuffix('+')}{check_segment('username', username)}"
+
+
+def ack_filter(base: TopicBase) -> str:
+    """The gateway's subscription for acknowledgements: one topic per MQTT user."""
+    return f"{base.root}/ack/+"
+
+
+def legacy_ack_topic(base: TopicBase) -> str:
+    """The ack topic before acknowledgements were bound to the MQTT user: refused with a reason."""
     return f"{base.root}/ack"
+
+
+def ack_refusal_topic(base: TopicBase) -> str:
+    """Where the gateway says why it refused an acknowledgement (AckRefusal, not retained)."""
+    return f"{base.root}/gateway/acks/refused"
+
+
+@dataclass(frozen=True, slots=True)
+class AckOrigin:
+    """Who sent a message the gateway received on an ack topic."""
+
+    username: str | None
+    """The topic's last level (the broker-enforced MQTT user name); None on the legacy topic."""
+    legacy: bool = False
+
+
+def ack_origin(base: TopicBase, topic: str) -> AckOrigin | None:
+    """Classify a received topic: a per-user ack topic, the legacy one, or None (not an ack)."""
+    if topic == legacy_ack_topic(base):
+        return AckOrigin(None, legacy=True)
+    head = ack_filter(base).removesuffix("+")
+    username = topic.removeprefix(head)
+    if username == topic or not username or "/" in username:
+        return None
+    return AckOrigin(username)
 
 
 def pump_filter(base: TopicBase, pump_id: str) -> str:

@@ -70,7 +70,14 @@ MAX_SOURCES = 1024
 
 PUMP_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 BOOT_ID_PATTERN = r"^[0-9A-Za-z]{1,16}$"
+OPERATOR_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
+"""An acknowledging MQTT user name: letters, digits and `._@-`; no spaces or control codes."""
+MAX_STATE_SEQ = 2**53 - 1
+"""Sequence numbers of retained state stay exact in JavaScript (Number.MAX_SAFE_INTEGER)."""
 PumpId = Annotated[str, Field(pattern=PUMP_ID_PATTERN)]
+Operator = Annotated[str, Field(pattern=OPERATOR_PATTERN)]
+SessionId = Annotated[str, Field(pattern=r"^[0-9A-Za-z_-]{1,64}$")]
+StateSeq = Annotated[int, Field(ge=0, le=MAX_STATE_SEQ, strict=True)]
 BootId = Annotated[str, Field(pattern=BOOT_ID_PATTERN)]
 Seq = Annotated[int, Field(ge=0, le=MAX_SEQ, strict=True)]
 
@@ -366,9 +373,26 @@ class Acknowledgement(Frozen):
 
     schema_version: Literal[1] = 1
     alert_id: Annotated[str, Field(min_length=1, max_length=160)]
-    by: Annotated[str, Field(min_length=1, max_length=128)]
+    by: Operator | None = None
+    """Optional: the gateway takes the identity from the ack topic (`.../ack/{username}`) and
+    refuses a message whose `by` names anyone else."""
     at: Timestamp | None = None
+    """The console's own time of the acknowledgement: recorded as `acknowledged_at`, bounded to
+    the alert's life; the transition's `at` is the gateway's receive time."""
     note: Annotated[str, Field(max_length=500)] | None = None
+
+
+class AckRefusal(Frozen):
+    """Why the gateway refused a message on an ack topic (published, not retained)."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["ack_refusal"] = "ack_refusal"
+    username: Operator | None
+    """The ack topic's last level (the MQTT user), None when it was not a usable name."""
+    alert_id: Annotated[str, Field(max_length=160)] | None = None
+    reason_kind: Annotated[str, Field(pattern=r"^[a-z0-9_]{1,40}$")]
+    reason: Annotated[str, Field(max_length=500)]
+    at: Timestamp
 
 
 class SourceStatus(Frozen):
@@ -385,8 +409,10 @@ class GatewayStatus(Frozen):
     kind: Literal["gateway_status"] = "gateway_status"
     site: str
     station: str
-    session_id: str
-    seq: Seq
+    session_id: SessionId
+    seq: StateSeq
+    """Orders this session's status messages: each connection's birth is above the previous
+    connection's will, and its will above every status of the connection."""
     state: Literal["online", "offline"]
     at: Timestamp
     version: str
@@ -411,6 +437,11 @@ class PumpStatus(Frozen):
     reservoir_ml: StrictFloat | None = None
     pump_state: PumpState | None = None
     battery_state: BatteryState | None = None
+    session_id: SessionId | None = None
+    """The gateway session that published it (GatewayStatus.session_id); see seq."""
+    seq: StateSeq | None = None
+    """Increases with every retained state message of the session: a consumer keeps the
+    highest per topic and ignores a lower one or one of a session that is not the gateway's."""
 
 
 class ActiveAlerts(Frozen):
@@ -422,6 +453,10 @@ class ActiveAlerts(Frozen):
     at: Timestamp
     alerts: Annotated[tuple[AlertTransition, ...], Field(max_length=MAX_ACTIVE_ALERTS)]
     intended_use: IntendedUse = INTENDED_USE
+    session_id: SessionId | None = None
+    """The gateway session that published it (GatewayStatus.session_id); see seq."""
+    seq: StateSeq | None = None
+    """Increases with every retained state message of the session (as PumpStatus.seq)."""
 
 
 class Quarantined(Frozen):
@@ -453,6 +488,7 @@ MODELS_BY_KIND: dict[str, type[Frozen]] = {
     "active_alerts": ActiveAlerts,
     "quarantine": Quarantined,
     "acknowledgement": Acknowledgement,
+    "ack_refusal": AckRefusal,
 }
 
 

@@ -57,6 +57,7 @@ from paho.mqtt.exception import MQTTException
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from gateway.outbox import Outbox, StoredRecord
@@ -64,8 +65,11 @@ from gateway.quiet import QuietLog
 from gateway.topics import (
     DEFAULT_PREFIX,
     TopicBase,
-    ack_topic,
+    ack_filter,
+    ack_origin,
+    ack_refusal_topic,
     is_retained,
+    legacy_ack_topic,
     segment_problem,
     status_topic,
     topic_for,
@@ -96,6 +100,8 @@ MAX_ACK_BYTES: Final = 16_384
 SERVER_RECEIVE_MAX: Final = 65_535
 DISCONNECT_WITH_WILL: Final = 0x04
 """MQTT 5 DISCONNECT reason: the broker publishes the will (`offline`) on a clean stop too."""
+SESSION_TAKEN_OVER: Final = 0x8E
+"""MQTT 5 DISCONNECT reason: another client connected with this client id."""
 SCHEMES: Final = {"mqtt": 1883, "mqtts": 8883}
 
 
@@ -404,14 +410,18 @@ class PackedProperties(Properties):
 
 @dataclass(frozen=True, slots=True)
 class ReceivedAck:
-    """A message received on the ack topic, handed to the service unvalidated."""
+    """A message received on an ack topic, handed to the service unvalidated."""
 
     topic: str
     payload: bytes
     user_properties: tuple[tuple[str, str], ...] = ()
+    retained: bool = False
+    """The broker sent it with the retain flag (a stored message, or a retained publish)."""
 
 
 OnAck = Callable[[ReceivedAck], None]
+StatusPair = Callable[[], tuple[bytes, bytes]]
+"""Builds the GatewayStatus payloads of one connection: (birth `online`, will `offline`)."""
 
 
 @dataclass(slots=True)
@@ -507,20 +517,20 @@ class MqttSink:
         outbox: Outbox,
         topics: TopicBase,
         *,
-        birth: bytes,
-        will: bytes,
+        status: StatusPair,
         on_ack: OnAck,
     ) -> None:
         self.settings = settings
         self._outbox = outbox
         self._topics = topics
-        self._birth = birth
-        self._will = will
+        self._status = status
+        self._birth = self._will = b""
         self._on_ack = on_ack
         self._v5 = settings.protocol == "5"
         self.client_id = settings.client_id or f"pumpgw-{topics.site}-{topics.station}"
         self._status_topic = status_topic(topics)
-        self._ack_topic = ack_topic(topics)
+        self._ack_filters = (ack_filter(topics), legacy_ack_topic(topics))
+        self._refusal_topic = ack_refusal_topic(topics)
         self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._kick = threading.Event()
         self._quiet = QuietLog(log)
@@ -540,7 +550,8 @@ class MqttSink:
         self.last_error: str | None = None
         self.published = self.denied = self.reconnects = self.historical = 0
         self.unroutable = self.refusals = self.acks_received = self.acks_dropped = 0
-        self.unreachable = 0
+        self.unreachable = self.connections = self.replays_done = self.takeovers = 0
+        self.sessions_lost = self.refusals_sent = 0
         self._denied_seqs: set[int] = set()
         """Outbox seqs of records the broker denied and has not yet accepted."""
         self._denied_kinds: dict[str, float] = {}
@@ -570,7 +581,7 @@ class MqttSink:
             client.username_pw_set(s.username, s.password_value())
         if s.uses_tls:
             self._set_tls(client, s.tls)
-        client.will_set(self._status_topic, self._will, qos=QOS, retain=True)
+        client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -589,11 +600,26 @@ class MqttSink:
             )
             client.tls_insecure_set(tls.insecure_skip_verify)
 
-    def update_birth(self, birth: bytes) -> None:
-        """The GatewayStatus `online` payload published at the next (re)connect."""
-        self._birth = birth
+    @property
+    def state_epoch(self) -> int:
+        """Changes whenever retained topics may hold older state than the gateway's: after
+        each connect and each finished backlog replay (the service then re-asserts it)."""
+        return self.connections + self.replays_done
+
+    def send_refusal(self, payload: bytes) -> None:
+        """Publish an AckRefusal (QoS 1, not retained) if connected; any thread."""
+        self._hand_over("refusal", payload)
 
     # -- paho callbacks: paho's thread; they only hand data over ---------------------
+
+    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        # Birth and will are built for each connection: the birth's seq is above the last
+        # connection's will, so a consumer ordering by seq never keeps an old `offline`.
+        try:
+            self._birth, self._will = self._status()
+        except Exception as exc:  # noqa: BLE001 - a service bug must not stop paho's thread
+            self._quiet.error("status", "cannot build the birth and will: %r", exc)
+        client.will_set(self._status_topic, self._will, qos=QOS, retain=True)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
                     reason_code: ReasonCode, properties: Properties | None) -> None:
@@ -607,10 +633,21 @@ class MqttSink:
         client.drop_out_messages()
         no_delay(client)
         # Subscribe before the birth: whoever sees `online` can rely on acks being heard.
-        client.subscribe(self._ack_topic, qos=QOS)
+        if self._v5:
+            client.subscribe([(f, self._ack_options()) for f in self._ack_filters])
+        else:
+            client.subscribe([(f, QOS) for f in self._ack_filters])
         client.publish(self._status_topic, self._birth, qos=QOS, retain=True)
         receive_max = getattr(properties, "ReceiveMaximum", SERVER_RECEIVE_MAX)
-        self._hand_over("connected", int(receive_max))
+        self._hand_over("connected", int(receive_max), bool(flags.session_present))
+
+    @staticmethod
+    def _ack_options() -> SubscribeOptions:
+        """MQTT 5: no retained acks at subscribe (retain handling 2) and the retain flag kept
+        on live ones (retain as published), so a retained ack can be recognised and refused.
+        (MQTT 3.1.1 has neither: retained acks arrive flagged at subscribe and are refused.)"""
+        return SubscribeOptions(qos=QOS, noLocal=True, retainAsPublished=True,
+                                retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # paho calls this from inside its `except OSError:` without the exception; the one
@@ -627,6 +664,14 @@ class MqttSink:
         self._hand_over("puback", mid, *reason(reason_code))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if ack_origin(self._topics, message.topic) is None:
+            # A session resumed after someone else used our client id may carry their
+            # subscriptions: nothing but the ack topics is ever taken as an acknowledgement.
+            self.acks_dropped += 1
+            self._quiet.warning("not-ack", "ignored a message on %r: not an ack topic of this "
+                                "station (a subscription left in the session by another client "
+                                "that used this client id?)", message.topic[:200])
+            return
         if len(message.payload) > MAX_ACK_BYTES:
             self.acks_dropped += 1
             self._quiet.warning("ack-size", "dropped a %d-byte message on %s (limit %d)",
@@ -634,7 +679,7 @@ class MqttSink:
             return
         self.acks_received += 1
         props = user_properties(message.properties)
-        ack = ReceivedAck(message.topic, bytes(message.payload), props)
+        ack = ReceivedAck(message.topic, bytes(message.payload), props, bool(message.retain))
         try:
             self._on_ack(ack)
         except Exception as exc:  # noqa: BLE001 - a service bug must not stop paho's thread
@@ -716,12 +761,15 @@ class MqttSink:
                 return
             getattr(self, f"_event_{event[0]}")(*event[1:])
 
-    def _event_connected(self, receive_max: int) -> None:
+    def _event_connected(self, receive_max: int, session_present: bool = True) -> None:
         self._unsend_all()
         self._window_wire = max(1, min(self.settings.inflight_max, receive_max))
         if self._ever_connected:
             self.reconnects += 1
+        self.connections += 1
         log.info("MQTT connected to %s as %s", self.settings.display_url(), self.client_id)
+        if not session_present and self.settings.session_expiry_s > 0:
+            self._session_lost()
         self._connected = self._ever_connected = True
         self._denied_at_m = float("-inf")  # a denial on this connection, not an earlier one
         self._connected_at_m = time.monotonic()
@@ -747,7 +795,38 @@ class MqttSink:
                            f"({what} failed: {cause or 'no reason given'}){hint}; retrying")
         self._quiet.warning("unreachable", "%s", self.last_error)
 
+    def _session_lost(self) -> None:
+        """The broker kept no session for us: acks published while away were not queued.
+        (At the process's first connect that is also what a first run looks like.)"""
+        if self.connections > 1:
+            self.sessions_lost += 1
+            log.warning("MQTT: the broker did not keep this gateway's session (it expired, or "
+                        "another client connected with client id %r and a clean start): "
+                        "acknowledgements published while the gateway was away are lost; "
+                        "operators see the alert still unacknowledged and must send again",
+                        self.client_id)
+
+    def _event_refusal(self, payload: bytes) -> None:
+        if not self._connected:
+            return  # the console is told nothing; it sees no receipt and may resend
+        with contextlib.suppress(MqttError):
+            with paho_errors("publish an acknowledgement refusal"):
+                info = self._client.publish(self._refusal_topic, payload, qos=QOS,
+                                            properties=self._refusal_properties())
+            if publish_problem(info.rc) is None:
+                self.refusals_sent += 1
+
+    def _refusal_properties(self) -> Properties | None:
+        return PackedProperties([]) if self._v5 else None
+
     def _event_disconnected(self, code: int, name: str) -> None:
+        if code == SESSION_TAKEN_OVER:
+            self.takeovers += 1
+            self._quiet.warning("taken-over", "MQTT: another client connected with this "
+                                "gateway's client id %r and took its session over; check for a "
+                                "second gateway with the same id, or a client misusing it (the "
+                                "broker should bind client ids to users: docs/security.md)",
+                                self.client_id)
         self._unsend_all()
         now_m = time.monotonic()
         kicked = now_m - self._denied_at_m < KICKED_WITHIN_S
@@ -964,6 +1043,7 @@ class MqttSink:
             self._outbox.ack(SINK_NAME, replay.acked_to)
         if replay.done:
             self._replay = None
+            self.replays_done += 1
             self._outbox.ack(SINK_NAME, max(live.acked_to, replay.acked_to))
             log.info("MQTT backlog replayed; publishing live")
 
@@ -1021,4 +1101,7 @@ class MqttSink:
             "unroutable": self.unroutable,
             "acks_received": self.acks_received,
             "acks_dropped": self.acks_dropped,
+            "ack_refusals_sent": self.refusals_sent,
+            "session_takeovers": self.takeovers,
+            "sessions_lost": self.sessions_lost,
         }

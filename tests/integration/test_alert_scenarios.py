@@ -435,7 +435,8 @@ class Station:
 
     @property
     def ack_topic(self) -> str:
-        return f"{self.prefix}/{self.prefix}/{STATION}/ack"
+        """The operator's own ack topic: the last level is its MQTT user name."""
+        return f"{self.prefix}/{self.prefix}/{STATION}/ack/nurse.jones"
 
     def stream(self, *args: str) -> None:
         """Run a ward on the station's line until everything it sent is delivered."""
@@ -535,9 +536,14 @@ def test_acknowledgement_records_who_and_when_and_a_latching_alert_ends_once_als
     by_id = {t["transition_id"]: t for t in unique_transitions(st.collector)}
     acked = [t for t in by_id.values() if t["phase"] == "acknowledged"]
     assert {t["alert_id"] for t in acked} == {STOPPED, LOW}
+    started = {t["alert_id"]: t["at"] for t in by_id.values() if t["phase"] == S}
     for t in acked:
         assert t["acknowledged_by"] == "nurse.jones"
-        assert t["acknowledged_at"].replace("+00:00", "Z") == ACKED_AT
+        # The console's clock said ACKED_AT, before the alert started: the time recorded is
+        # bounded to the alert's life, and `at` is when the gateway received it.
+        assert started[t["alert_id"]] > ACKED_AT
+        assert t["acknowledged_at"] == started[t["alert_id"]]
+        assert t["at"] > t["acknowledged_at"]
         assert t["inactivation"] == "alert-acknowledged"
         assert t["device_time"] is None  # a person did it, not a pump message
         assert "recorded here only" in t["text"]  # never presented as clearing the pump
@@ -555,15 +561,11 @@ def test_malformed_acknowledgements_change_nothing_and_are_logged_clearly(
         before = unique_transitions(st.collector)
         active_before = st.active()
 
-        st.acknowledge(b'{"alert_id": "P0010:pump_stopped:1"}')  # who acknowledged?
+        st.acknowledge(ack("P0010:pump_stopped:1", by="dr.who"))  # not the publishing user
         st.acknowledge(b"ack P0010")
         st.acknowledge(ack("P0010:pump_stopped:99"))  # valid, but no such alert
         metrics = st.gateway.wait_metrics(
-            lambda m: (
-                m.value("pumpgw_operator_acks_total", result="rejected") >= 2
-                and m.value("pumpgw_operator_acks_total", result="accepted") >= 1
-            ),
-            METRICS_S,
+            lambda m: m.value("pumpgw_operator_acks_total", result="rejected") >= 3, METRICS_S
         )
         st.acknowledge(ack(LOW))  # a valid one afterwards: the earlier ones left no change
         st.wait_phases(LOW, [S, "acknowledged"])
@@ -571,16 +573,18 @@ def test_malformed_acknowledgements_change_nothing_and_are_logged_clearly(
         active_after = st.active()
         log = st.gateway.log()
 
-    assert metrics.value("pumpgw_operator_acks_total", result="rejected") == 2
+    assert metrics.value("pumpgw_operator_acks_total", result="rejected") == 3
+    assert metrics.value("pumpgw_operator_acks_total", result="accepted") == 0
     assert [t["transition_id"] for t in after[: len(before)]] == [
         t["transition_id"] for t in before
     ]
     assert [(t["alert_id"], t["phase"]) for t in after[len(before) :]] == [(LOW, "acknowledged")]
     assert active_after == active_before  # an acknowledgement does not change the state
-    rejected = [line for line in log.splitlines() if "acknowledgement rejected" in line]
-    assert rejected, log[-2000:]
-    assert "WARNING" in rejected[0]
-    assert "by: Field required" in rejected[0]
+    refused = [line for line in log.splitlines() if "refused" in line and "acknowledgement" in line]
+    assert len(refused) == 3, log[-2000:]  # each kind of refusal logged, at WARNING
+    assert all("WARNING" in line for line in refused)
+    assert "'by' is 'dr.who' but the message was published by MQTT user 'nurse.jones'" in refused[0]
+    assert "no active alert 'P0010:pump_stopped:99'" in refused[2]
 
 
 # --- 4. a restart in the middle of an alert -----------------------------------------------

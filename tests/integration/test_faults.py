@@ -1320,9 +1320,10 @@ def publish_ack(
     by: str = OPERATOR,
     user: tuple[str, str] | None = None,
 ) -> int:
-    """An operator's acknowledgement, QoS 1; the broker's PUBACK reason code."""
+    """An operator's acknowledgement on its own ack topic (`ack/{MQTT user}`, or `ack/{by}`
+    without a login), QoS 1; the broker's PUBACK reason code."""
     payload = json.dumps({"alert_id": alert_id, "by": by}).encode()
-    return mqtt_publish(port, f"{root}/ack", payload, user=user)
+    return mqtt_publish(port, f"{root}/ack/{user[0] if user else by}", payload, user=user)
 
 
 def acknowledged(collector: Collector, alert_id: str) -> list[dict[str, Any]]:

@@ -205,8 +205,7 @@ def make_sink(
         config,
         outbox,
         base,
-        birth=status_payload("online"),
-        will=status_payload("offline"),
+        status=lambda: (status_payload("online"), status_payload("offline")),
         on_ack=on_ack or (lambda ack: None),
     )
 
@@ -392,9 +391,9 @@ def test_operator_acknowledgement_is_handed_over_with_topic_and_user_properties(
         assert json.loads(sub.next().payload)["state"] == "online"  # subscribed before the birth
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.UserProperty = ("console", "ward-3")
-        sub.client.publish(ack_topic(base), ack, qos=1, properties=props)
+        sub.client.publish(ack_topic(base, "nurse-7"), ack, qos=1, properties=props)
         got = received.get(timeout=WAIT_S)
-    assert got == ReceivedAck(ack_topic(base), ack, (("console", "ward-3"),))
+    assert got == ReceivedAck(ack_topic(base, "nurse-7"), ack, (("console", "ward-3"),))
     assert sink.health()["acks_received"] == 1
 
 

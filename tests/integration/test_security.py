@@ -474,6 +474,7 @@ ACL_USERS = {
 }
 STATION = "pumpgw/north/bed-12"
 OTHER_STATION = "pumpgw/north/bed-7"
+JONES_ACKS = f"{STATION}/ack/nurse.jones"
 
 
 def MALFORMED_ACKS(alert_id: str) -> list[bytes]:  # noqa: N802 - a table, like a constant
@@ -485,6 +486,10 @@ def MALFORMED_ACKS(alert_id: str) -> list[bytes]:  # noqa: N802 - a table, like 
         json.dumps({"alert_id": alert_id, "by": "nurse.jones", "clear_pump_alarm": True}).encode(),
         b"{" + b" " * 20_000 + b"}",
     ]
+
+
+def ack_of(alert_id: str, by: str) -> bytes:
+    return json.dumps({"alert_id": alert_id, "by": by}).encode()
 
 
 def as_user(name: str) -> tuple[str, str]:
@@ -499,7 +504,7 @@ def test_the_documented_acl_lets_each_role_do_only_its_job_and_acks_are_checked_
     fake = json.dumps({"kind": "reading", "pump_id": "FAKE"}).encode()
     with (
         collecting(port, "pumpgw", user=as_user("dashboard")) as dashboard,
-        collecting(port, f"{STATION}/ack", raw=True, user=as_user("pumpgw-north-bed-7")) as snoop,
+        collecting(port, f"{STATION}/ack/+", raw=True, user=as_user("pumpgw-north-bed-7")) as snoop,
         ward_running(
             tmp_path, "--pumps 2 --count 200 --scenario low-reservoir --speed max --wait-for-ack"
         ) as ward,
@@ -543,21 +548,34 @@ def test_the_documented_acl_lets_each_role_do_only_its_job_and_acks_are_checked_
                 "another station's gateway publishes here": mqtt_publish(
                     port, telemetry, fake, user=as_user("pumpgw-north-bed-7")
                 ),
-            }
+                "an operator publishes on another operator's ack topic": mqtt_publish(
+                    port, f"{STATION}/ack/nurse.jones", ack_of(alert_id, "nurse.jones"),
+                    user=as_user("nurse.smith"),
+                ),
+                "an operator publishes on the old shared ack topic": mqtt_publish(
+                    port, f"{STATION}/ack", ack_of(alert_id, "nurse.jones"),
+                    user=as_user("nurse.jones"),
+                ),
+            }  # fmt: skip
             not_allowed = publish_ack(
                 port, STATION, alert_id, by="nurse.smith", user=as_user("nurse.smith")
             )
+            forged = publish_ack(  # on its own topic, in another operator's name
+                port, STATION, alert_id, by="nurse.jones", user=as_user("nurse.smith")
+            )
             malformed = [
-                mqtt_publish(port, f"{STATION}/ack", payload, user=as_user("nurse.jones"))
+                mqtt_publish(port, JONES_ACKS, payload, user=as_user("nurse.jones"))
                 for payload in MALFORMED_ACKS(alert_id)
             ]
             rejected = gateway.wait_metrics(
                 lambda m: (
-                    m.value("pumpgw_operator_acks_total", result="rejected") >= 5
+                    m.value("pumpgw_operator_acks_total", result="rejected") >= 6
                     and m.value("pumpgw_sink_acks_dropped_total", sink="mqtt") >= 1
                 ),
                 METRICS_S,
             )
+            receipts = dashboard.payloads["ack_refusal"]
+            assert dashboard.wait_for(lambda: len(receipts) >= 6, METRICS_S)
             assert gateway.running, "a malformed acknowledgement stopped the gateway"
             assert not acknowledged(dashboard, alert_id), "a refused acknowledgement applied"
             allowed = publish_ack(
@@ -572,9 +590,9 @@ def test_the_documented_acl_lets_each_role_do_only_its_job_and_acks_are_checked_
     assert not acks_seen & {"dashboard", "x"}, "the broker let a denied acknowledgement through"
     denied = {name: code for name, code in attempts.items() if code < DENIED}
     assert not denied, f"the ACL allowed: {denied}"
-    assert (not_allowed, allowed) == (0, 0), "operators may publish acknowledgements"
+    assert (not_allowed, forged, allowed) == (0, 0, 0), "operators may publish on their topic"
     assert malformed == [0] * len(malformed), "the ACL lets operators publish on the ack topic"
-    assert rejected.value("pumpgw_operator_acks_total", result="rejected") == 5
+    assert rejected.value("pumpgw_operator_acks_total", result="rejected") == 6
     assert rejected.value("pumpgw_sink_acks_dropped_total", sink="mqtt") == 1
     log = gateway.log()
     for problem in ("alert_id: Field required", "by=''", "Extra inputs are not permitted"):
@@ -582,7 +600,10 @@ def test_the_documented_acl_lets_each_role_do_only_its_job_and_acks_are_checked_
     assert metrics.value("pumpgw_operator_acks_total", result="accepted") == 1
     assert metrics.value("pumpgw_sink_denied_total", sink="mqtt") == 0
     assert "FAKE" not in json.dumps(dashboard.payloads), "a forged message reached the dashboard"
-    assert "operator 'nurse.smith' is not on the allow-list" in gateway.log()
+    assert "MQTT user 'nurse.smith' is not in gateway.ack_allowed" in gateway.log()
+    refusals = {(r["username"], r["reason_kind"]) for r in dashboard.payloads["ack_refusal"]}
+    assert refusals == {("nurse.smith", "not_allowed"), ("nurse.smith", "by_mismatch"),
+                        ("nurse.jones", "invalid")}  # fmt: skip
     (receipt,) = acknowledged(dashboard, alert_id)
     assert (receipt["acknowledged_by"], receipt["inactivation"]) == (
         "nurse.jones",
@@ -593,6 +614,7 @@ def test_the_documented_acl_lets_each_role_do_only_its_job_and_acks_are_checked_
     figures["acl_and_ack_rights"] = counts | {
         "denied_by_broker": {name: hex(code) for name, code in attempts.items()},
         "rejected_by_allow_list": 1,
+        "rejected_forged_by": 1,
         "malformed_rejected": 3,
         "oversized_dropped_unread": 1,
         "acknowledged": 1,

@@ -398,7 +398,7 @@ def test_the_ingest_role_lets_workers_make_and_read_every_subscription() -> None
 def metric_names(tmp_path: Path) -> set[str]:
     """Every metric name the gateway exposes, with the real sinks' extra counters."""
     outbox = Outbox(tmp_path / "o.db", ["mqtt", "influx"])
-    mqtt_sink = MqttSink(MqttSettings(), outbox, TopicBase("s", "st"), birth=b"", will=b"",
+    mqtt_sink = MqttSink(MqttSettings(), outbox, TopicBase("s", "st"), status=lambda: (b"", b""),
                          on_ack=lambda ack: None)  # fmt: skip
     influx = InfluxSettings(url="http://127.0.0.1:1", org="o")
     influx_sink = InfluxSink(influx, outbox, on_poison=lambda r, w: None, rng=random.Random(1))

@@ -743,15 +743,15 @@ def test_a_malformed_acknowledgement_is_refused_clearly_and_changes_no_state(
     pipeline, _alert_id = pipeline_with_a_latched_alert()
     before = pipeline.engine.snapshot()
     batch = Batch()
-    error = pipeline.operator_ack(payload, RECEIVED_S + 1, batch)
+    refusal = pipeline.operator_ack("nurse.jones", payload, RECEIVED_S + 1, batch)
     try:
         ack = Acknowledgement.model_validate_json(payload)
     except ValueError:
         ack = None
     if ack is None:
-        assert error is not None
-        assert error.startswith("acknowledgement rejected: ")
-        assert_readable(error[:REASON_MAX_CHARS])
+        assert refusal is not None
+        assert refusal.reason_kind == "invalid"
+        assert_readable(refusal.reason[:REASON_MAX_CHARS])
         assert pipeline.counts.acks_rejected == 1
     assert batch.records == [], "an acknowledgement of no known alert stored something"
     assert pipeline.engine.snapshot() == before
@@ -761,7 +761,8 @@ def test_a_valid_acknowledgement_of_a_known_alert_is_recorded_with_who() -> None
     pipeline, alert_id = pipeline_with_a_latched_alert()
     batch = Batch()
     ack = Acknowledgement(alert_id=alert_id, by="nurse.jones")
-    assert pipeline.operator_ack(ack.model_dump_json().encode(), RECEIVED_S + 1, batch) is None
+    payload = ack.model_dump_json().encode()
+    assert pipeline.operator_ack("nurse.jones", payload, RECEIVED_S + 1, batch) is None
     (transition,) = [json.loads(r.payload) for r in batch.records if r.kind == "alert"]
     assert (transition["phase"], transition["acknowledged_by"]) == ("acknowledged", "nurse.jones")
 
@@ -776,7 +777,7 @@ def atheris_one_input(data: bytes) -> None:
     cut = data[0] if data else 0
     for chunk in (data[1 : 1 + cut], data[1 + cut :]):
         assert_consistent(pipeline, push(pipeline, chunk, decoder))
-    pipeline.operator_ack(data, RECEIVED_S, Batch())
+    pipeline.operator_ack("nurse.jones", data, RECEIVED_S, Batch())
 
 
 def main() -> None:  # pragma: no cover - a manual tool, see the module docstring

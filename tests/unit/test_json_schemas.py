@@ -15,6 +15,7 @@ from schemas import export
 from schemas.models import (
     MODELS_BY_KIND,
     Acknowledgement,
+    AckRefusal,
     ActiveAlerts,
     AlertTransition,
     DeviceAlarm,
@@ -69,14 +70,25 @@ SAMPLES: dict[str, list[BaseModel]] = {
         PumpStatus(pump_id="P0001", telemetry="ok", at=AT, last_record_id="P0001:3fa2c1d0:7",
                    last_device_time=AT, reservoir_ml=1.8, pump_state="running",
                    battery_state="ok"),
-        PumpStatus(pump_id="P0001", telemetry="lost", at=AT),
+        PumpStatus(pump_id="P0001", telemetry="lost", at=AT, session_id="3fa2c1d09b1e", seq=1),
     ],
-    "active_alerts": [ActiveAlerts(pump_id="P0001", at=AT, alerts=(ALERT,))],
+    "active_alerts": [
+        ActiveAlerts(pump_id="P0001", at=AT, alerts=(ALERT,)),
+        ActiveAlerts(pump_id="P0001", at=AT, alerts=(), session_id="3fa2c1d09b1e", seq=7),
+    ],
     "quarantine": [
         Quarantined(quarantine_id="q1", source="socket://127.0.0.1:7000", reason_kind="checksum",
                     reason="CRC-32 mismatch", raw_hex="2450", received_at=AT, pump_id=None),
     ],
-    "acknowledgement": [Acknowledgement(alert_id="P0001:low_reservoir:1", by="nurse 7", at=AT)],
+    "acknowledgement": [
+        Acknowledgement(alert_id="P0001:low_reservoir:1", by="nurse.7", at=AT),
+        Acknowledgement(alert_id="P0001:low_reservoir:1"),
+    ],
+    "ack_refusal": [
+        AckRefusal(username="nurse.7", alert_id="P0001:x:1", reason_kind="unknown_alert",
+                   reason="no active alert 'P0001:x:1' (unknown or ended)", at=AT),
+        AckRefusal(username=None, reason_kind="legacy_topic", reason="publish on ...", at=AT),
+    ],
 }  # fmt: skip
 
 

@@ -120,13 +120,104 @@ def test_pseudonymised_pump_ids_and_serials_never_leave_in_clear() -> None:
     assert ack_key.pump_id == "P0001"  # the device is acknowledged under its own id
 
 
-def test_malformed_or_unauthorised_acknowledgements_change_nothing() -> None:
-    p = pipeline(ack_allowed=frozenset({"nurse"}))
-    batch = Batch()
-    assert "rejected" in (p.operator_ack(b"{not json", NOW.timestamp(), batch) or "")
-    assert "allow-list" in (
-        p.operator_ack(b'{"alert_id": "x", "by": "mallory"}', NOW.timestamp(), batch) or ""
+def with_alerts(
+    ack_allowed: frozenset[str] | None = None, ack_technical: frozenset[str] = frozenset()
+) -> tuple[Pipeline, str, str]:
+    """A pipeline with an active low-reservoir alert on P0001 and the gateway's outbox_full."""
+    p = Pipeline(
+        AlertEngine(RulesConfig()),
+        PointTags("site", "st"),
+        ack_allowed=ack_allowed,
+        ack_technical=ack_technical,
+        session_id="s1",
     )
-    assert p.operator_ack(b'{"alert_id": "unknown", "by": "nurse"}', NOW.timestamp(), batch) is None
+    batch = Batch()
+    p.frames("line", NOW.timestamp(), frames(encode_message(reading(1, reservoir_ml=1.0))), batch)
+    p.condition("outbox_full", True, "full", 10.0, 10.0, NOW.timestamp(), batch, high=True)
+    (low,) = [t.alert_id for t in p.engine.active_alerts("P0001") if "low_reservoir" in t.alert_id]
+    (full,) = [t.alert_id for t in p.engine.active_alerts("_gateway")]
+    return p, low, full
+
+
+def ack(alert_id: str, **fields: str) -> bytes:
+    return json.dumps({"alert_id": alert_id, **fields}).encode()
+
+
+LATER_S = NOW.timestamp() + 60
+
+
+def test_malformed_or_unauthorised_acknowledgements_change_nothing() -> None:
+    p, low, _ = with_alerts(ack_allowed=frozenset({"nurse"}))
+    before = p.engine.snapshot()
+    batch = Batch()
+    refusals = [
+        p.operator_ack("nurse", b"{not json", LATER_S, batch),
+        p.operator_ack("mallory", ack(low), LATER_S, batch),
+        p.operator_ack("nurse", ack("P0001:unknown:1"), LATER_S, batch),
+        p.operator_ack("mallory", ack(low, by="nurse"), LATER_S, batch),
+        p.operator_ack(None, ack(low, by="nurse"), LATER_S, batch),
+        p.operator_ack("nurse", ack(low), LATER_S, batch, retained=True),
+        p.operator_ack("nurse\x1b[2J", ack(low), LATER_S, batch),
+    ]
+    kinds = [r.reason_kind if r else None for r in refusals]
+    assert kinds == [
+        "invalid", "not_allowed", "unknown_alert", "by_mismatch", "legacy_topic", "retained",
+        "bad_user",
+    ]  # fmt: skip
     assert batch.records == []
-    assert (p.counts.acks_in, p.counts.acks_rejected) == (1, 2)
+    assert p.engine.snapshot() == before
+    assert (p.counts.acks_in, p.counts.acks_rejected) == (0, 7)
+    assert p.counts.acks_refused["unknown_alert"] == 1
+    assert "{root}/ack/" in (refusals[4].reason if refusals[4] else "")
+
+
+def test_the_acknowledging_identity_is_the_topic_user_and_at_is_the_receive_time() -> None:
+    p, low, _ = with_alerts(ack_allowed=frozenset({"nurse"}))
+    batch = Batch()
+    claimed = "2000-01-01T00:00:00Z"  # before the alert started: bounded to its start
+    assert p.operator_ack("nurse", ack(low, at=claimed), LATER_S, batch) is None
+    (transition,) = [json.loads(r.payload) for r in batch.records if r.kind == "alert"]
+    assert transition["phase"] == "acknowledged"
+    assert transition["acknowledged_by"] == "nurse"
+    assert datetime.fromisoformat(transition["at"]).timestamp() == LATER_S
+    assert datetime.fromisoformat(transition["acknowledged_at"]) == NOW
+    again = p.operator_ack("nurse", ack(low), LATER_S + 1, Batch())
+    assert again is not None
+    assert again.reason_kind == "already_acknowledged"
+
+
+def test_a_claimed_time_in_the_future_is_bounded_to_the_receive_time() -> None:
+    p, low, _ = with_alerts()
+    batch = Batch()
+    assert p.operator_ack("anyone", ack(low, at="2099-01-01T00:00:00Z"), LATER_S, batch) is None
+    (transition,) = [json.loads(r.payload) for r in batch.records if r.kind == "alert"]
+    assert datetime.fromisoformat(transition["acknowledged_at"]).timestamp() == LATER_S
+
+
+def test_technical_alerts_need_the_technical_role() -> None:
+    p, low, full = with_alerts(ack_allowed=frozenset({"nurse"}), ack_technical=frozenset({"tech"}))
+    refused = p.operator_ack("nurse", ack(full), LATER_S, Batch())
+    assert refused is not None
+    assert refused.reason_kind == "technical_role"
+    refused = p.operator_ack("tech", ack(low), LATER_S, Batch())
+    assert refused is not None
+    assert refused.reason_kind == "not_allowed"
+    batch = Batch()
+    assert p.operator_ack("tech", ack(full), LATER_S, batch) is None
+    assert any(r.kind == "alert" and b'"acknowledged"' in r.payload for r in batch.records)
+
+
+def test_retained_state_carries_the_session_and_an_increasing_seq() -> None:
+    p, _, _ = with_alerts()
+    batch = Batch()
+    p.reassert(LATER_S, batch)
+    state = [json.loads(r.payload) for r in batch.records]
+    assert {s["kind"] for s in state} == {"pump_status", "active_alerts"}
+    assert {s["session_id"] for s in state} == {"s1"}
+    seqs = [s["seq"] for s in state]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == len(seqs)
+    assert {s["pump_id"] for s in state if s["kind"] == "active_alerts"} == {"P0001", "_gateway"}
+    later = Batch()
+    p.reassert(LATER_S + 1, later)
+    assert min(json.loads(r.payload)["seq"] for r in later.records) > max(seqs)

@@ -22,6 +22,7 @@ from gateway.tail import (
 )
 from schemas.models import (
     Acknowledgement,
+    AckRefusal,
     ActiveAlerts,
     AlarmState,
     AlertTransition,
@@ -279,6 +280,19 @@ def test_acknowledgement_without_kind_is_recognised_on_the_ack_topic() -> None:
     line = render(f"{BASE}/ack", ack.model_dump_json())
 
     assert line == "ack  ACK P0001:low_reservoir:1 by nurse.kim: refill booked"
+    line = render(f"{BASE}/ack/nurse.kim", '{"alert_id": "P0001:low_reservoir:1"}')
+    assert line == "ack/nurse.kim  ACK P0001:low_reservoir:1"
+
+
+def test_a_refused_acknowledgement_shows_who_and_why_escaped() -> None:
+    refusal = AckRefusal(
+        username="nurse.kim", alert_id="P0001:x:1", reason_kind="unknown_alert",
+        reason="no active alert 'P0001:x:1'\x1b[2J", at=datetime(2026, 12, 1, tzinfo=UTC),
+    )  # fmt: skip
+    line = render(f"{BASE}/gateway/acks/refused", refusal.model_dump_json())
+    assert "ACK REFUSED P0001:x:1 from nurse.kim: unknown_alert" in line
+    assert "\x1b" not in line
+    assert "\\x1b[2J" in line
 
 
 @pytest.mark.parametrize(

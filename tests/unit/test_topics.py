@@ -7,10 +7,15 @@ import pytest
 from gateway.topics import (
     GATEWAY_PUMP_ID,
     KINDS,
+    AckOrigin,
     TopicBase,
+    ack_filter,
+    ack_origin,
+    ack_refusal_topic,
     ack_topic,
     deadletter_topic,
     is_retained,
+    legacy_ack_topic,
     pump_filter,
     status_topic,
     subscription_filter,
@@ -61,7 +66,10 @@ def test_station_level_kinds_ignore_the_pump_id() -> None:
 
 def test_fixed_topics_and_filters() -> None:
     base = TopicBase(site="s", station="t", prefix="acme")
-    assert ack_topic(base) == "acme/s/t/ack"
+    assert ack_topic(base, "nurse.jones") == "acme/s/t/ack/nurse.jones"
+    assert ack_filter(base) == "acme/s/t/ack/+"
+    assert legacy_ack_topic(base) == "acme/s/t/ack"
+    assert ack_refusal_topic(base) == "acme/s/t/gateway/acks/refused"
     assert status_topic(base) == "acme/s/t/gateway/status"
     assert subscription_filter(base) == "acme/s/t/#"
     assert pump_filter(base, "P9") == "acme/s/t/pumps/P9/#"
@@ -104,3 +112,17 @@ def test_topic_base_is_immutable() -> None:
     with pytest.raises(AttributeError):
         BASE.site = "other"  # type: ignore[misc]
 
+
+
+def test_the_acknowledging_user_is_the_last_level_of_the_ack_topic() -> None:
+    assert ack_origin(BASE, ack_topic(BASE, "nurse.jones")) == AckOrigin("nurse.jones")
+    assert ack_origin(BASE, legacy_ack_topic(BASE)) == AckOrigin(None, legacy=True)
+    assert ack_origin(BASE, f"{BASE.root}/ack/nurse.jones/refused") is None
+    assert ack_origin(BASE, f"{BASE.root}/ack/") is None
+    assert ack_origin(BASE, "pumpgw/north/ward-4/ack/nurse.jones") is None
+    assert ack_origin(BASE, f"{BASE.root}/pumps/P1/alerts") is None
+
+
+def test_an_ack_topic_cannot_be_built_for_a_name_that_is_not_one_topic_level() -> None:
+    with pytest.raises(ValueError, match="username"):
+        ack_topic(BASE, "a/b")
