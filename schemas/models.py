@@ -27,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictFloat,
+    field_validator,
     model_validator,
 )
 
@@ -64,6 +65,19 @@ MAX_SEQ = 2**32 - 1
 PUMP_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 BOOT_ID_PATTERN = r"^[0-9A-Za-z]{1,16}$"
 PumpId = Annotated[str, Field(pattern=PUMP_ID_PATTERN)]
+RESERVED_PUMP_IDS = frozenset({".", ".."})
+"""Ids no device may use, besides any starting with `_` (the gateway's own, `_gateway`)."""
+
+
+def reserved_pump_id_problem(pump_id: str) -> str | None:
+    """Why a device may not use this pump id, or None (the text never repeats the id)."""
+    if pump_id.startswith("_"):
+        return "pump_id starting with '_' is reserved for the gateway's own alerts"
+    if pump_id in RESERVED_PUMP_IDS:
+        return "pump_id '.' and '..' are reserved (path segments)"
+    return None
+
+
 BootId = Annotated[str, Field(pattern=BOOT_ID_PATTERN)]
 Seq = Annotated[int, Field(ge=0, le=MAX_SEQ, strict=True)]
 
@@ -188,6 +202,14 @@ class DeviceMessage(Frozen):
     seq: Seq
     device_time: Timestamp
     received_at: Timestamp
+
+    @field_validator("pump_id")
+    @classmethod
+    def _not_reserved(cls, pump_id: str) -> str:
+        problem = reserved_pump_id_problem(pump_id)
+        if problem is not None:
+            raise ValueError(problem)
+        return pump_id
 
     @model_validator(mode="after")
     def _device_clock_plausible(self) -> Self:

@@ -138,7 +138,10 @@ class SerialSource:
         try:
             while not stop.is_set():
                 data = _read(port, self.label)
-                if not data:
+                if not data:  # the line is quiet: report a flood coalesced so far
+                    quiet = decoder.idle()
+                    if quiet and not self._deliver(self, time.time(), list(quiet)):
+                        return
                     continue
                 received_at = time.time()
                 self.bytes_in += len(data)
