@@ -41,9 +41,9 @@ BOOTS_REMEMBERED = 4
 SEQS_REMEMBERED = 20_000
 """Per pump boot, sequence numbers kept for duplicate detection above the gap-free floor."""
 RETAINED_KINDS = frozenset({"info", "pump_status", "active_alerts", "gateway_status"})
-QUARANTINE_RECORDS_PER_S = 5.0
+QUARANTINE_RECORDS_PER_S = 50.0
 """Quarantine records stored per second per source, sustained; more are counted, not stored."""
-QUARANTINE_BURST_RECORDS = 50
+QUARANTINE_BURST_RECORDS = 500
 """Quarantine records a source may produce at once before the rate bound applies."""
 _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
 

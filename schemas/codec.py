@@ -326,7 +326,7 @@ class FrameDecoder:
         out: list[Frame | FrameError] = []
         pos, size = 0, len(data)
         while pos < size:
-            if self._flooded and not self._in_frame:
+            if self.flooded and not self._in_frame:
                 self._skipping = False  # a flood skips to the next "$PGW" on its own
                 pos = self._scan_flood(data, pos, out)
             elif self._skipping:
@@ -357,13 +357,14 @@ class FrameDecoder:
         return [e for e in out if isinstance(e, FrameError)]
 
     @property
-    def _flooded(self) -> bool:
+    def flooded(self) -> bool:
+        """RUN_ERRORS_REPORTED errors since the last good frame: the rest is only counted."""
         return self._reported >= RUN_ERRORS_REPORTED
 
     def _report(self, out: list[Frame | FrameError], error: FrameError) -> None:
         """Report an error, or once the run is a flood, count its bytes (`raw` is all of them:
         in a flood only truncated and unparsable frames are reported here)."""
-        if not self._flooded:
+        if not self.flooded:
             self._reported += 1
             out.append(error)
         else:
@@ -417,7 +418,7 @@ class FrameDecoder:
 
     def _report_lone_dollars(self, count: int, out: list[Frame | FrameError]) -> None:
         """What `count` one-byte truncated frames would report one by one, in bulk."""
-        while count and not self._flooded:
+        while count and not self.flooded:
             self._report(out, FrameError("truncated", _LONE_DOLLAR_REASON, START, 1))
             count -= 1
         self._flood_bytes(START * count, out)
@@ -433,7 +434,7 @@ class FrameDecoder:
         stop = chunk_end if restart == -1 else restart
         # Check the size before the restart, or a frame could grow past the cap.
         if len(self._frame) + (stop - pos) > self._max:
-            if self._flooded:  # too long to be a frame: flood, and scan on from here
+            if self.flooded:  # too long to be a frame: flood, and scan on from here
                 self._flood_bytes(bytes(self._frame), out)
                 self._frame.clear()
                 self._in_frame = False
@@ -520,7 +521,7 @@ class FrameDecoder:
             chunk = chunk[take:]
             if self._garbage_len >= MAX_RUN_BYTES:
                 self._emit_garbage(out, goes_on=True)
-                if self._flooded:  # that was the last error reported alone
+                if self.flooded:  # that was the last error reported alone
                     self._flood_bytes(chunk, out)
                     return
 

@@ -26,6 +26,9 @@ READ_TIMEOUT_S = 0.2
 READ_CHUNK_BYTES = 65536
 RECONNECT_MIN_BACKOFF_S = 0.5
 RECONNECT_MAX_BACKOFF_S = 30.0
+FLOOD_MIN_PAUSE_S = 0.001
+"""A line in a flood pauses after each read at least this long, and as long as decoding took:
+it gets at most half of the gateway's time, and the healthy lines keep theirs."""
 
 
 class SourceSettings(BaseModel):
@@ -144,10 +147,13 @@ class SerialSource:
                         return
                     continue
                 received_at = time.time()
+                started_m = time.monotonic()
                 self.bytes_in += len(data)
                 items = decoder.feed(data)
                 if items and not self._deliver(self, received_at, items):
                     return
+                if decoder.flooded:  # bounded: the rest waits in the line (TCP, UART)
+                    stop.wait(max(FLOOD_MIN_PAUSE_S, time.monotonic() - started_m))
         finally:
             # Also when the line drops: a frame cut off there is quarantined, not forgotten.
             leftover = decoder.flush()

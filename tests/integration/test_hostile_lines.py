@@ -56,6 +56,7 @@ FLOOD_BYTES = 100 * 1024 * 1024
 FLOOD_BLOCK_BYTES = 1024 * 1024
 RSS_LIMIT_KIB = 128 * 1024
 OUTBOX_GROWTH_PER_10_MB = 1024 * 1024
+SETTLE_S = 2.0
 QUIET_S = 6.0
 FLOOD_WARD = "--pumps 4 --interval 60 --speed 600 --count 240 --wait-for-ack"
 """40 readings a second for 24 s: a quiet phase, the flood, and after."""
@@ -290,6 +291,7 @@ def test_a_100_mb_flood_on_one_line_costs_the_other_line_nothing(
         try:
             with gateway_running(config, tmp_path / "gateway.log") as gateway:
                 wait_lines(gateway, "ward", "hostile")
+                time.sleep(SETTLE_S)  # the ward's first burst (frames it held) goes by
                 quiet_start_s = time.time()
                 time.sleep(QUIET_S)  # the quiet phase: the ward alone
                 before_bytes = outbox_bytes(outbox)
