@@ -72,9 +72,9 @@ RESERVED_PUMP_IDS = frozenset({".", ".."})
 def reserved_pump_id_problem(pump_id: str) -> str | None:
     """Why a device may not use this pump id, or None (the text never repeats the id)."""
     if pump_id.startswith("_"):
-        return "pump_id starting with '_' is reserved for the gateway's own alerts"
+        return "pump_id starting with an underscore is reserved for the gateway's own alerts"
     if pump_id in RESERVED_PUMP_IDS:
-        return "pump_id '.' and '..' are reserved (path segments)"
+        return "pump_id . and .. are reserved (path segments)"
     return None
 
 
