@@ -442,3 +442,42 @@ def test_a_wire_pump_id_of_the_gateway_or_a_path_segment_is_refused(
     assert all(t.endswith("/gateway/status") for t in gateway_topics), gateway_topics
     assert not any(a["pump_id"] == "_gateway" for a in collector.payloads["alert"])
     assert metrics.value("pumpgw_quarantined_total", reason="malformed") == 4
+
+
+# --- 4. a batch larger than the outbox's whole limit ------------------------------------------
+
+
+def test_a_batch_larger_than_the_outbox_limit_is_stored_in_parts_not_retried_for_ever(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    prefix = unique("wedge")
+    frames = b"".join(frame("P0004", seq, encode_payload(READING)) for seq in range(1, 61))
+    with hostile_line() as line, collecting(mosquitto.port, prefix) as collector:
+        config = config_for(
+            tmp_path,
+            [("line-1", line.url)],
+            mosquitto.port,
+            prefix,
+            store={
+                "path": str(tmp_path / "outbox.db"),
+                "durability": "normal",
+                "max_pending_records": 10,
+            },
+        )
+        with gateway_running(config, tmp_path / "gateway.log") as gateway:
+            wait_lines(gateway, "line-1")
+            line.send(frames)  # one read, one batch of 60 readings: six times the limit
+            assert wait_until(lambda: line.acked("P0004", 60), ARRIVE_S), explain(gateway)
+            assert collector.wait_for(lambda: collector.count("reading") >= 60, ARRIVE_S)
+            metrics = gateway.wait_metrics(
+                lambda m: (
+                    m.value("pumpgw_outbox_full") == 0
+                    and m.value("pumpgw_outbox_pending_records") == 0
+                ),
+                METRICS_S,
+            )
+            health = gateway.health()
+    assert collector.ids("reading") == {f"P0004:b1:{seq}" for seq in range(1, 61)}
+    assert metrics.value("pumpgw_outbox_full") == 0
+    assert health is not None
+    assert health[0] == 200, health
