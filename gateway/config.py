@@ -148,8 +148,10 @@ class HealthSection(Section):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        if value and not re.match(r"^[^:\s]+:\d{1,5}$", value):
-            raise ValueError("use host:port, e.g. 127.0.0.1:9108")
+        if value and (
+            not re.match(r"^[^:\s]+:\d{1,5}$", value) or int(value.rpartition(":")[2]) > 65535
+        ):
+            raise ValueError("use host:port with a port up to 65535, e.g. 127.0.0.1:9108")
         return value
 
 

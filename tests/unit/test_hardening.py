@@ -102,6 +102,8 @@ def test_an_influx_url_carrying_a_query_or_fragment_is_refused_and_never_printed
         ("sources = 5\n", "sources:"),
         ("[[sources]]\nurl = 5\n", "sources.0.url:"),
         ("\x00\x01\x02", "cannot read it as TOML"),
+        ('[health]\nlisten = "127.0.0.1:99999"\n', "health.listen:"),
+        ('[mqtt]\npassword_file = "/tmp/a\\u0000b"\n', "mqtt.password_file:"),
     ],
 )
 def test_check_config_exits_2_with_a_key_path_for_malformed_input(
