@@ -169,10 +169,6 @@ def _to_datetime(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, UTC)
 
 
-def _epoch(at: datetime) -> float:
-    return at.timestamp()
-
-
 class Pipeline:
     """Validation, dedup and alert evaluation for one gateway; single-threaded."""
 
@@ -428,10 +424,9 @@ class Pipeline:
     ) -> None:
         if counted:  # a frame: part of the accounting frames_in = accepted + quarantined + dup
             self.counts.quarantined[kind] += 1
-            budget = self._budgets.setdefault(
-                source, QuarantineBudget(updated_s=_epoch(received_at))
-            )
-            if not budget.take(_epoch(received_at)):
+            now_s = received_at.timestamp()
+            budget = self._budgets.setdefault(source, QuarantineBudget(updated_s=now_s))
+            if not budget.take(now_s):
                 budget.held_back[kind] += 1
                 return
             if budget.held_back:
