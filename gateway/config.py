@@ -223,7 +223,7 @@ def load_settings_as(settings_class: type[S], path: Path | None, **overrides: An
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc)) from exc
     except SettingsError as exc:
-        raise ConfigError([f"environment: a PUMPGW_* variable cannot be read: {exc}"]) from exc
+        raise ConfigError([_environment_problem(exc, path)]) from exc
     except RecursionError as exc:
         raise ConfigError([f"{path}: nested too deeply to be a configuration"]) from exc
     except (OSError, ValueError) as exc:
@@ -235,6 +235,14 @@ def load_settings_as(settings_class: type[S], path: Path | None, **overrides: An
     if warning is not None:
         log.warning("%s", warning)
     return settings
+
+
+def _environment_problem(exc: SettingsError, path: Path | None) -> str:
+    """A PUMPGW_* variable pydantic-settings could not decode, named by its key."""
+    field = re.search(r'field "([^"]+)"', str(exc))
+    key = field.group(1) if field else str(path)
+    variable = f"PUMPGW_{key.upper()}" if field else "a PUMPGW_* variable"
+    return f"{key}: {variable}... cannot be read ({exc.__cause__ or exc})"
 
 
 def _url_problems(settings: Settings) -> list[str]:

@@ -122,7 +122,7 @@ def test_a_malformed_environment_variable_is_a_configuration_error(
 ) -> None:
     monkeypatch.setenv("PUMPGW_MQTT", "{not json")
     assert main(["check-config", str(write(tmp_path, "[gateway]\n"))]) == 2
-    assert "environment: a PUMPGW_* variable cannot be read" in capsys.readouterr().err
+    assert "mqtt: PUMPGW_MQTT... cannot be read" in capsys.readouterr().err
 
 
 # --- terminal output --------------------------------------------------------------------------
