@@ -58,8 +58,8 @@ RSS_LIMIT_KIB = 128 * 1024
 OUTBOX_GROWTH_PER_10_MB = 1024 * 1024
 SETTLE_S = 2.0
 QUIET_S = 6.0
-FLOOD_WARD = "--pumps 4 --interval 60 --speed 600 --count 240 --wait-for-ack"
-"""40 readings a second for 24 s: a quiet phase, the flood, and after."""
+FLOOD_WARD = "--pumps 4 --interval 60 --speed 600 --count 500 --wait-for-ack"
+"""40 readings a second for 50 s: a quiet phase, the flood (about 10 s), and after."""
 READING = {
     "device_time": "2025-03-01T08:00:00Z", "drug": "morphine", "pump_state": "running",
     "reservoir_ml": 12.5, "reservoir_capacity_ml": 20, "low_reservoir_alarm_ml": 2,
@@ -313,8 +313,8 @@ def test_a_100_mb_flood_on_one_line_costs_the_other_line_nothing(
     flood_mb = FLOOD_BYTES / 1e6
     assert missing == set(), f"{len(missing)} readings of the healthy line lost" + explain(None)
     assert watch.max_rss_kib < RSS_LIMIT_KIB, f"RSS {watch.max_rss_kib} KiB"
+    # What the garbage added; the outbox's whole growth (the ward's readings too) is reported.
     assert q_bytes < OUTBOX_GROWTH_PER_10_MB * FLOOD_BYTES / (10 * 1024 * 1024), q_bytes
-    assert growth < OUTBOX_GROWTH_PER_10_MB * FLOOD_BYTES / (10 * 1024 * 1024), growth
     assert watch.polls > 0
     assert watch.not_ready == [], watch.not_ready[:3]
     assert accounting_balances(metrics)
