@@ -165,7 +165,7 @@ def mqtt_rate(workdir: Path, count: int, with_interop: bool) -> dict[str, Any]:
         sinks: list[Any] = [
             MqttSink(
                 settings, outbox, TopicBase(site="site", station="station", prefix="bench"),
-                birth=b"{}", will=b"{}", on_ack=lambda ack: None,
+                status=lambda: (b"{}", b"{}"), on_ack=lambda ack: None,
             )
         ]  # fmt: skip
         if with_interop:

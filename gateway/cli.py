@@ -18,7 +18,14 @@ from types import FrameType
 from typing import Any
 
 from gateway import __version__
-from gateway.config import ConfigError, Settings, environment_keys, load_settings
+from gateway.config import (
+    ConfigError,
+    Settings,
+    environment_keys,
+    inline_secrets_warning,
+    load_settings,
+)
+from gateway.history import printable
 
 log = logging.getLogger("pumpgw")
 
@@ -71,7 +78,7 @@ def _is_ingest_config(path: Path) -> bool:
     """An [ingest] table marks an ingest worker's file (checked with its own model)."""
     try:
         return "ingest" in tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False  # load_settings reports it
 
 
@@ -84,22 +91,37 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         else:
             settings = load_settings(args.file)
     except ConfigError as exc:
-        print(f"{args.file}: {len(exc.problems)} problem(s):", file=sys.stderr)
+        print(printable(f"{args.file}: {len(exc.problems)} problem(s):"), file=sys.stderr)
         for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+            print(f"  {printable(problem)}", file=sys.stderr)
         return 2
-    print(f"{args.file}: OK")
-    print(f"  site/station: {settings.gateway.site}/{settings.gateway.station}")
-    print(f"  sources: {', '.join(s.label for s in settings.sources) or 'none'}")
-    print(f"  mqtt: {settings.mqtt.display_url()}{_tls_note(settings)}")
-    print(f"  influx: {settings.influx.display_url() if settings.influx else 'not configured'}")
-    print(f"  hl7: {settings.hl7.display_url() if settings.hl7 else 'not configured'}")
-    print(f"  fhir: {settings.fhir.display_url() if settings.fhir else 'not configured'}")
-    print(f"  store: {settings.store.path} (durability {settings.store.durability})")
+    lines = [
+        f"{args.file}: OK",
+        f"  site/station: {settings.gateway.site}/{settings.gateway.station}",
+        f"  sources: {', '.join(s.label for s in settings.sources) or 'none'}",
+        f"  mqtt: {settings.mqtt.display_url()}{_tls_note(settings)}",
+        f"  influx: {_influx_note(settings)}",
+        f"  hl7: {settings.hl7.display_url() if settings.hl7 else 'not configured'}",
+        f"  fhir: {settings.fhir.display_url() if settings.fhir else 'not configured'}",
+        f"  store: {settings.store.path} (durability {settings.store.durability})",
+    ]
     keys = environment_keys()
     if keys:
-        print(f"  overridden from the environment: {', '.join(keys)}")
+        lines.append(f"  overridden from the environment: {', '.join(keys)}")
+    warning = inline_secrets_warning(settings, args.file)
+    if warning is not None:
+        lines.append(f"  WARNING: {warning}")
+    print("\n".join(printable(line) for line in lines))
     return 0
+
+
+def _influx_note(settings: Settings) -> str:
+    if settings.influx is None:
+        return "not configured"
+    note = settings.influx.display_url()
+    if settings.influx.url.startswith("https:") and not settings.influx.verify_tls:
+        note += " (TLS, certificate NOT verified: influx.verify_tls is off)"
+    return note
 
 
 def _tls_note(settings: Settings) -> str:
@@ -274,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.func(args)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"configuration error: {problem}", file=sys.stderr)
+            print(f"configuration error: {printable(problem)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0

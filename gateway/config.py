@@ -9,9 +9,12 @@ every key.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat
+import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -28,6 +31,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -38,7 +42,16 @@ from gateway.adapters.mqtt import MqttSettings
 from gateway.adapters.serial_port import SourceSettings
 from gateway.alert_settings import RulesConfig
 
+log = logging.getLogger(__name__)
+
 S = TypeVar("S", bound="Settings")
+INLINE_SECRET_KEYS = (
+    ("mqtt", "password"),
+    ("influx", "token"),
+    ("influx", "password"),
+    ("gateway", "pseudonymize_key"),
+)
+"""Secrets that belong in the environment or an owner-only file, not in the TOML file."""
 SEGMENT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MIN_PSEUDONYM_KEY_CHARS = 16
 """A shorter key makes the pump-id hash guessable (ids are short and structured)."""
@@ -149,8 +162,10 @@ class HealthSection(Section):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        if value and not re.match(r"^[^:\s]+:\d{1,5}$", value):
-            raise ValueError("use host:port, e.g. 127.0.0.1:9108")
+        if value and (
+            not re.match(r"^[^:\s]+:\d{1,5}$", value) or int(value.rpartition(":")[2]) > 65535
+        ):
+            raise ValueError("use host:port with a port up to 65535, e.g. 127.0.0.1:9108")
         return value
 
 
@@ -164,6 +179,12 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
+    allow_inline_secrets: bool = Field(
+        False,
+        description="accept mqtt.password, influx.token, influx.password or "
+        "gateway.pseudonymize_key written in this file (warns at every start; prefer "
+        "PUMPGW_* variables or the *_file keys)",
+    )
     gateway: GatewaySection = GatewaySection()
     sources: list[SourceSettings] = Field(default_factory=list)
     mqtt: MqttSettings = MqttSettings()
@@ -217,9 +238,77 @@ def load_settings_as(settings_class: type[S], path: Path | None, **overrides: An
         settings: S = file_settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc)) from exc
+    except SettingsError as exc:
+        raise ConfigError([_environment_problem(exc, path)]) from exc
+    except RecursionError as exc:
+        raise ConfigError([f"{path}: nested too deeply to be a configuration"]) from exc
     except (OSError, ValueError) as exc:
         raise ConfigError([f"{path}: cannot read it as TOML: {exc}"]) from exc
+    problems = _url_problems(settings) + _inline_secret_problems(settings, path)
+    if problems:
+        raise ConfigError(problems)
+    warning = inline_secrets_warning(settings, path)
+    if warning is not None:
+        log.warning("%s", warning)
     return settings
+
+
+def _environment_problem(exc: SettingsError, path: Path | None) -> str:
+    """A PUMPGW_* variable pydantic-settings could not decode, named by its key."""
+    field = re.search(r'field "([^"]+)"', str(exc))
+    key = field.group(1) if field else str(path)
+    variable = f"PUMPGW_{key.upper()}" if field else "a PUMPGW_* variable"
+    return f"{key}: {variable}... cannot be read ({exc.__cause__ or exc})"
+
+
+def _url_problems(settings: Settings) -> list[str]:
+    """Secrets must not ride in a URL (logs, screens and proxies show URLs)."""
+    problems = []
+    if settings.influx is not None:
+        parts = urllib.parse.urlsplit(settings.influx.url)
+        if parts.query or parts.fragment:
+            problems.append(
+                "influx.url: no query string or fragment (a token there would be logged); "
+                "put the token in PUMPGW_INFLUX__TOKEN or influx.token_file"
+            )
+    return problems
+
+
+def inline_secret_keys(path: Path | None) -> list[str]:
+    """Key paths of secrets written in the TOML file itself."""
+    if path is None:
+        return []
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return []  # loading reported it
+    found = []
+    for section, key in INLINE_SECRET_KEYS:
+        table = document.get(section)
+        if isinstance(table, dict) and key in table:
+            found.append(f"{section}.{key}")
+    return found
+
+
+def _inline_secret_problems(settings: Settings, path: Path | None) -> list[str]:
+    if settings.allow_inline_secrets:
+        return []
+    return [
+        f"{key}: a secret written in {path}; set PUMPGW_{key.upper().replace('.', '__')} or "
+        f"{key}_file (mode 600) instead, or allow_inline_secrets = true at the top of the file"
+        for key in inline_secret_keys(path)
+    ]
+
+
+def inline_secrets_warning(settings: Settings, path: Path | None) -> str | None:
+    """The warning every start gives while allow_inline_secrets lets a secret sit in the file."""
+    keys = inline_secret_keys(path) if settings.allow_inline_secrets else []
+    if not keys:
+        return None
+    return (
+        f"allow_inline_secrets = true: {', '.join(keys)} written in {path}, which backups, "
+        "editors and version control may copy; move them to PUMPGW_* variables or *_file keys"
+    )
 
 
 def secret_file_problem(path: Path) -> str | None:

@@ -17,6 +17,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+REQUEST_TIMEOUT_S = 5.0
+"""A connection that sends nothing for this long is closed (a half-sent request holds a thread)."""
+MAX_CONNECTIONS = 16
+"""Connections served at once; more are closed at once, so idle peers cannot pile up threads."""
+
 
 @dataclass(frozen=True)
 class SinkObservation:
@@ -286,15 +291,58 @@ def render_metrics(obs: Observation) -> str:
     return "\n".join(out) + "\n"
 
 
+def printable(text: str) -> str:
+    """A request line or header as a log can show it: control characters escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` at once."""
+
+    daemon_threads = True
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int
+    ) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.refused = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class HealthServer:
     """Serves /healthz and /metrics from an observe() callable on a daemon thread."""
 
-    def __init__(self, listen: str, observe: Callable[[], Observation]) -> None:
+    def __init__(
+        self,
+        listen: str,
+        observe: Callable[[], Observation],
+        *,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         host, _, port = listen.rpartition(":")
         self._observe = observe
-        handler = self._handler()
-        self._server = ThreadingHTTPServer((host, int(port)), handler)
-        self._server.daemon_threads = True
+        handler = self._handler(request_timeout_s)
+        self._server = _BoundedServer((host, int(port)), handler, max_connections)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="health", daemon=True
         )
@@ -311,10 +359,17 @@ class HealthServer:
         self._server.server_close()
         self._thread.join(5)
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
+    @property
+    def refused(self) -> int:
+        """Connections closed unserved because MAX_CONNECTIONS were open."""
+        return self._server.refused
+
+    def _handler(self, request_timeout_s: float) -> type[BaseHTTPRequestHandler]:
         observe = self._observe
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = request_timeout_s  # per connection: applies to every read and write
+
             def do_GET(self) -> None:
                 path = self.path.split("?")[0]
                 if path == "/healthz":
@@ -337,6 +392,6 @@ class HealthServer:
                 self.wfile.write(body)
 
             def log_message(self, format: str, *args: Any) -> None:
-                log.debug("health: %s", format % args)
+                log.debug("health: %s", printable(format % args))
 
         return Handler

@@ -34,7 +34,16 @@ def _when(kind: str, data: dict[str, Any]) -> str:
     return str(data.get("device_time") or data.get("at") or "")[:19]
 
 
+def printable(text: str) -> str:
+    """Text safe for a terminal: control characters (newline, ESC, OSC...) shown escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def render(records: list[StoredRecord], out: TextIO, as_json: bool) -> None:
+    """One line per record; device and operator text can neither break the lines nor send
+    escape sequences to the terminal (JSON escapes control characters itself)."""
     for record in reversed(records):
         if record.kind not in SHOWN_KINDS:
             continue
@@ -42,9 +51,8 @@ def render(records: list[StoredRecord], out: TextIO, as_json: bool) -> None:
         if as_json:
             out.write(json.dumps({"kind": record.kind, **data}) + "\n")
         else:
-            out.write(
-                f"{_when(record.kind, data)}  {record.kind:<8} {_summary(record.kind, data)}\n"
-            )
+            line = f"{_when(record.kind, data)}  {record.kind:<8} {_summary(record.kind, data)}"
+            out.write(printable(line) + "\n")
 
 
 def print_history(path: Path, pump_id: str, *, limit: int, as_json: bool) -> int:

@@ -101,6 +101,26 @@ class StoredRecord:
     stored_at_s: float
 
 
+def _owner_only(path: Path, *, create: bool = True) -> None:
+    """Create the file readable and writable by its owner only, whatever the umask; tighten
+    a file an older version left open to others (it holds every reading)."""
+    if create and not path.exists():
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    with contextlib.suppress(OSError):  # best effort: not ours to change (`pumpgw history`)
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+
+
+def _damaged(path: Path, problem: str) -> str:
+    return (
+        f"the outbox at {path} is damaged ({problem[:300]}); the gateway does not start on a "
+        "damaged outbox. Stop here, keep a copy, and either recover what it holds "
+        f"(sqlite3 {path} .recover | sqlite3 recovered.db, then point store.path at it) or "
+        "move it aside to start with an empty one (records not yet delivered stay in the "
+        "copy); docs/outbox.md"
+    )
+
+
 def _row(r: tuple[int, str, str, str | None, bytes, bytes | None, int, float]) -> StoredRecord:
     return StoredRecord(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7])
 
@@ -138,6 +158,7 @@ class Outbox:
     def _open(path: Path, durability: str) -> sqlite3.Connection:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            _owner_only(path)
             db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             # A new file gives freed pages back to the disk (free_space); an older one keeps
             # them for its own reuse, which is enough to resume after a full disk.
@@ -147,12 +168,24 @@ class Outbox:
             db.execute("PRAGMA busy_timeout=5000")
             db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             db.executescript(SCHEMA)
-            db.execute("PRAGMA quick_check").fetchone()
+            problems = [str(r[0]) for r in db.execute("PRAGMA quick_check(5)").fetchall()]
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):
+                raise OutboxError(
+                    f"cannot open the outbox at {path}: {exc}; check the path in [store] "
+                    "and that the directory is writable"
+                ) from exc
+            raise OutboxError(_damaged(path, str(exc))) from exc
         except (sqlite3.Error, OSError) as exc:
             raise OutboxError(
                 f"cannot open the outbox at {path}: {exc}; check the path in [store] "
                 "and that the directory is writable"
             ) from exc
+        if problems != ["ok"]:
+            db.close()
+            raise OutboxError(_damaged(path, "; ".join(problems)))
+        for suffix in ("-wal", "-shm"):  # SQLite made them like the database: make sure
+            _owner_only(Path(f"{path}{suffix}"), create=False)
         return db
 
     def _sequence_floor(self) -> int:

@@ -51,6 +51,11 @@ SEQS_REMEMBERED = 20_000
 RETAINED_KINDS = frozenset({"info", "pump_status", "active_alerts", "gateway_status"})
 SINK_SOURCES = frozenset({"influx", "hl7", "fhir"})
 """Quarantine sources that are sinks: their raw bytes hold only ids as they left the station."""
+QUARANTINE_RECORDS_PER_S = 50.0
+"""Quarantine records stored per second per source, sustained; more are counted, not stored."""
+QUARANTINE_BURST_RECORDS = 500
+"""Quarantine records a source may produce at once before the rate bound applies."""
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +147,32 @@ def ack_runs(seqs: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+@dataclass
+class QuarantineBudget:
+    """A token bucket bounding one source's quarantine records; what it held back, by kind."""
+
+    tokens: float = float(QUARANTINE_BURST_RECORDS)
+    updated_s: float = 0.0
+    held_back: Counter[str] = field(default_factory=Counter)
+
+    def take(self, now_s: float) -> bool:
+        """Spend one record's worth; False when the source is over its rate."""
+        elapsed_s = max(0.0, now_s - self.updated_s)
+        self.tokens = min(
+            QUARANTINE_BURST_RECORDS, self.tokens + elapsed_s * QUARANTINE_RECORDS_PER_S
+        )
+        self.updated_s = now_s
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+def without_quoted_values(reason: str) -> str:
+    """A frame error's reason with every quoted value (ids, header fields) replaced by '…'."""
+    return _QUOTED.sub("'…'", reason)
+
+
 def pseudonym(key: bytes, value: str) -> str:
     """A keyed hash standing in for a pump id or serial number (HMAC-SHA256, 16 hex digits)."""
     return "p" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:16]
@@ -189,6 +220,7 @@ class Pipeline:
         """Start time of each alert that started in this process and has not ended."""
         self._seen: dict[str, OrderedDict[str, SeqWindow]] = {}
         self._quarantine_n = 0
+        self._budgets: dict[str, QuarantineBudget] = {}
         self.recent_alerts: deque[AlertTransition] = deque(maxlen=RECENT_ALERTS_KEPT)
 
     def remember(self, record_ids: Iterable[str]) -> None:
@@ -217,7 +249,8 @@ class Pipeline:
         for item in items:
             self.counts.frames_in += 1
             if isinstance(item, FrameError):
-                self._quarantine(batch, source, item.kind, item.reason, item.raw, received_at)
+                reason = item.reason if self._key is None else without_quoted_values(item.reason)
+                self._quarantine(batch, source, item.kind, reason, item.raw, received_at)
                 continue
             ack = AckKey(source, item.pump_id, item.boot_id)
             batch.acks.setdefault(ack, []).append(item.seq)
@@ -229,9 +262,8 @@ class Pipeline:
         try:
             message = message_from_frame(frame, received_at)
         except MessageError as exc:
-            self._quarantine(
-                batch, source, exc.kind, exc.reason, frame.raw, received_at, frame.pump_id
-            )
+            reason = exc.reason if self._key is None else exc.reason_without_values
+            self._quarantine(batch, source, exc.kind, reason, frame.raw, received_at, frame.pump_id)
             return
         if not self._note_seq(message.pump_id, message.boot_id, message.seq):
             self.counts.duplicates += 1
@@ -378,6 +410,9 @@ class Pipeline:
         """Wall-clock checks (telemetry lost)."""
         now = _to_datetime(now_s)
         self._add_transitions(self.engine.on_tick(now), now, batch)
+        for source, budget in self._budgets.items():
+            if budget.held_back and budget.take(now_s):
+                self._held_back_record(source, budget, now, batch)
 
     def condition(
         self,
@@ -526,10 +561,41 @@ class Pipeline:
     ) -> None:
         if counted:  # a frame: part of the accounting frames_in = accepted + quarantined + dup
             self.counts.quarantined[kind] += 1
-        self._quarantine_n += 1
+            now_s = received_at.timestamp()
+            budget = self._budgets.setdefault(source, QuarantineBudget(updated_s=now_s))
+            if not budget.take(now_s):
+                budget.held_back[kind] += 1
+                return
+            if budget.held_back:
+                self._held_back_record(source, budget, received_at, batch)
         if self._key is not None and source not in SINK_SOURCES:
             # The raw frame holds the real pump id and serial: it never leaves the station.
             raw, reason = b"", f"{reason} (raw bytes withheld: pump ids are pseudonymised)"
+        self._store_quarantined(batch, source, kind, reason, raw, received_at, pump_id)
+
+    def _held_back_record(
+        self, source: str, budget: QuarantineBudget, now: datetime, batch: Batch
+    ) -> None:
+        """One record for everything the rate bound kept from being stored one by one."""
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(budget.held_back.items()))
+        reason = (
+            f"{budget.held_back.total()} more quarantined items from this source were counted "
+            f"but not stored one by one ({kinds}): over {QUARANTINE_RECORDS_PER_S:g} a second"
+        )
+        budget.held_back.clear()
+        self._store_quarantined(batch, source, "rate_limited", reason, b"", now, None)
+
+    def _store_quarantined(
+        self,
+        batch: Batch,
+        source: str,
+        kind: str,
+        reason: str,
+        raw: bytes,
+        received_at: datetime,
+        pump_id: str | None,
+    ) -> None:
+        self._quarantine_n += 1
         entry = Quarantined(
             quarantine_id=f"q:{received_at.timestamp():.6f}:{self._quarantine_n}",
             source=source,

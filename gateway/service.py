@@ -379,15 +379,17 @@ class Gateway:
 
     def _append(self, records: list[OutRecord], state: dict[str, bytes] | None) -> None:
         """Store the records, oldest first, removing each part from `records` once stored:
-        on a nearly full disk a part that fits goes in while a whole batch would not. The
-        engine state goes with the last part, so it is never ahead of the stored records."""
+        on a nearly full disk, or with fewer rows left under max_pending_records than the
+        batch holds, a part that fits goes in while the whole batch would not (a batch larger
+        than the limit itself would otherwise wait forever). The engine state goes with the
+        last part, so it is never ahead of the stored records."""
         size = len(records)
         while True:
             last = size >= len(records)
             try:
                 self.outbox.append(records[:size], state if last else None)
-            except OutboxFullError as exc:
-                if not exc.disk or size <= 1:
+            except OutboxFullError:
+                if size <= 1:
                     raise
                 size //= 2
                 continue

@@ -12,9 +12,16 @@ Resynchronisation: outside a frame, bytes up to the next `$` are garbage
 (reported once per run; blank lines are not garbage). A `$` inside a frame means
 the frame was truncated: it is reported and a new frame starts there. A frame
 that grows past MAX_FRAME_BYTES is reported as oversized and the rest of it is
-skipped up to the next `$` or `\\n`. The decoder never holds more than
-MAX_FRAME_BYTES of a frame plus MAX_GARBAGE_KEPT_BYTES of garbage, and its output
-does not depend on how the input was split into chunks.
+skipped up to the next `$` or `\\n`.
+
+Floods: between two good frames the first RUN_ERRORS_REPORTED errors are reported one by
+one; after that every byte up to the next good frame is a flood, reported as one `flood`
+error per MAX_RUN_BYTES (and before the next good frame) with its byte count, its count of
+`$` and a sample. In a flood only `$PGW` can start a frame, so hostile input (a burst of `$`,
+each one a truncated frame) costs one report per MiB and runs at memory speed. A garbage
+run or an oversized frame longer than MAX_RUN_BYTES is reported in MAX_RUN_BYTES pieces.
+The decoder never holds more than MAX_FRAME_BYTES of a frame plus 2 * MAX_GARBAGE_KEPT_BYTES
+of samples, and its output does not depend on how the input was split into chunks.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from schemas.models import (
     DeviceMessageModel,
     Reading,
     describe_errors,
+    reserved_pump_id_problem,
 )
 
 PROTOCOL_VERSION: Final = 1
@@ -43,7 +51,11 @@ SUPPORTED_PROTOCOL_VERSIONS: Final = frozenset({1})
 MAX_FRAME_BYTES: Final = 2048
 """Longest frame, from `$` to `\\n` inclusive."""
 MAX_GARBAGE_KEPT_BYTES: Final = 256
-"""How much of a garbage run is kept for quarantine; the rest is only counted."""
+"""How much of a garbage run (or of a flood) is kept for quarantine; the rest is only counted."""
+RUN_ERRORS_REPORTED: Final = 8
+"""Errors reported one by one between two good frames; later ones are coalesced (a flood)."""
+MAX_RUN_BYTES: Final = 1 << 20
+"""A flood, a garbage run or an oversized frame is reported at least once per MiB."""
 MAX_HEADER_SEQ: Final = 9_999_999_999
 """Ten digits fit the header; the models then limit seq to 2**32 - 1."""
 MAX_VERSION_DIGITS: Final = 4
@@ -90,23 +102,47 @@ class FrameError:
     """Bytes that are not a good frame, with a machine kind and a human reason.
 
     Kinds: garbage, truncated, oversized, checksum, malformed, unsupported_version,
-    unknown_type.
+    unknown_type, and flood (`count` errors of those kinds coalesced; `raw` is a sample).
     """
 
     kind: str
     reason: str
     raw: bytes
     length: int
+    count: int = 1
 
 
 class MessageError(ValueError):
-    """A good frame whose payload is not a valid message."""
+    """A good frame whose payload is not a valid message.
 
-    def __init__(self, kind: str, reason: str, frame: Frame) -> None:
+    `reason` may quote the rejected values; `reason_without_values` never does (what a
+    gateway that pseudonymises pump ids may show).
+    """
+
+    def __init__(
+        self, kind: str, reason: str, frame: Frame, reason_without_values: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
         self.frame = frame
+        self.reason_without_values = (
+            reason if reason_without_values is None else reason_without_values
+        )
+
+
+def describe_fields(errors: list[Any]) -> str:
+    """Like describe_errors, without the rejected values: field and rule only."""
+    parts = []
+    for err in errors:
+        loc = ".".join(str(p) if str(p).isidentifier() else "<key>" for p in err.get("loc", ()))
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {message}" if loc else message)
+    return "; ".join(parts)
+
+
+def _invalid(errors: list[Any], frame: Frame) -> MessageError:
+    return MessageError("invalid_message", describe_errors(errors), frame, describe_fields(errors))
 
 
 def crc32_hex(body: bytes) -> bytes:
@@ -216,16 +252,58 @@ def _split_header(body: bytes, raw: bytes) -> Frame | FrameError:
     if not _PUMP_ID.match(pump_id):
         reason = f"pump_id {pump_id!r} is not 1-64 of A-Z a-z 0-9 _ . -"
         return FrameError("malformed", reason, raw, len(raw))
+    reserved = reserved_pump_id_problem(pump_id)
+    if reserved is not None:
+        return FrameError("malformed", f"header {reserved}", raw, len(raw))
     if not _BOOT_ID.match(boot_id):
         reason = f"boot_id {boot_id!r} is not 1-16 of A-Z a-z 0-9"
         return FrameError("malformed", reason, raw, len(raw))
     return Frame(version, msg_type, pump_id, boot_id, int(parts[4]), parts[5], raw)
 
 
+_DOLLARS: Final = re.compile(rb"\$+")
+_LONE_DOLLAR_REASON: Final = "truncated frame of 1 bytes: a new '$' arrived before the frame's end"
+_FRAME_START: Final = START + MAGIC
+"""Every good frame starts so: in a flood only these bytes are looked at closely."""
+
+
+class _Flood:
+    """The bytes of a run after its first RUN_ERRORS_REPORTED errors: how many, and a sample."""
+
+    def __init__(self) -> None:
+        self.length = 0
+        self.starts = 0
+        self.sample = bytearray()
+
+    def add(self, data: bytes) -> None:
+        self.length += len(data)
+        self.starts += data.count(START)
+        room = MAX_GARBAGE_KEPT_BYTES - len(self.sample)
+        if room > 0:
+            self.sample += data[:room]
+
+    def take(self) -> FrameError | None:
+        if not self.length:
+            return None
+        error = FrameError(
+            "flood",
+            f"{self.length} bytes of damaged input with {self.starts} frame starts, coalesced "
+            f"after {RUN_ERRORS_REPORTED} errors since the last good frame",
+            bytes(self.sample),
+            self.length,
+            max(1, self.starts),
+        )
+        self.length = self.starts = 0
+        self.sample.clear()
+        return error
+
+
 class FrameDecoder:
     """Incremental decoder: feed any chunks of bytes, get frames and errors in order."""
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        if not 0 < max_frame_bytes < MAX_RUN_BYTES:
+            raise ValueError(f"max_frame_bytes must be in 1..{MAX_RUN_BYTES - 1}")
         self._max = max_frame_bytes
         self._frame = bytearray()
         self._in_frame = False
@@ -233,17 +311,25 @@ class FrameDecoder:
         self._skipped = 0
         self._garbage = bytearray()
         self._garbage_len = 0
+        self._garbage_goes_on = False
+        """A garbage run was cut at MAX_RUN_BYTES: its rest is garbage, blank or not."""
+        self._reported = 0
+        """Errors reported one by one since the last good frame."""
+        self._flood = _Flood()
 
     @property
     def buffered_bytes(self) -> int:
-        """Bytes held right now; never more than max_frame_bytes plus the kept garbage."""
-        return len(self._frame) + len(self._garbage)
+        """Bytes held right now; never more than max_frame_bytes plus the kept samples."""
+        return len(self._frame) + len(self._garbage) + len(self._flood.sample)
 
     def feed(self, data: bytes) -> list[Frame | FrameError]:
         out: list[Frame | FrameError] = []
         pos, size = 0, len(data)
         while pos < size:
-            if self._skipping:
+            if self.flooded and not self._in_frame:
+                self._skipping = False  # a flood skips to the next "$PGW" on its own
+                pos = self._scan_flood(data, pos, out)
+            elif self._skipping:
                 pos = self._skip_oversized(data, pos, out)
             elif self._in_frame:
                 pos = self._read_frame(data, pos, out)
@@ -255,12 +341,64 @@ class FrameDecoder:
         """Report whatever is held (at end of stream): a partial frame or a garbage run."""
         out: list[Frame | FrameError] = []
         if self._in_frame and self._frame:
-            out.append(self._truncated("stream ended inside a frame"))
+            self._report(out, self._truncated("stream ended inside a frame"))
         elif self._skipping:
-            out.append(self._oversized())
+            self._report(out, self._oversized())
         self._emit_garbage(out)
+        self._emit_flood(out)
         self._in_frame = self._skipping = False
+        self._reported = 0
         return [e for e in out if isinstance(e, FrameError)]
+
+    def idle(self) -> list[FrameError]:
+        """The errors coalesced so far, reported now because the line went quiet."""
+        out: list[Frame | FrameError] = []
+        self._emit_flood(out)
+        return [e for e in out if isinstance(e, FrameError)]
+
+    @property
+    def flooded(self) -> bool:
+        """RUN_ERRORS_REPORTED errors since the last good frame: the rest is only counted."""
+        return self._reported >= RUN_ERRORS_REPORTED
+
+    def _report(self, out: list[Frame | FrameError], error: FrameError) -> None:
+        """Report an error, or once the run is a flood, count its bytes (`raw` is all of them:
+        in a flood only truncated and unparsable frames are reported here)."""
+        if not self.flooded:
+            self._reported += 1
+            out.append(error)
+        else:
+            self._flood_bytes(error.raw, out)
+
+    def _flood_bytes(self, data: bytes, out: list[Frame | FrameError]) -> None:
+        """Count bytes of a flood, reporting it every MAX_RUN_BYTES exactly."""
+        pos = 0
+        while pos < len(data):
+            take = min(len(data) - pos, MAX_RUN_BYTES - self._flood.length)
+            self._flood.add(data[pos : pos + take])
+            pos += take
+            if self._flood.length >= MAX_RUN_BYTES:
+                self._emit_flood(out)
+
+    def _scan_flood(self, data: bytes, pos: int, out: list[Frame | FrameError]) -> int:
+        """In a flood: every byte up to the next "$PGW" is flood; a frame starts there."""
+        start = data.find(_FRAME_START, pos)
+        if start == -1:
+            # A `$` among the last bytes may begin "$PGW" in the next chunk: hold it.
+            tail = data.rfind(START, max(pos, len(data) - len(_FRAME_START) + 1))
+            if tail == -1 or not _FRAME_START.startswith(data[tail:]):
+                self._flood_bytes(data[pos:], out)
+                return len(data)
+            start = tail
+        self._flood_bytes(data[pos:start], out)
+        self._in_frame = True
+        self._frame += START
+        return start + 1
+
+    def _emit_flood(self, out: list[Frame | FrameError]) -> None:
+        error = self._flood.take()
+        if error is not None:
+            out.append(error)
 
     def _read_idle(self, data: bytes, pos: int, out: list[Frame | FrameError]) -> int:
         start = data.find(START, pos)
@@ -270,28 +408,54 @@ class FrameDecoder:
         if start == -1:
             return len(data)
         self._emit_garbage(out)
+        dollars = _DOLLARS.match(data, start)
+        run = dollars.end() - start if dollars else 1
+        if run > 1:  # each `$` but the last is a frame of one byte, cut by the next
+            self._report_lone_dollars(run - 1, out)
         self._in_frame = True
         self._frame += START
-        return start + 1
+        return start + run
+
+    def _report_lone_dollars(self, count: int, out: list[Frame | FrameError]) -> None:
+        """What `count` one-byte truncated frames would report one by one, in bulk."""
+        while count and not self.flooded:
+            self._report(out, FrameError("truncated", _LONE_DOLLAR_REASON, START, 1))
+            count -= 1
+        self._flood_bytes(START * count, out)
 
     def _read_frame(self, data: bytes, pos: int, out: list[Frame | FrameError]) -> int:
-        newline = data.find(END, pos)
-        limit = len(data) if newline == -1 else newline
+        # Look no further than the frame may grow: a search to the chunk's end for every
+        # short frame would make many short frames cost quadratic time.
+        window_end = min(len(data), pos + self._max - len(self._frame) + 1)
+        newline = data.find(END, pos, window_end)
+        limit = window_end if newline == -1 else newline
         restart = data.find(START, pos, limit)
         chunk_end = limit if newline == -1 else newline + 1
         stop = chunk_end if restart == -1 else restart
         # Check the size before the restart, or a frame could grow past the cap.
         if len(self._frame) + (stop - pos) > self._max:
+            if self.flooded:  # too long to be a frame: flood, and scan on from here
+                self._flood_bytes(bytes(self._frame), out)
+                self._frame.clear()
+                self._in_frame = False
+                return pos
             return self._start_skipping(data, pos, out)
         if restart != -1:
             self._frame += data[pos:restart]
-            out.append(self._truncated("a new '$' arrived before the frame's end"))
+            self._report(out, self._truncated("a new '$' arrived before the frame's end"))
             return restart
         self._frame += data[pos:chunk_end]
         if newline != -1:
-            out.append(parse_frame(bytes(self._frame)))
+            result = parse_frame(bytes(self._frame))
             self._frame.clear()
             self._in_frame = False
+            if isinstance(result, FrameError):
+                self._report(out, result)
+            else:  # a good frame ends the run of errors
+                self._emit_flood(out)
+                self._reported = 0
+                self._garbage_goes_on = False
+                out.append(result)
         return chunk_end
 
     def _start_skipping(self, data: bytes, pos: int, out: list[Frame | FrameError]) -> int:
@@ -307,13 +471,19 @@ class FrameDecoder:
         limit = len(data) if newline == -1 else newline
         restart = data.find(START, pos, limit)
         stop = restart if restart != -1 else limit
+        cap_at = pos + MAX_RUN_BYTES - len(self._frame) - self._skipped
+        if cap_at < stop:  # report a huge frame in MAX_RUN_BYTES pieces and skip on
+            self._skipped += cap_at - pos
+            self._report(out, self._oversized())
+            self._skipping = True
+            return cap_at
         self._skipped += stop - pos
         if restart != -1:
-            out.append(self._oversized())
+            self._report(out, self._oversized())
             return restart
         if newline != -1:
             self._skipped += 1
-            out.append(self._oversized())
+            self._report(out, self._oversized())
             return newline + 1
         return len(data)
 
@@ -326,6 +496,7 @@ class FrameDecoder:
             length,
         )
         self._frame.clear()
+        self._skipped = 0
         self._skipping = False
         return error
 
@@ -336,28 +507,38 @@ class FrameDecoder:
         return FrameError("truncated", f"truncated frame of {len(raw)} bytes: {why}", raw, len(raw))
 
     def _note_garbage(self, chunk: bytes, out: list[Frame | FrameError]) -> None:
-        if not self._garbage_len:
+        if not self._garbage_len and not self._garbage_goes_on:
             # Blank lines between frames are allowed: a run starts at its first other
             # byte, wherever the chunks were split.
             chunk = chunk.lstrip(BLANK)
             if not chunk:
                 return
-        room = MAX_GARBAGE_KEPT_BYTES - len(self._garbage)
-        self._garbage += chunk[:room]
-        self._garbage_len += len(chunk)
+        while chunk:
+            take = min(len(chunk), MAX_RUN_BYTES - self._garbage_len)
+            room = MAX_GARBAGE_KEPT_BYTES - len(self._garbage)
+            self._garbage += chunk[: min(room, take)]
+            self._garbage_len += take
+            chunk = chunk[take:]
+            if self._garbage_len >= MAX_RUN_BYTES:
+                self._emit_garbage(out, goes_on=True)
+                if self.flooded:  # that was the last error reported alone
+                    self._flood_bytes(chunk, out)
+                    return
 
-    def _emit_garbage(self, out: list[Frame | FrameError]) -> None:
+    def _emit_garbage(self, out: list[Frame | FrameError], *, goes_on: bool = False) -> None:
         if self._garbage_len:
-            out.append(
+            self._report(
+                out,
                 FrameError(
                     "garbage",
                     f"{self._garbage_len} bytes outside any frame",
                     bytes(self._garbage),
                     self._garbage_len,
-                )
+                ),
             )
         self._garbage.clear()
         self._garbage_len = 0
+        self._garbage_goes_on = goes_on
 
 
 def message_from_frame(frame: Frame, received_at: datetime) -> DeviceMessageModel:
@@ -374,7 +555,7 @@ def message_from_frame(frame: Frame, received_at: datetime) -> DeviceMessageMode
         except ValidationError as exc:
             errors = exc.errors()
             if not any(e["type"] == "json_invalid" for e in errors):
-                raise MessageError("invalid_message", describe_errors(errors), frame) from exc
+                raise _invalid(errors, frame) from exc
     return _validate_parsed(model, frame, received_at)  # reports bad JSON in json's words
 
 
@@ -382,13 +563,15 @@ def _with_header(frame: Frame, received_at: datetime) -> bytes | None:
     """The payload object with the header fields spliced in, or None to take the slow path.
 
     The fast path parses and validates in one pass (pydantic's JSON mode). It is taken only
-    when no header field name appears anywhere in the payload, so a payload can never
+    when the payload has no backslash (so every key is spelled literally: `"pump\\u005fid"`
+    cannot hide one) and no header field name appears anywhere in it, so a payload can never
     override the header, and when the ids need no JSON escaping; otherwise the slow path
-    decides, with the same result.
+    compares the keys after JSON decoding, with the same result.
     """
     payload = frame.payload
     if (
         not payload.startswith(b"{")
+        or b"\\" in payload
         or _ENVELOPE_NAME.search(payload)
         or not _PLAIN_ID.fullmatch(frame.pump_id)
         or not _PLAIN_ID.fullmatch(frame.boot_id)
@@ -431,6 +614,6 @@ def _validate_parsed(
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
-        raise MessageError("invalid_message", describe_errors(exc.errors()), frame) from exc
+        raise _invalid(exc.errors(), frame) from exc
     except RecursionError as exc:  # defensive: pydantic repr()s bad values, which recurses
         raise MessageError("invalid_message", "payload is nested too deeply", frame) from exc

@@ -27,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictFloat,
+    field_validator,
     model_validator,
 )
 
@@ -78,6 +79,19 @@ PumpId = Annotated[str, Field(pattern=PUMP_ID_PATTERN)]
 Operator = Annotated[str, Field(pattern=OPERATOR_PATTERN)]
 SessionId = Annotated[str, Field(pattern=r"^[0-9A-Za-z_-]{1,64}$")]
 StateSeq = Annotated[int, Field(ge=0, le=MAX_STATE_SEQ, strict=True)]
+RESERVED_PUMP_IDS = frozenset({".", ".."})
+"""Ids no device may use, besides any starting with `_` (the gateway's own, `_gateway`)."""
+
+
+def reserved_pump_id_problem(pump_id: str) -> str | None:
+    """Why a device may not use this pump id, or None (the text never repeats the id)."""
+    if pump_id.startswith("_"):
+        return "pump_id starting with an underscore is reserved for the gateway's own alerts"
+    if pump_id in RESERVED_PUMP_IDS:
+        return "pump_id . and .. are reserved (path segments)"
+    return None
+
+
 BootId = Annotated[str, Field(pattern=BOOT_ID_PATTERN)]
 Seq = Annotated[int, Field(ge=0, le=MAX_SEQ, strict=True)]
 
@@ -202,6 +216,14 @@ class DeviceMessage(Frozen):
     seq: Seq
     device_time: Timestamp
     received_at: Timestamp
+
+    @field_validator("pump_id")
+    @classmethod
+    def _not_reserved(cls, pump_id: str) -> str:
+        problem = reserved_pump_id_problem(pump_id)
+        if problem is not None:
+            raise ValueError(problem)
+        return pump_id
 
     @model_validator(mode="after")
     def _device_clock_plausible(self) -> Self:

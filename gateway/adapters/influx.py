@@ -455,6 +455,12 @@ class InfluxSink:
 
     def run(self, stop: threading.Event, wake: threading.Event) -> None:
         """Drain until `stop` is set, at most every WRITE_EVERY_S unless batches are full."""
+        if not self.settings.verify_tls:
+            log.warning(
+                "influx.verify_tls is off: the server's certificate is NOT verified, so anyone "
+                "on the network path can pose as %s and receive the token",
+                self.settings.display_url(),
+            )
         try:
             while not stop.is_set():
                 wake.clear()

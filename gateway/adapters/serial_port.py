@@ -24,8 +24,13 @@ log = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 0.2
 READ_CHUNK_BYTES = 65536
+FLOOD_READ_CHUNK_BYTES = 16384
+"""A line in a flood reads less at a time: shorter turns, so the other lines wait less."""
 RECONNECT_MIN_BACKOFF_S = 0.5
 RECONNECT_MAX_BACKOFF_S = 30.0
+FLOOD_MIN_PAUSE_S = 0.001
+"""A line in a flood pauses after each read at least this long, and as long as decoding took:
+it gets at most half of the gateway's time, and the healthy lines keep theirs."""
 
 
 class SourceSettings(BaseModel):
@@ -76,7 +81,7 @@ def _open(settings: SourceSettings) -> serial.SerialBase:
         raise SourceError(settings.label, f"cannot open: {exc}") from exc
 
 
-def _read(port: serial.SerialBase, label: str) -> bytes:
+def _read(port: serial.SerialBase, label: str, chunk_bytes: int = READ_CHUNK_BYTES) -> bytes:
     """Wait up to READ_TIMEOUT_S for a byte, then take whatever else is already there."""
     try:
         first = port.read(1)
@@ -85,7 +90,7 @@ def _read(port: serial.SerialBase, label: str) -> bytes:
         # in_waiting is only 0 or 1 on socket://, so read without waiting instead.
         port.timeout = 0
         try:
-            return first + port.read(READ_CHUNK_BYTES)
+            return first + port.read(chunk_bytes - 1)
         finally:
             port.timeout = READ_TIMEOUT_S
     except (serial.SerialException, OSError, TypeError) as exc:
@@ -137,14 +142,21 @@ class SerialSource:
         decoder = FrameDecoder()
         try:
             while not stop.is_set():
-                data = _read(port, self.label)
-                if not data:
+                chunk_bytes = FLOOD_READ_CHUNK_BYTES if decoder.flooded else READ_CHUNK_BYTES
+                data = _read(port, self.label, chunk_bytes)
+                if not data:  # the line is quiet: report a flood coalesced so far
+                    quiet = decoder.idle()
+                    if quiet and not self._deliver(self, time.time(), list(quiet)):
+                        return
                     continue
                 received_at = time.time()
+                started_m = time.monotonic()
                 self.bytes_in += len(data)
                 items = decoder.feed(data)
                 if items and not self._deliver(self, received_at, items):
                     return
+                if decoder.flooded:  # bounded: the rest waits in the line (TCP, UART)
+                    stop.wait(max(FLOOD_MIN_PAUSE_S, time.monotonic() - started_m))
         finally:
             # Also when the line drops: a frame cut off there is quarantined, not forgotten.
             leftover = decoder.flush()

@@ -130,9 +130,12 @@ def quarantined(outbox: Path, source: str) -> list[dict[str, Any]]:
     return [e for e in entries if e["source"] == source]
 
 
+OPERATOR = "nurse.jones"
+
+
 def ack_topic(prefix: str) -> str:
     """Where an operator acknowledges alerts: the one place that knows the ack topic's form."""
-    return f"{prefix}/{prefix}/{STATION}/ack"
+    return f"{prefix}/{prefix}/{STATION}/ack/{OPERATOR}"
 
 
 def acknowledge(mosquitto: Mosquitto, prefix: str, alert_id: str) -> None:
@@ -140,7 +143,7 @@ def acknowledge(mosquitto: Mosquitto, prefix: str, alert_id: str) -> None:
     client.connect("127.0.0.1", mosquitto.port)
     client.loop_start()
     try:
-        body = {"alert_id": alert_id, "by": "nurse.jones", "at": "2026-01-05T08:30:00Z"}
+        body = {"alert_id": alert_id, "by": OPERATOR, "at": "2026-01-05T08:30:00Z"}
         client.publish(ack_topic(prefix), json.dumps(body).encode(), qos=1).wait_for_publish(10)
     finally:
         client.loop_stop()

@@ -65,6 +65,8 @@ REASON_MAX_CHARS = 1000
 KNOWN_REASON_KINDS = frozenset(
     {
         "garbage",
+        "flood",
+        "rate_limited",
         "truncated",
         "oversized",
         "checksum",
@@ -452,7 +454,7 @@ def reading_payload(payload: bytes) -> bytes:
 WITHOUT_DRUG = frame("R", {k: v for k, v in GOOD.items() if k != "drug"})
 BAD_INPUT: list[tuple[str, bytes, str, str]] = [
     ("oversized frame", reading_with(pad="x" * 3000), "oversized", "longer than 2048"),
-    ("huge JSON (1 MB)", frame("R", {"a": ["y" * 64] * 16000}), "oversized", "skipped to the"),
+    ("huge JSON (1 MB)", frame("R", {"a": ["y" * 64] * 15000}), "oversized", "skipped to the"),
     ("invalid UTF-8", reading_payload(b'{"drug":"\xff\xfe"}'), "invalid_json", "not JSON"),
     ("invalid UTF-8 in the pump id", raw_frame(b"PGW1,R,P\xff01,b1,1,{}"), "malformed", "pump_id"),
     ("deeply nested JSON", reading_payload(NESTED), "invalid_message", "alarms"),

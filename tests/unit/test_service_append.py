@@ -1,4 +1,4 @@
-"""Gateway._append: on a nearly full disk a batch is stored in parts, state with the last."""
+"""Gateway._append: a batch that does not fit is stored in parts, the state with the last."""
 
 from __future__ import annotations
 
@@ -18,9 +18,14 @@ class TightOutbox:
         self.fits, self.disk = fits, disk
         self.appends: list[tuple[list[str], bool]] = []
 
+    room: int | None = None
+    """Rows left in all (None: unlimited)."""
+
     def append(self, records: Sequence[OutRecord], state: Mapping[str, bytes] | None) -> int:
-        if len(records) > self.fits:
+        if len(records) > self.fits or (self.room is not None and len(records) > self.room):
             raise OutboxFullError("full", disk=self.disk)
+        if self.room is not None:
+            self.room -= len(records)
         self.appends.append(([r.record_id for r in records], state is not None))
         return len(self.appends)
 
@@ -51,12 +56,23 @@ def test_a_part_that_never_fits_leaves_the_rest_for_the_retry() -> None:
     assert outbox.appends == []
 
 
-def test_the_row_limit_is_not_split_around() -> None:
-    outbox, batch = TightOutbox(fits=3, disk=False), records(7)
+def test_a_batch_larger_than_the_rows_left_goes_in_parts_and_the_rest_waits() -> None:
+    outbox = TightOutbox(fits=3, disk=False)
+    outbox.room = 3  # rows left under max_pending_records; each stored row uses one
+    batch = records(7)
     with pytest.raises(OutboxFullError):
-        append(outbox, batch, None)
-    assert outbox.appends == []
-    assert len(batch) == 7
+        append(outbox, batch, {"engine": b"s"})
+    assert [ids for ids, _ in outbox.appends] == [["P:b:0", "P:b:1", "P:b:2"]]
+    assert [with_state for _, with_state in outbox.appends] == [False]
+    assert len(batch) == 4, "the rest waits for the sinks, then goes in"
+
+
+def test_a_batch_larger_than_the_row_limit_itself_is_stored_once_there_is_room() -> None:
+    outbox, batch = TightOutbox(fits=3, disk=False), records(10)
+    append(outbox, batch, {"engine": b"s"})
+    assert [len(ids) for ids, _ in outbox.appends] == [2, 2, 2, 2, 2]
+    assert [rid for ids, _ in outbox.appends for rid in ids] == [f"P:b:{i}" for i in range(10)]
+    assert outbox.appends[-1][1] is True
 
 
 def test_state_alone_is_stored() -> None:
