@@ -27,6 +27,7 @@ from gateway.topics import (
     DEFAULT_PREFIX,
     GATEWAY_PUMP_ID,
     TopicBase,
+    ack_refusal_topic,
     deadletter_topic,
     is_retained,
     status_topic,
@@ -38,6 +39,7 @@ from schemas.models import (
     MODELS_BY_KIND,
     SCHEMA_VERSION,
     Acknowledgement,
+    AckRefusal,
     ActiveAlerts,
     AlertTransition,
     DeviceAlarm,
@@ -196,6 +198,10 @@ def examples() -> dict[str, list[tuple[str, BaseModel]]]:
             reason="CRC-32 mismatch", raw_hex="2450", received_at=EXAMPLE_AT))],
         "acknowledgement": [("acknowledge", Acknowledgement(
             alert_id="P0001:low_reservoir:1", by="nurse.jones", note="refill booked 14:00"))],
+        "ack_refusal": [("foreign by", AckRefusal(
+            username="nurse.jones", alert_id="P0001:low_reservoir:1", reason_kind="by_mismatch",
+            reason="by 'dr.smith' is not the MQTT user of the ack topic 'nurse.jones'",
+            at=EXAMPLE_AT))],
     }  # fmt: skip
 
 
@@ -210,14 +216,15 @@ MESSAGES: Final[dict[str, tuple[str, str]]] = {
     "gateway_status": ("gatewayStatus", "Birth `online`; last will or clean stop `offline`."),
     "quarantine": ("quarantined", "A frame that failed decoding or validation, with its reason."),
     "acknowledgement": ("acknowledgement", "An operator has seen an alert (never clears it)."),
+    "ack_refusal": ("ackRefusal", "Why the gateway refused an acknowledgement, with its reason."),
 }
 GATEWAY_STATUS_TEXT: Final = (
     "On every (re)connect the gateway subscribes to the acknowledgement topics first, then "
     "publishes its birth (`state: online`, retained): seeing `online` also means it is listening "
     "for acknowledgements. Its MQTT last will is the same message with `state: offline`, which "
     "the broker publishes when the gateway vanishes (after 1.5 x the keep-alive without "
-    "traffic); it is built when the gateway starts, so its `at`, `seq` and `sources` are those "
-    "of the start. A clean stop ends with `offline` too. A new `session_id` means the gateway "
+    "traffic). Birth and will are built anew for every connection, so each birth's `seq` is "
+    "greater than the will registered with the previous connection. A clean stop ends with `offline` too. A new `session_id` means the gateway "
     "restarted; `seq` counts status messages within a session."
 )
 
@@ -297,6 +304,12 @@ def channels() -> dict[str, dict[str, Any]]:
                                "Every frame that failed decoding or validation, with its reason; "
                                "the same record is kept in the gateway's local quarantine.",
                                ["gateway"]),
+        "ackRefusals": _channel(ack_refusal_topic(PLACEHOLDERS), "ack_refusal",
+                                "Refused acknowledgements",
+                                "Every acknowledgement the gateway refused (foreign `by`, the "
+                                "deprecated topic, a retained ack, an unknown or ended alert, a "
+                                "user not allowed), with its reason, so a console can show it.",
+                                ["gateway"]),
         "acknowledgements": _channel(
             ACK_ADDRESS, "acknowledgement", "Operators' acknowledgements",
             f"Operators publish one Acknowledgement per alert here, QoS {QOS}, **not retained**, "
@@ -345,7 +358,8 @@ def operations(channel_map: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
             "publishes an AlertTransition with `phase: acknowledged` and `inactivation: "
             "alert-acknowledged` on the alert's `alerts` topic (the pump's, or the gateway's for "
             "its technical alerts) and updates `alerts/active`. That transition is the receipt: "
-            "if it does not arrive, the acknowledgement was not applied. Show an alert as "
+            "if it does not arrive, the acknowledgement was not applied; a refusal is published with "
+            "its reason on `gateway/acks/refused`. Show an alert as "
             "acknowledged only when the receipt arrives, never optimistically. The gateway keeps "
             "a persistent session (`mqtt.session_expiry_s`), so an acknowledgement published "
             "while it is offline is applied when it returns, until the session expires."

@@ -17,6 +17,7 @@ from gateway.topics import (
     GATEWAY_PUMP_ID,
     PUMP_LEAVES,
     TopicBase,
+    ack_refusal_topic,
     deadletter_topic,
     is_retained,
     status_topic,
@@ -87,7 +88,7 @@ def test_check_finds_a_changed_or_missing_document_and_write_repairs_it(
 def test_asyncapi_parser_accepts_the_checked_in_document() -> None:
     result = run_parser(DOCUMENT)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "valid AsyncAPI 3.0.0: 12 channels, 11 operations, 9 messages" in result.stdout
+    assert "valid AsyncAPI 3.0.0: 13 channels, 12 operations, 10 messages" in result.stdout
 
 
 def test_asyncapi_parser_rejects_a_broken_document(tmp_path: Path) -> None:
@@ -110,6 +111,7 @@ def test_every_topic_the_gateway_names_is_a_channel() -> None:
         topic_for("active_alerts", GATEWAY_PUMP_ID, BASE),
         status_topic(BASE),
         deadletter_topic(BASE),
+        ack_refusal_topic(BASE),
         f"{BASE.root}/ack/nurse.jones",
         f"{BASE.root}/ack",
     }
