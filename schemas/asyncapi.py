@@ -224,8 +224,9 @@ GATEWAY_STATUS_TEXT: Final = (
     "for acknowledgements. Its MQTT last will is the same message with `state: offline`, which "
     "the broker publishes when the gateway vanishes (after 1.5 x the keep-alive without "
     "traffic). Birth and will are built anew for every connection, so each birth's `seq` is "
-    "greater than the will registered with the previous connection. A clean stop ends with `offline` too. A new `session_id` means the gateway "
-    "restarted; `seq` counts status messages within a session."
+    "greater than the will registered with the previous connection. A clean stop ends with "
+    "`offline` too. A new `session_id` means the gateway restarted; `seq` counts status "
+    "messages within a session."
 )
 
 
@@ -358,8 +359,8 @@ def operations(channel_map: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
             "publishes an AlertTransition with `phase: acknowledged` and `inactivation: "
             "alert-acknowledged` on the alert's `alerts` topic (the pump's, or the gateway's for "
             "its technical alerts) and updates `alerts/active`. That transition is the receipt: "
-            "if it does not arrive, the acknowledgement was not applied; a refusal is published with "
-            "its reason on `gateway/acks/refused`. Show an alert as "
+            "if it does not arrive, the acknowledgement was not applied; a refusal is published "
+            "with its reason on `gateway/acks/refused`. Show an alert as "
             "acknowledged only when the receipt arrives, never optimistically. The gateway keeps "
             "a persistent session (`mqtt.session_expiry_s`), so an acknowledgement published "
             "while it is offline is applied when it returns, until the session expires."
