@@ -35,6 +35,7 @@ from gateway.adapters.influx import InfluxSettings
 from gateway.adapters.mqtt import MqttSettings
 from gateway.adapters.serial_port import SourceSettings
 from gateway.alert_settings import RulesConfig
+from gateway.dashboard.settings import DashboardSettings
 
 S = TypeVar("S", bound="Settings")
 SEGMENT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -157,6 +158,7 @@ class Settings(BaseSettings):
     store: StoreSection = StoreSection()
     health: HealthSection = HealthSection()
     alerts: RulesConfig = RulesConfig()
+    dashboard: DashboardSettings = DashboardSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -607,7 +607,7 @@ class MqttSink:
         client.drop_out_messages()
         no_delay(client)
         # Subscribe before the birth: whoever sees `online` can rely on acks being heard.
-        client.subscribe(self._ack_topic, qos=QOS)
+        client.subscribe([(self._ack_topic, QOS), (f"{self._ack_topic}/+", QOS)])
         client.publish(self._status_topic, self._birth, qos=QOS, retain=True)
         receive_max = getattr(properties, "ReceiveMaximum", SERVER_RECEIVE_MAX)
         self._hand_over("connected", int(receive_max))

@@ -1,0 +1,201 @@
+// Wiring: login, the broker connection, the ward state, acknowledgements and drawing.
+import 'uplot/dist/uPlot.min.css';
+import './style.css';
+import { connect, publishAck } from './connection.js';
+import { Ward } from './ward.js';
+import { AlertList, PumpGrid, clockTime } from './view.js';
+import { PumpDetail } from './detail.js';
+
+const AGE_REFRESH_MS = 1000;
+const decoder = new TextDecoder();
+
+const $ = (selector) => document.querySelector(selector);
+
+/** Counters a benchmark or a curious operator can read from the console. */
+const stats = { messages: 0, ignored: 0, lagMs: [], frames: 0 };
+
+class App {
+  constructor(config) {
+    this.config = config;
+    this.ward = new Ward(config.topic_prefix);
+    this.client = null;
+    this.user = null;
+    this.brokerLostSinceMs = null;
+    this.acks = new Map(); // alert_id -> { pending, refused, timer }
+    this.grid = new PumpGrid($('#pumps'), (key) => this.openDetail(key));
+    this.alerts = new AlertList($('#alerts'), $('#alert-count'), {
+      ack: (entry) => this.acknowledge(entry),
+      ackState: (id) => this.acks.get(id),
+      canAck: () => this.client !== null,
+    });
+    this.detail = new PumpDetail($('#detail'));
+    this.scheduled = false;
+    setInterval(() => this.refreshAges(), AGE_REFRESH_MS);
+  }
+
+  ctx() {
+    const browserNow = Date.now();
+    return {
+      gatewayNowMs: this.ward.clock.now(browserNow),
+      toBrowser: (gatewayMs) => (gatewayMs === null ? null : gatewayMs + this.ward.clock.offsetMs),
+      brokerLostSinceMs: this.brokerLostSinceMs,
+    };
+  }
+
+  login(user, password) {
+    $('#login-error').textContent = '';
+    $('#login button').disabled = true;
+    this.user = user;
+    this.client = connect(this.config, user, password, {
+      connected: () => this.onConnected(),
+      lost: () => this.onLost(),
+      refused: (reason) => this.onRefused(reason),
+      problem: (reason) => { $('#banner-detail').textContent = reason; },
+      message: (topic, payload, packet) => this.onMessage(topic, payload, packet),
+    });
+  }
+
+  onConnected() {
+    document.body.classList.add('signed-in');
+    $('#user').textContent = this.user;
+    this.brokerLostSinceMs = null;
+    $('#banner').hidden = true;
+    $('#connection').textContent = 'connected';
+    $('#connection').dataset.state = 'connected';
+    this.markAllDirty();
+  }
+
+  onLost() {
+    if (this.brokerLostSinceMs === null) this.brokerLostSinceMs = Date.now();
+    $('#banner').hidden = false;
+    $('#banner-text').textContent = `Connection to the broker lost since ${clockTime(this.brokerLostSinceMs)}: values are stale; reconnecting…`;
+    $('#connection').textContent = 'reconnecting';
+    $('#connection').dataset.state = 'lost';
+    this.markAllDirty();
+  }
+
+  onRefused(reason) {
+    this.client = null;
+    document.body.classList.remove('signed-in');
+    $('#login button').disabled = false;
+    $('#login-error').textContent = reason;
+  }
+
+  onMessage(topic, payload, packet) {
+    stats.messages += 1;
+    let data;
+    try { data = JSON.parse(decoder.decode(payload)); } catch { stats.ignored += 1; return; }
+    const props = packet.properties?.userProperties ?? {};
+    const historical = props.historical === 'true';
+    const browserMs = Date.now();
+    const used = this.ward.apply(topic, data, { retained: packet.retain, historical, browserMs });
+    if (!used) stats.ignored += 1;
+    if (!packet.retain && data.kind === 'reading' && this.ward.clock.known) {
+      stats.lagMs.push(this.ward.clock.now(browserMs) - Date.parse(data.received_at));
+      if (stats.lagMs.length > 10000) stats.lagMs.splice(0, 5000);
+    }
+    for (const receipt of this.ward.takeReceipts()) this.receiptArrived(receipt);
+    this.schedule();
+  }
+
+  markAllDirty() {
+    for (const key of this.ward.pumps.keys()) this.ward.dirty.add(key);
+    this.ward.alertsChanged = true;
+    this.schedule();
+  }
+
+  schedule() {
+    if (this.scheduled) return;
+    this.scheduled = true;
+    requestAnimationFrame(() => this.draw());
+  }
+
+  draw() {
+    this.scheduled = false;
+    stats.frames += 1;
+    const ctx = this.ctx();
+    for (const key of this.ward.dirty) {
+      const pump = this.ward.pumps.get(key);
+      if (pump) this.grid.draw(pump, ctx);
+      if (pump && this.detail.key === key) this.detail.draw(pump);
+    }
+    this.ward.dirty.clear();
+    $('#pump-count').textContent = String(this.ward.pumps.size);
+    if (this.ward.alertsChanged || this.ward.stationsChanged) {
+      this.alerts.draw(this.ward, ctx);
+      this.ward.alertsChanged = false;
+      this.ward.stationsChanged = false;
+      this.drawStations();
+    }
+  }
+
+  drawStations() {
+    const parts = [...this.ward.stations.values()].map((s) => `${s.name}: gateway ${s.gatewayState}`);
+    $('#gateways').textContent = parts.join(' · ');
+    const offline = [...this.ward.stations.values()].some((s) => s.gatewayState === 'offline');
+    $('#gateways').dataset.state = offline ? 'offline' : 'online';
+  }
+
+  refreshAges() {
+    const ctx = this.ctx();
+    this.grid.refreshAges(this.ward, ctx);
+    this.alerts.refreshTimes(ctx);
+  }
+
+  openDetail(key) {
+    const pump = this.ward.pumps.get(key);
+    if (pump) this.detail.open(pump);
+  }
+
+  acknowledge(entry) {
+    const id = entry.alert.alert_id;
+    if (this.acks.get(id)?.pending || !this.client) return;
+    const timer = setTimeout(() => this.ackTimedOut(id), this.config.ack_timeout_s * 1000);
+    this.acks.set(id, { pending: true, refused: null, timer });
+    this.alerts.draw(this.ward, this.ctx());
+    publishAck(this.client, entry.station.root, this.user, id, (refusal) => {
+      if (refusal === null) return; // taken by the broker: now wait for the gateway's receipt
+      this.ackRefused(id, refusal);
+    });
+  }
+
+  ackTimedOut(id) {
+    if (this.acks.get(id)?.pending) {
+      this.ackRefused(id, 'not applied by the gateway (not allowed or unknown alert)');
+    }
+  }
+
+  ackRefused(id, reason) {
+    const held = this.acks.get(id);
+    if (held?.timer) clearTimeout(held.timer);
+    this.acks.set(id, { pending: false, refused: reason, timer: null });
+    this.ward.alertsChanged = true;
+    this.schedule();
+  }
+
+  receiptArrived(transition) {
+    const held = this.acks.get(transition.alert_id);
+    if (held?.timer) clearTimeout(held.timer);
+    this.acks.delete(transition.alert_id);
+  }
+}
+
+async function start() {
+  const response = await fetch('config.json', { cache: 'no-store' });
+  const config = await response.json();
+  $('#scope').textContent = `${config.site} / ${config.station || 'all stations'}`;
+  $('#intended-use').textContent = config.intended_use;
+  const app = new App(config);
+  window.pumpgwDashboard = { stats, ward: app.ward, app };
+  $('#login').addEventListener('submit', (event) => {
+    event.preventDefault();
+    const form = event.target;
+    const user = form.elements.user.value.trim();
+    const password = form.elements.password.value;
+    form.elements.password.value = '';
+    app.login(user, password);
+  });
+  $('#logout').addEventListener('click', () => window.location.reload());
+}
+
+start();
