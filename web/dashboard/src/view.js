@@ -80,10 +80,11 @@ export class PumpGrid {
     tile.drug.textContent = values.drug ?? '';
     const days = daysToLowAlarm(values, pump.info);
     tile.reservoir.textContent = values.reservoir_ml === null ? 'no reading yet'
-      : `${fixed(values.reservoir_ml, 1)} mL est. · ${days === null ? '–' : fixed(days, 1)} d to low alarm`;
-    tile.reservoir.title = 'The pump\'s own estimate from its programmed rate, not a measurement';
+      : `${fixed(values.reservoir_ml, 1)} mL est. · low in ${days === null ? '–' : fixed(days, 1)} d`;
+    tile.reservoir.title = 'Reservoir: the pump\'s own estimate from its programmed rate, not a measurement; '
+      + 'days until the low-reservoir alarm volume at the programmed rate and maximum boluses';
     const state = values.pump_state && values.pump_state !== 'running' ? ` · ${values.pump_state.toUpperCase()}` : '';
-    tile.rate.textContent = `${fixed(values.basal_rate_ml_per_day, 3)} mL/day · battery ${values.battery_state ?? '–'}${state}`;
+    tile.rate.textContent = `${fixed(values.basal_rate_ml_per_day, 3)} mL/d · batt ${values.battery_state ?? '–'}${state}`;
     const worst = worstAlert(pump);
     const look = worst ? PRIORITY_LOOK[worst.priority] ?? PRIORITY_LOOK.PN : null;
     tile.badge.textContent = look ? `${look.shape} ${look.marks}` : '';
@@ -101,13 +102,14 @@ export class PumpGrid {
     const age = lastMs === null ? null : (ctx.gatewayNowMs - lastMs) / 1000;
     let text;
     if (offline) {
-      text = `gateway offline since ${station.offlineRetained ? 'before ' : ''}${clockTime(ctx.toBrowser(station.offlineSinceMs))}`;
+      text = `gateway offline since ${station.offlineRetained ? '≤ ' : ''}${clockTime(ctx.toBrowser(station.offlineSinceMs))}`;
     } else if (ctx.brokerLostSinceMs !== null) {
       text = `stale since ${clockTime(ctx.brokerLostSinceMs)}`;
     } else if (lost) {
-      text = `telemetry LOST · last ${duration(age)} ago`;
+      text = `telemetry LOST · ${duration(age)} ago`;
     } else {
-      text = `telemetry ${pump.status?.telemetry ?? '–'} · ${age === null ? 'no reading' : `${what} ${duration(age)} ago`}`;
+      text = `${pump.status?.telemetry ?? '–'} · ${age === null ? 'no reading' : `${what} ${duration(age)} ago`}`;
+      tile.telemetry.title = `telemetry ${pump.status?.telemetry ?? 'unknown'}; age of the last ${what} on the gateway's clock`;
     }
     tile.telemetry.textContent = text;
     tile.root.classList.toggle('offline', offline);
@@ -136,9 +138,9 @@ function worstAlert(pump) {
 function metaText(alert, ctx) {
   const startMs = ms(alert.started_at);
   const when = clockTime(ctx.toBrowser(startMs));
-  const since = alert.start_known ? `started ${when}` : `changed ${when}`;
+  const since = alert.start_known ? `since ${when}` : `changed ${when}`;
   const age = startMs === null ? null : (ctx.gatewayNowMs - startMs) / 1000;
-  return `${since} · ${alert.start_known ? '' : '≥ '}${duration(age)} · phase ${alert.phase} · ${alert.alert_type}`;
+  return `${since} · ${alert.start_known ? '' : '≥ '}${duration(age)} · ${alert.phase}`;
 }
 
 /** The alert list, highest priority first; rebuilt when the set of alerts changes. */
@@ -173,9 +175,13 @@ export class AlertList {
     prio.setAttribute('aria-label', `${look.label} priority`);
     const who = el('span', 'who', entry.pumpKey ? alert.pump_id : 'gateway');
     const text = el('span', 'text', alert.text);
+    text.title = alert.text;
     const meta = el('span', 'meta', metaText(alert, ctx));
+    meta.title = `start time (or last change when the start was before the page opened), duration, ACM phase; type ${alert.alert_type}`;
     this.metas.push({ meta, alert });
-    li.append(prio, who, text, meta, this.ackPart(entry, acked, offline));
+    const [action, status] = this.ackParts(entry, acked, offline);
+    li.append(prio, who, meta, action, text);
+    if (status.childNodes.length || status.textContent) li.append(status);
     return li;
   }
 
@@ -184,17 +190,19 @@ export class AlertList {
     for (const { meta, alert } of this.metas ?? []) meta.textContent = metaText(alert, ctx);
   }
 
-  ackPart(entry, acked, offline) {
+  /** [the action in the first row, the status line under the text] */
+  ackParts(entry, acked, offline) {
     const { alert } = entry;
-    const box = el('span', 'ack');
+    const action = el('span', 'ack-action');
+    const status = el('span', 'ack-status');
     if (acked) {
-      box.append(el('span', 'acked-by', `acknowledged by ${alert.acknowledged_by ?? '?'} at ${clockTime(ms(alert.acknowledged_at))} (the pump keeps alarming until resolved at the pump)`));
-      return box;
+      status.textContent = `✓ acknowledged by ${alert.acknowledged_by ?? '?'} at ${clockTime(ms(alert.acknowledged_at))}; the pump alarms until resolved at the pump`;
+      return [action, status];
     }
     const state = this.actions.ackState(alert.alert_id);
     if (state?.pending) {
-      box.append(el('span', 'pending', 'acknowledgement sent; waiting for the gateway\'s receipt…'));
-      return box;
+      status.append(el('span', 'pending', 'acknowledgement sent; waiting for the gateway\'s receipt…'));
+      return [action, status];
     }
     if (this.actions.canAck()) {
       const button = el('button', 'ack-button', 'Acknowledge');
@@ -202,13 +210,13 @@ export class AlertList {
       button.disabled = offline;
       button.title = offline ? 'The gateway is offline' : 'Record that you have seen this alert (does not silence the pump)';
       button.addEventListener('click', () => this.actions.ack(entry));
-      box.append(button);
+      action.append(button);
     }
     if (state?.refused) {
       const refused = el('span', 'refused', `acknowledgement refused: ${state.refused}`);
       refused.dataset.testid = 'ack-refused';
-      box.append(refused);
+      status.append(refused);
     }
-    return box;
+    return [action, status];
   }
 }
