@@ -3,8 +3,8 @@
 One stack for the module (tests run in file order, the last one kills the gateway):
 Mosquitto with a password file, a WebSocket listener and the ACL from deploy/ (plus the
 per-user acknowledgement topic and a read-only user); `pumpgw run`; `pumpsim` serving a
-mixed ward (normal, low-reservoir, empty, motor-stall) that replays a day fast and then
-goes on in real time; `pumpgw dashboard`; Chromium driven by Playwright.
+mixed ward (one pump per scenario: low reservoir, motor stall, battery, flow faults, ...)
+replayed at full speed; `pumpgw dashboard`; Chromium driven by Playwright.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, Playwright, expect
 
+from simulator.scenarios import WARD_CYCLE
 from tests.browser.stack import (
     DEPLOY_ACL,
     DESKTOP,
@@ -51,7 +52,8 @@ KEEPALIVE_S = 5
 OFFLINE_SLACK_S = 5.0
 """On top of 1.5 x keep-alive: the broker's keep-alive check and the page's next frame."""
 ACK_TIMEOUT_S = 4.0
-PUMPS = ("P0001", "P0002", "P0003", "P0004")  # normal, low-reservoir, empty, motor-stall
+PUMPS = tuple(f"P{i + 1:04d}" for i in range(len(WARD_CYCLE)))
+"""One pump per scenario: P0002 low-reservoir, P0004 motor-stall (simulator/scenarios.py)."""
 INTERVAL_S = 60
 READINGS = 720
 """Half a simulated day at once: every fault of the scenarios plays within a second or two."""
@@ -161,9 +163,9 @@ def test_an_acknowledgement_shows_only_when_the_gateways_receipt_comes_back(
     stack: Stack, page: Page
 ) -> None:
     signed_in(page, stack)
-    row = alert_row(page, "P0002", "Low reservoir").first
+    alert_id = alert_row(page, "P0002", "Low reservoir").first.get_attribute("data-alert-id")
+    row = page.locator(f"[data-alert-id='{alert_id}']")  # the list is redrawn as alerts change
     expect(row).to_have_attribute("data-acknowledged", "false")
-    alert_id = row.get_attribute("data-alert-id")
     assert stack.gateway.proc is not None
     stack.gateway.proc.send_signal(signal.SIGSTOP)  # the gateway cannot answer for now
     try:
@@ -173,7 +175,6 @@ def test_an_acknowledgement_shows_only_when_the_gateways_receipt_comes_back(
         assert not _receipts(stack, alert_id)
     finally:
         stack.gateway.proc.send_signal(signal.SIGCONT)
-    row = page.locator(f"[data-alert-id='{alert_id}']")
     expect(row).to_have_attribute("data-acknowledged", "true")
     expect(row).to_contain_text("acknowledged by dashboard")
     receipts = _receipts(stack, alert_id)
@@ -218,10 +219,9 @@ def test_a_wrong_password_gives_a_clear_login_error(stack: Stack, page: Page) ->
 
 def test_a_user_without_acknowledge_permission_sees_the_refusal(stack: Stack, page: Page) -> None:
     signed_in(page, stack, "viewer")
-    row = alert_row(page, "P0004", "Motor stall").first
-    alert_id = row.get_attribute("data-alert-id")
-    row.get_by_role("button", name="Acknowledge").click()
+    alert_id = alert_row(page, "P0004", "Motor stall").first.get_attribute("data-alert-id")
     row = page.locator(f"[data-alert-id='{alert_id}']")
+    row.get_by_role("button", name="Acknowledge").click()
     expect(row.locator("[data-testid=ack-refused]")).to_contain_text("acknowledgement refused")
     assert row.get_attribute("data-acknowledged") == "false"
     assert not _receipts(stack, alert_id)

@@ -8,10 +8,17 @@ export const KEEPALIVE_S = 20;
 const AUTH_REFUSALS = { 4: 'bad user name or password', 5: 'not authorized',
   134: 'bad user name or password', 135: 'not authorized' };
 
-/** The subscriptions of one ward view: a station, or every station of a site (`+`). */
+/** The subscriptions of one ward view (a station, or every station of a site: `+`) with
+ * their QoS. Readings at QoS 0: a live view gains nothing from acknowledging each of 1,000
+ * readings a second, and a lost one is a gap in a trend; state, alerts and events at QoS 1.
+ * The filters do not overlap, so the broker sends each message once. */
 export function wardFilters(config) {
   const base = `${config.topic_prefix}/${config.site}/${config.station || '+'}`;
-  return [`${base}/pumps/#`, `${base}/gateway/#`];
+  const filters = { [`${base}/pumps/+/telemetry`]: { qos: 0 }, [`${base}/gateway/#`]: { qos: 1 } };
+  for (const leaf of ['info', 'status', 'events', 'alerts', 'alerts/active']) {
+    filters[`${base}/pumps/+/${leaf}`] = { qos: 1 };
+  }
+  return filters;
 }
 
 /** Connects with `user` and `password`; `on` receives connection events and messages. */
@@ -40,7 +47,7 @@ export function connect(config, user, password, on) {
     if (first) {
       // MQTT.js re-sends these after every reconnect (resubscribe), and the broker sends
       // the retained state again: the ward is keyed by topic, so no row is duplicated.
-      client.subscribe(wardFilters(config), { qos: 1 }, (err) => {
+      client.subscribe(wardFilters(config), (err) => {
         if (err) on.problem(`subscription refused: ${err.message}`);
       });
     }

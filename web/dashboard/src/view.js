@@ -35,12 +35,27 @@ function fixed(value, digits) {
   return typeof value === 'number' && Number.isFinite(value) ? value.toFixed(digits) : '–';
 }
 
-/** Pump tiles: one per pump, created once, updated in place. */
+/** Pump tiles: one per pump, created once, updated in place. Only tiles on screen are
+ * drawn; one that scrolls into view is drawn then (a ward of 1,000 pumps shows ~50). */
 export class PumpGrid {
   constructor(container, onOpen) {
     this.container = container;
     this.tiles = new Map();
     this.onOpen = onOpen;
+    this.pending = new Map(); // key -> pump, changed while off screen
+    this.visible = new IntersectionObserver((entries) => {
+      for (const entry of entries) {
+        const key = entry.target.dataset.key;
+        const tile = this.tiles.get(key);
+        if (!tile) continue;
+        tile.onScreen = entry.isIntersecting;
+        const pump = this.pending.get(key);
+        if (tile.onScreen && pump && this.lastCtx) {
+          this.pending.delete(key);
+          this.drawNow(pump, tile, this.lastCtx);
+        }
+      }
+    });
   }
 
   tile(pump) {
@@ -50,6 +65,7 @@ export class PumpGrid {
     root.type = 'button';
     root.dataset.testid = 'pump';
     root.dataset.pump = pump.id;
+    root.dataset.key = pump.key;
     const head = el('div', 'tile-head');
     const id = el('span', 'pump-id', pump.id);
     const drug = el('span', 'drug');
@@ -60,9 +76,10 @@ export class PumpGrid {
     const telemetry = el('div', 'telemetry');
     root.append(head, reservoir, rate, telemetry);
     root.addEventListener('click', () => this.onOpen(pump.key));
-    tile = { root, drug, badge, reservoir, rate, telemetry };
+    tile = { root, drug, badge, reservoir, rate, telemetry, onScreen: true, drawn: false };
     this.tiles.set(pump.key, tile);
     this.insertSorted(pump.key, root);
+    this.visible.observe(root);
     return tile;
   }
 
@@ -76,6 +93,16 @@ export class PumpGrid {
 
   draw(pump, ctx) {
     const tile = this.tile(pump);
+    this.lastCtx = ctx;
+    if (!tile.onScreen && tile.drawn) {
+      this.pending.set(pump.key, pump);
+      return;
+    }
+    this.drawNow(pump, tile, ctx);
+  }
+
+  drawNow(pump, tile, ctx) {
+    tile.drawn = true;
     const values = keyValues(pump);
     tile.drug.textContent = values.drug ?? '';
     const days = daysToLowAlarm(values, pump.info);
@@ -119,9 +146,12 @@ export class PumpGrid {
   }
 
   refreshAges(ward, ctx) {
+    this.lastCtx = ctx;
     for (const pump of ward.pumps.values()) {
       const tile = this.tiles.get(pump.key);
-      if (tile) this.drawAge(pump, tile, ctx);
+      if (!tile) continue;
+      if (tile.onScreen) this.drawAge(pump, tile, ctx);
+      else this.pending.set(pump.key, pump);
     }
   }
 }
