@@ -23,13 +23,15 @@ from schemas.models import INTENDED_USE
 
 log = logging.getLogger(__name__)
 
-STATIC_TYPES = {
-    "index.html": "text/html; charset=utf-8",
-    "app.js": "text/javascript; charset=utf-8",
-    "app.css": "text/css; charset=utf-8",
-    "app.js.LEGAL.txt": "text/plain; charset=utf-8",
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".txt": "text/plain; charset=utf-8",
 }
-"""The only files served: the build's output (web/dashboard/build.mjs)."""
+REQUIRED = ("index.html", "app.js", "app.css", "worker.js")
+"""The build's output (web/dashboard/build.mjs); the static folder's files are all that is
+served, read once at start."""
 
 
 class DashboardError(Exception):
@@ -81,23 +83,30 @@ def page_config(
 def load_assets() -> dict[str, bytes]:
     """The built page from the package; raise DashboardError naming the build command."""
     folder = resources.files("gateway.dashboard") / "static"
-    assets = {}
-    for name in STATIC_TYPES:
-        path = folder / name
-        if not path.is_file():
-            raise DashboardError(
-                f"the dashboard's {name} is missing from the package: run "
-                "`npm ci && npm run build` in web/dashboard/"
-            )
-        assets[name] = path.read_bytes()
+    assets = {
+        path.name: path.read_bytes()
+        for path in folder.iterdir()
+        if path.is_file() and content_type(path.name) is not None
+    }
+    missing = [name for name in REQUIRED if name not in assets]
+    if missing:
+        raise DashboardError(
+            f"the dashboard's {', '.join(missing)} missing from the package: run "
+            "`npm ci && npm run build` in web/dashboard/"
+        )
     return assets
+
+
+def content_type(name: str) -> str | None:
+    return CONTENT_TYPES.get(name[name.rfind(".") :]) if "." in name else None
 
 
 def content_security_policy(broker_url: str) -> str:
     broker = urlsplit(broker_url)
     return (
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        f"font-src 'self'; connect-src 'self' {broker.scheme}://{broker.netloc}; "
+        "default-src 'none'; script-src 'self'; worker-src 'self'; style-src 'self'; "
+        f"img-src 'self' data:; font-src 'self'; connect-src 'self' "
+        f"{broker.scheme}://{broker.netloc}; "
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     )
 
@@ -159,7 +168,7 @@ def _handler_class(assets: dict[str, bytes], config: PageConfig) -> type[BaseHTT
             if path == "config.json":
                 body, kind = json.dumps(page).encode(), "application/json"
             elif path in assets:
-                body, kind = assets[path], STATIC_TYPES[path]
+                body, kind = assets[path], str(content_type(path))
             else:
                 self.send_error(HTTPStatus.NOT_FOUND)
                 return

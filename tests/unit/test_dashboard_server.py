@@ -42,7 +42,9 @@ def test_the_page_and_its_assets_are_served_with_a_strict_policy(server: Dashboa
     assert "script-src 'self'" in policy
     assert "connect-src 'self' wss://broker.example:9443" in policy
     assert headers["X-Content-Type-Options"] == "nosniff"
-    for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css")):
+    for name, kind in (
+        ("app.js", "text/javascript"), ("worker.js", "text/javascript"), ("app.css", "text/css")
+    ):
         status, headers, body = get(server.url + name)
         assert status == 200
         assert headers["Content-Type"].startswith(kind)

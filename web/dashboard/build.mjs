@@ -11,15 +11,16 @@ const flag = process.argv.indexOf('--outdir');
 const outdir = resolve(flag > 0 ? process.argv[flag + 1] : join(here, '../../gateway/dashboard/static'));
 mkdirSync(outdir, { recursive: true });
 
-await build({
-  entryPoints: { app: join(here, 'src/main.js') },
+const common = {
   outdir,
   bundle: true,
   minify: true,
-  format: 'esm',
   platform: 'browser',
   target: ['chrome110', 'firefox110', 'safari16'],
   legalComments: 'linked',
   logLevel: 'warning',
-});
+};
+await build({ ...common, entryPoints: { app: join(here, 'src/main.js') }, format: 'esm' });
+// MQTT.js runs in a classic worker (src/worker.js), off the page's main thread.
+await build({ ...common, entryPoints: { worker: join(here, 'src/worker.js') }, format: 'iife' });
 copyFileSync(join(here, 'src/index.html'), join(outdir, 'index.html'));
