@@ -31,7 +31,7 @@ from typing import Any
 from playwright.sync_api import CDPSession
 
 from bench.common import print_table, write_results
-from bench.rig import CpuMeter, Subscriber, backlog, load_avg, server_pid
+from bench.rig import CpuMeter, Subscriber, backlog, load_avg, rss_mb, server_pid
 from tests.browser.stack import (
     DESKTOP,
     DashboardProcess,
@@ -98,8 +98,24 @@ def _stop_simulator(ward: Ward) -> None:
         ward.proc.communicate()
 
 
+def renderer_rss_mb() -> float:
+    """Resident memory of Chromium's renderer processes (the page and its worker), MiB."""
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"chromium") and b"--type=renderer" in argv:
+                total += rss_mb(int(proc.name))
+    return round(total, 1)
+
+
 def heap_mb(cdp: CDPSession) -> float:
-    """JS heap in use after a full garbage collection, MiB (Chrome DevTools Protocol)."""
+    """The page's JS heap in use after full garbage collections, MiB (DevTools Protocol).
+    The worker's heap (MQTT.js, nothing kept) is not in it; renderer_rss_mb covers both."""
+    cdp.send("HeapProfiler.collectGarbage")
     cdp.send("HeapProfiler.collectGarbage")
     return round(browser_metrics(cdp)["JSHeapUsedSize"] / 2**20, 2)
 
@@ -180,6 +196,7 @@ def soak(workdir: Path, broker: WebSocketMosquitto, browser: Any, pumps: int, wa
                            "mosquitto": server_pid(broker)}).start()  # fmt: skip
         load_start = load_avg()
         heap_start = heap_mb(cdp)
+        rss_start = renderer_rss_mb()
         page.evaluate("() => { window.longTasks.length = 0; window.frameGaps.length = 0;"
                       " const s = window.pumpgwDashboard.stats; s.lagMs.length = 0;"
                       " s.browserAgeMs.length = 0; s.drawMs.length = 0; s.arrivals.length = 0; }")
@@ -204,8 +221,12 @@ def soak(workdir: Path, broker: WebSocketMosquitto, browser: Any, pumps: int, wa
             " handleMs: window.pumpgwDashboard.stats.handleMs,"
             " messages: window.pumpgwDashboard.stats.messages})")
         heap_end = heap_mb(cdp)  # after the long tasks are read: a forced GC is one
+        rss_end = renderer_rss_mb()
         time.sleep(2)  # the plain subscriber writes its last arrivals
+        plain_count = len(subscriber.arrivals())
+        sampled = 0
         for window in windows:
+            sampled += len(window["arrivals"])
             window["delays"] = page_delays_ms(window.pop("arrivals"), subscriber)
         result = _soak_figures(windows, page_data, messages_before, elapsed, pumps)
         result.update(
@@ -218,6 +239,8 @@ def soak(workdir: Path, broker: WebSocketMosquitto, browser: Any, pumps: int, wa
                 1000 * (page_data["handleMs"] - handle_before)
                 / max(1, page_data["messages"] - messages_before), 1),
             gateway_mqtt_backlog=[backlog_before, backlog_after],
+            plain_subscriber_messages=plain_count, page_samples=sampled,
+            renderer_rss_mb=[rss_start, rss_end],
         )
     finally:
         context.close()
@@ -310,6 +333,7 @@ def main() -> None:
         ["draw time per frame p95 (ms)", soaked["draw_ms_p95"], "<= 16"],
         ["frame interval p95 (ms)", soaked["frame_gap_ms_p95"], ""],
         ["JS heap growth per 10 min (MB)", soaked["heap_growth_mb_per_10_min"], "<= 20"],
+        ["renderer RSS, start -> end (MB)", soaked["renderer_rss_mb"], ""],
         ["page main thread busy (%)", soaked["page_main_thread_busy_pct"], ""],
         ["page handler per message (µs)", soaked["page_handler_us_per_message"], ""],
         ["gateway MQTT backlog, start -> end", soaked["gateway_mqtt_backlog"], ""],

@@ -112,7 +112,7 @@ class App {
     if (!retained && data.kind === 'reading' && this.ward.clock.known) {
       keep(stats.lagMs, this.ward.clock.now(browserMs) - Date.parse(data.received_at));
       keep(stats.browserAgeMs, browserMs - Date.parse(data.received_at));
-      if (data.seq % SAMPLE_EVERY === 0) keep(stats.arrivals, [`${data.pump_id}:${data.boot_id}:${data.seq}`, browserMs / 1000]);
+      if ((data.seq + data.pump_id.length * 7 + data.pump_id.charCodeAt(data.pump_id.length - 1)) % SAMPLE_EVERY === 0) keep(stats.arrivals, [`${data.pump_id}:${data.boot_id}:${data.seq}`, browserMs / 1000]);
     }
   }
 
@@ -144,7 +144,8 @@ class App {
       if (pump && this.detail.key === key) this.detail.draw(pump);
     }
     this.ward.dirty.clear();
-    $('#pump-count').textContent = String(this.ward.pumps.size);
+    const count = String(this.ward.pumps.size);
+    if ($('#pump-count').textContent !== count) $('#pump-count').textContent = count;
     if (this.ward.alertsChanged || this.ward.stationsChanged) {
       this.alerts.draw(this.ward, ctx);
       this.ward.alertsChanged = false;
