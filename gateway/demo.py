@@ -100,7 +100,7 @@ def demo_broker(workdir: Path) -> Iterator[DemoBroker]:
     with open(workdir / "mosquitto.log", "wb") as logfile:
         proc = subprocess.Popen([binary, "-c", str(conf)], stdout=logfile, stderr=logfile)
     try:
-        if not _wait_port(port, 10):
+        if not (_wait_port(port, 10) and _wait_port(ws_port, 10)):
             raise RuntimeError(f"mosquitto did not start; see {workdir / 'mosquitto.log'}")
         yield DemoBroker(port, f"Mosquitto ({binary}) on 127.0.0.1:{port}", ws_port)
     finally:
