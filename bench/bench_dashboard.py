@@ -104,10 +104,11 @@ def renderer_rss_mb() -> float:
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                # Chromium rewrites its process title: the arguments may be one string.
+                cmdline = (proc / "cmdline").read_bytes()
             except OSError:
                 continue
-            if argv and argv[0].endswith(b"chromium") and b"--type=renderer" in argv:
+            if b"chromium" in cmdline and b"--type=renderer" in cmdline:
                 total += rss_mb(int(proc.name))
     return round(total, 1)
 
@@ -208,10 +209,10 @@ def soak(workdir: Path, broker: WebSocketMosquitto, browser: Any, pumps: int, wa
         started = time.monotonic()
         while time.monotonic() - started < soak_s:
             time.sleep(WINDOW_S)
-            windows.append(page.evaluate(
+            windows.append({"at": time.monotonic() - started, **page.evaluate(
                 "() => { const s = window.pumpgwDashboard.stats;"
                 " const ages = s.browserAgeMs.splice(0); const arrivals = s.arrivals.splice(0);"
-                " return {messages: s.messages, ages, arrivals}; }"))
+                " return {messages: s.messages, ages, arrivals}; }")})
         elapsed = time.monotonic() - started
         busy_s = browser_metrics(cdp)["TaskDuration"] - busy_before
         backlog_after = backlog(gateway, "mqtt")
@@ -254,17 +255,18 @@ def soak(workdir: Path, broker: WebSocketMosquitto, browser: Any, pumps: int, wa
 def _soak_figures(windows: list[dict[str, Any]], data: dict[str, Any], messages_before: int,
                   elapsed_s: float, pumps: int) -> dict[str, Any]:
     per_window = []
-    previous = messages_before
+    previous, previous_at = messages_before, 0.0
     for window in windows:
         per_window.append({
-            "messages_per_s": round((window["messages"] - previous) / WINDOW_S, 1),
+            "messages_per_s": round(
+                (window["messages"] - previous) / (window["at"] - previous_at), 1),
             "age_ms_p50": percentile(window["ages"], 0.5),
             "age_ms_p95": percentile(window["ages"], 0.95),
             "page_delay_ms_p50": percentile(window["delays"], 0.5),
             "page_delay_ms_p95": percentile(window["delays"], 0.95),
             "page_delay_samples": len(window["delays"]),
         })  # fmt: skip
-        previous = window["messages"]
+        previous, previous_at = window["messages"], window["at"]
     first, last = per_window[0], per_window[-1]
     long_tasks = [d for d in data["long"] if d > 50]
     return {

@@ -16,7 +16,7 @@ from typing import Any
 
 from playwright.sync_api import Browser, Page, Playwright, ViewportSize, sync_playwright
 
-from tests.servers import LOOPBACK, Mosquitto, find_binary, free_port
+from tests.servers import LOOPBACK, Mosquitto, Pki, find_binary, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY_ACL = REPO / "deploy" / "mosquitto" / "acl"
@@ -35,25 +35,41 @@ STARTUP_TIMEOUT_S = 20.0
 
 
 class WebSocketMosquitto(Mosquitto):
-    """Mosquitto with a `protocol websockets` listener (same users and ACL) on `ws_port`."""
+    """Mosquitto with a `protocol websockets` listener (same users and ACL) on `ws_port`,
+    and with `wss=` a TLS one on `wss_port` (the server certificate of that test PKI)."""
 
     ws_port = 0
+    wss_port = 0
+
+    def __init__(self, workdir: Path, *, wss: Pki | None = None, **options: Any) -> None:
+        super().__init__(workdir, **options)
+        self.wss = wss
 
     def _choose_ports(self) -> None:
         super()._choose_ports()
         self.ws_port = free_port()
+        self.wss_port = free_port() if self.wss is not None else 0
 
     def _listeners(self) -> list[str]:
-        return [
-            *super()._listeners()[:-1],
-            f"listener {self.ws_port} {LOOPBACK}",
-            "protocol websockets",
-            "",
-        ]
+        lines = [*super()._listeners()[:-1], f"listener {self.ws_port} {LOOPBACK}",
+                 "protocol websockets"]  # fmt: skip
+        if self.wss is not None:
+            lines += [
+                f"listener {self.wss_port} {LOOPBACK}",
+                "protocol websockets",
+                f"cafile {self.wss.ca_cert}",
+                f"certfile {self.wss.server_cert}",
+                f"keyfile {self.wss.server_key}",
+            ]
+        return [*lines, ""]
 
     @property
     def ws_url(self) -> str:
         return f"ws://{LOOPBACK}:{self.ws_port}"
+
+    @property
+    def wss_url(self) -> str:
+        return f"wss://localhost:{self.wss_port}"
 
 
 def chromium(playwright: Playwright) -> Browser:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, Playwright, expect
 
+from gateway.dashboard.server import DashboardServer, PageConfig
 from simulator.scenarios import WARD_CYCLE
 from tests.browser.stack import (
     DEPLOY_ACL,
@@ -35,6 +36,7 @@ from tests.browser.stack import (
     start_playwright,
 )
 from tests.e2e import Collector, GatewayProcess, Ward, gateway_config
+from tests.servers import generate_test_pki
 
 PREFIX = "pumpgw"
 SITE, STATION = "test", "bed-1"
@@ -84,7 +86,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def _start_stack(workdir: Path, cleanup: contextlib.ExitStack) -> Stack:
     """Start everything; `cleanup` stops each part in reverse order, also after a failure."""
-    broker = WebSocketMosquitto(workdir / "mosquitto", users=USERS, acl=ACL)
+    broker = WebSocketMosquitto(
+        workdir / "mosquitto", users=USERS, acl=ACL, wss=generate_test_pki(workdir / "pki")
+    )
     broker.start()
     cleanup.callback(broker.stop)
     ward = Ward.start(
@@ -225,6 +229,25 @@ def test_a_user_without_acknowledge_permission_sees_the_refusal(stack: Stack, pa
     expect(row.locator("[data-testid=ack-refused]")).to_contain_text("acknowledgement refused")
     assert row.get_attribute("data-acknowledged") == "false"
     assert not _receipts(stack, alert_id)
+
+
+def test_the_page_works_over_wss_with_the_tls_listener(stack: Stack) -> None:
+    config = PageConfig(PREFIX, SITE, STATION, stack.broker.wss_url, ACK_TIMEOUT_S)
+    server = DashboardServer("127.0.0.1:0", config).start()
+    # The test CA is not in Chromium's trust store; a hospital's CA would be.
+    context = stack.browser.new_context(viewport=DESKTOP, ignore_https_errors=True)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        sign_in(page, server.url, "dashboard", USERS["dashboard"])
+        expect(page.locator("#connection")).to_have_text("connected")
+        expect(page.locator("[data-testid=pump]")).to_have_count(len(PUMPS))
+        assert page.evaluate("() => window.pumpgwDashboard.app.config.broker_url").startswith(
+            "wss://"
+        )
+    finally:
+        context.close()
+        server.stop()
 
 
 def test_a_broker_restart_shows_a_banner_then_recovers_without_reload_or_duplicates(

@@ -221,6 +221,7 @@ async function start() {
     app.login(user, password);
   });
   $('#logout').addEventListener('click', () => window.location.reload());
+  $('#login button').disabled = false; // enabled only once the form is handled here
 }
 
 start();
