@@ -49,7 +49,7 @@ class App {
     const browserNow = Date.now();
     return {
       gatewayNowMs: this.ward.clock.now(browserNow),
-      toBrowser: (gatewayMs) => (gatewayMs === null ? null : gatewayMs + this.ward.clock.offsetMs),
+      clockKnown: this.ward.clock.known,
       brokerLostSinceMs: this.brokerLostSinceMs,
     };
   }
@@ -80,7 +80,8 @@ class App {
   }
 
   onLost() {
-    if (this.brokerLostSinceMs === null) this.brokerLostSinceMs = Date.now();
+    // Every time shown is on the gateway's clock (its timestamps, and ours converted).
+    if (this.brokerLostSinceMs === null) this.brokerLostSinceMs = this.ward.clock.now(Date.now());
     $('#banner').hidden = false;
     $('#banner-text').textContent = `Connection to the broker lost since ${clockTime(this.brokerLostSinceMs)}: values are stale; reconnecting…`;
     $('#connection').textContent = 'reconnecting';

@@ -129,11 +129,14 @@ export class PumpGrid {
     const age = lastMs === null ? null : (ctx.gatewayNowMs - lastMs) / 1000;
     let text;
     if (offline) {
-      text = `gateway offline since ${station.offlineRetained ? '≤ ' : ''}${clockTime(ctx.toBrowser(station.offlineSinceMs))}`;
+      text = `gateway offline since ${station.offlineRetained ? '≤ ' : ''}${clockTime(station.offlineSinceMs)}`;
     } else if (ctx.brokerLostSinceMs !== null) {
       text = `stale since ${clockTime(ctx.brokerLostSinceMs)}`;
     } else if (lost) {
       text = `telemetry LOST · ${duration(age)} ago`;
+    } else if (!ctx.clockKnown) {
+      // No live message yet to tell the gateway's clock from the browser's: a time, no age.
+      text = `${pump.status?.telemetry ?? '–'} · ${lastMs === null ? 'no reading' : `${what} at ${clockTime(lastMs)}`}`;
     } else {
       text = `${pump.status?.telemetry ?? '–'} · ${age === null ? 'no reading' : `${what} ${duration(age)} ago`}`;
       tile.telemetry.title = `telemetry ${pump.status?.telemetry ?? 'unknown'}; age of the last ${what} on the gateway's clock`;
@@ -167,8 +170,9 @@ function worstAlert(pump) {
 
 function metaText(alert, ctx) {
   const startMs = ms(alert.started_at);
-  const when = clockTime(ctx.toBrowser(startMs));
+  const when = clockTime(startMs);
   const since = alert.start_known ? `since ${when}` : `changed ${when}`;
+  if (!ctx.clockKnown) return `${since} · ${alert.phase}`;
   const age = startMs === null ? null : (ctx.gatewayNowMs - startMs) / 1000;
   return `${since} · ${alert.start_known ? '' : '≥ '}${duration(age)} · ${alert.phase}`;
 }

@@ -180,7 +180,9 @@ export class Ward {
     const where = parseTopic(topic, this.prefix);
     if (!where || data === null || typeof data !== 'object') return false;
     const live = !retained && !historical;
-    if (live) this.clock.observe(ms(data.received_at ?? data.at), browserMs);
+    // The gateway's birth carries the time it was written, not sent: no clock sample.
+    const birth = where.pumpId === null && where.leaf === 'status';
+    if (live && !birth) this.clock.observe(ms(data.received_at ?? data.at), browserMs);
     const station = this.station(where.root, where.site, where.station);
     if (where.pumpId === null) return this.applyGateway(station, where.leaf, data, retained, browserMs);
     if (where.leaf === 'alerts/active' || where.leaf === 'status' || where.leaf === 'info') {
