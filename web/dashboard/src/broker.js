@@ -26,6 +26,11 @@ export class Broker {
     }
   }
 
+  /** Stop the worker and its connection (after a refused login). */
+  close() {
+    this.worker.terminate();
+  }
+
   connect(config, user, password) {
     this.worker.postMessage({ type: 'connect', config, user, password });
   }

@@ -16,8 +16,9 @@ const SAMPLE_EVERY = 20; // arrival times of every 20th reading of a pump, for t
 /** Counters a benchmark or a curious operator can read from the console (bounded lists):
  * lagMs: reading age on arrival on the estimated gateway clock, browserAgeMs the same on the
  * browser's clock (equal clocks on one machine); drawMs: main-thread time per frame;
- * handleMs: main-thread time spent on the decoded messages (worker.js decodes); arrivals: [record id,
- * arrival s] of sampled readings, which the benchmark compares with a plain subscriber's. */
+ * handleMs: main-thread time spent on the decoded messages (worker.js decodes);
+ * arrivals: [record id, arrival s] of sampled readings, which the benchmark compares with a
+ * plain subscriber's. */
 const stats = { messages: 0, ignored: 0, lagMs: [], browserAgeMs: [], drawMs: [], frames: 0,
   connectedAt: null, handleMs: 0, arrivals: [] };
 
@@ -90,6 +91,7 @@ class App {
   }
 
   onRefused(reason) {
+    this.client?.close();
     this.client = null;
     document.body.classList.remove('signed-in');
     $('#login button').disabled = false;

@@ -131,3 +131,13 @@ test('the trend buffer is bounded and stays in time order', () => {
   assert.equal(t[0], start / 1000 + 10);
   assert.ok(t.every((value, i) => i === 0 || value > t[i - 1]));
 });
+
+test('the subscriptions do not overlap: readings at QoS 0, state and alerts at QoS 1', async () => {
+  const { wardFilters } = await import('../src/connection.js');
+  const station = wardFilters({ topic_prefix: 'pumpgw', site: 'north', station: 'ward-3' });
+  assert.equal(station['pumpgw/north/ward-3/pumps/+/telemetry'].qos, 0);
+  assert.equal(station['pumpgw/north/ward-3/pumps/+/alerts/active'].qos, 1);
+  assert.ok(!Object.keys(station).some((filter) => filter.endsWith('/pumps/#')));
+  const site = wardFilters({ topic_prefix: 'pumpgw', site: 'north', station: '' });
+  assert.ok(Object.keys(site).every((filter) => filter.startsWith('pumpgw/north/+/')));
+});
