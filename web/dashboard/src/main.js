@@ -7,6 +7,7 @@ import { AlertList, PumpGrid, clockTime } from './view.js';
 import { PumpDetail } from './detail.js';
 
 const AGE_REFRESH_MS = 1000;
+const TILE_DRAW_MS = 250;
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -43,6 +44,7 @@ class App {
     });
     this.detail = new PumpDetail($('#detail'));
     this.scheduled = false;
+    this.lastDrawMs = 0;
     setInterval(() => this.refreshAges(), AGE_REFRESH_MS);
   }
 
@@ -125,14 +127,21 @@ class App {
     this.schedule();
   }
 
+  /** Draw on the next frame when alerts or a gateway changed, else at most every
+   * TILE_DRAW_MS: readings come once a second per pump, and redrawing tiles 60 times a
+   * second would only cost the browser style, layout and paint work. */
   schedule() {
     if (this.scheduled) return;
     this.scheduled = true;
-    requestAnimationFrame(() => this.draw());
+    const urgent = this.ward.alertsChanged || this.ward.stationsChanged;
+    const wait = urgent ? 0 : Math.max(0, this.lastDrawMs + TILE_DRAW_MS - performance.now());
+    if (wait === 0) requestAnimationFrame(() => this.draw());
+    else setTimeout(() => requestAnimationFrame(() => this.draw()), wait);
   }
 
   draw() {
     const started = performance.now();
+    this.lastDrawMs = started;
     this.drawWard();
     keep(stats.drawMs, performance.now() - started);
   }
