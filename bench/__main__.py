@@ -120,6 +120,8 @@ SUITES: tuple[Suite, ...] = (
     )),
     _one("interop", "bench.bench_interop", ["--count", "100000", "--mqtt-count", "20000"],
          ["--count", "5000", "--mqtt-count", "2000", "--builder-readings", "50"]),
+    _one("dashboard", "bench.bench_dashboard", ["--pumps", "1000", "--soak", "180"],
+         ["--pumps", "100", "--soak", "20", "--warmup", "5"]),
 )  # fmt: skip
 """In run order. Full sizes: the 1,000,000-reading drain and the 100,000-reading interop
 drains are their issues'; the rest are cut
@@ -230,6 +232,10 @@ def _ingest_rate(case: dict[str, Any]) -> float | None:
     return points / seconds if points and seconds else None
 
 
+def _no_backlog(data: dict[str, Any]) -> str | None:
+    return "the page's backlog grew" if dig(data, "soak", "backlog_growing") else None
+
+
 MODULE = "module's own target"
 ISSUE_14 = "issue 14"
 
@@ -292,6 +298,16 @@ FIGURES: tuple[Figure, ...] = (
            ("cases", "quiet_1_pump", "readings_per_s"), "readings/s", 200_000, source=MODULE),
     Figure("outbox", "Outbox append, synchronous FULL, 100 rows per commit",
            ("cases", "full/100", "rows_per_s"), "rows/s"),
+    Figure("dashboard", "Dashboard: first paint of 200 pumps from retained state",
+           ("first_paint_200", "first_paint_ms"), "ms", 1000, True, source="issue 11"),
+    Figure("dashboard", "Dashboard, 1,000 pumps at 1 Hz: long tasks > 50 ms",
+           ("soak", "long_tasks_per_min"), "per min", 1, True, source="issue 11"),
+    Figure("dashboard", "Dashboard, 1,000 pumps at 1 Hz: draw time per frame p95",
+           ("soak", "draw_ms_p95"), "ms", 16, True, source="issue 11"),
+    Figure("dashboard", "Dashboard, 1,000 pumps at 1 Hz: JS heap growth per 10 min",
+           ("soak", "heap_growth_mb_per_10_min"), "MB", 20, True, source="issue 11"),
+    Figure("dashboard", "Dashboard, 1,000 pumps at 1 Hz: reading age on arrival, last window",
+           ("soak", "age_ms_p50_last_window"), "ms", check=_no_backlog, source="issue 11"),
     Figure("simulator", "Simulator over TCP, 100 pumps, read back",
            ("cases", {"pumps": 100}, "reader_frames_per_s"), "frames/s", 10_000,
            source=MODULE),
