@@ -42,12 +42,14 @@ from tests.servers import generate_test_pki
 PREFIX = "pumpgw"
 SITE, STATION = "test", "bed-1"
 ROOT = f"{PREFIX}/{SITE}/{STATION}"
-USERS = {"gateway": "gw-secret-1", "dashboard": "dash-secret-2", "viewer": "view-secret-3"}
-# The deploy ACL as it is, plus what the acknowledgement contract needs (an operator writes
-# {root}/ack/{own user name}; the gateway reads it) and a user who may only look.
+STATION_USER = f"{SITE}/{STATION}"
+"""The deploy ACL names a station's user after its site and station."""
+USERS = {STATION_USER: "gw-secret-1", "dashboard": "dash-secret-2", "viewer": "view-secret-3"}
+# The deploy ACL as it is (its patterns give the station its own tree and its ack topics, and
+# everyone acknowledgements under their own name only), plus the read rights that the deploy
+# roles file (dynamic-security plugin, not loaded here) gives dashboards.
 ACL = DEPLOY_ACL.read_text() + (
-    "\nuser gateway\ntopic read pumpgw/+/+/ack/+\n"
-    "\nuser dashboard\ntopic write pumpgw/+/+/ack/dashboard\n"
+    "\nuser dashboard\ntopic read pumpgw/#\n"
     "\nuser viewer\ntopic read pumpgw/#\n"
 )
 KEEPALIVE_S = 5
@@ -100,10 +102,13 @@ def _start_stack(workdir: Path, cleanup: contextlib.ExitStack) -> Stack:
         "--interval", str(INTERVAL_S), "--count", str(READINGS), "--speed", "max",
     )
     cleanup.callback(ward.stop)
+    password_file = workdir / "station.password"
+    password_file.write_text(USERS[STATION_USER])
+    password_file.chmod(0o600)
     config = gateway_config(
         workdir, sim_port=ward.port, mqtt_port=broker.port, prefix=PREFIX,
         extra={
-            "mqtt": {"username": "gateway", "password": USERS["gateway"],
+            "mqtt": {"username": STATION_USER, "password_file": str(password_file),
                      "keepalive_s": KEEPALIVE_S, "reconnect_max_s": 1},
             "gateway": {"ack_allowed": ["dashboard"], "status_interval_s": STATUS_INTERVAL_S},
             "dashboard": {"broker_url": broker.ws_url, "ack_timeout_s": ACK_TIMEOUT_S},
