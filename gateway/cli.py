@@ -96,6 +96,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     keys = environment_keys()
     if keys:
         print(f"  overridden from the environment: {', '.join(keys)}")
+    pseudonymising = settings.gateway.pseudonymize_key is not None or bool(
+        settings.gateway.pseudonymize_key_file)
+    for warning in settings.alerts.override_warnings(pseudonymising):
+        print(f"  warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -9,6 +9,7 @@ wakes the sinks. Sinks run in their own threads and advance their own cursors.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -26,7 +27,7 @@ from gateway.adapters.serial_port import SerialSource
 from gateway.config import Settings, pseudonymize_key
 from gateway.health import HealthServer, Observation, SinkObservation, SourceObservation
 from gateway.outbox import Outbox, OutboxError, OutboxFullError, OutRecord, StoredRecord
-from gateway.pipeline import AckKey, Batch, Pipeline, ack_runs
+from gateway.pipeline import AckKey, Batch, Pipeline, ack_runs, pseudonym
 from gateway.points import PointTags
 from gateway.quiet import QuietLog
 from gateway.rules import AlertEngine
@@ -101,16 +102,19 @@ class Gateway:
         self._threads: list[threading.Thread] = []
 
     def _build_pipeline(self) -> Pipeline:
+        gw, alerts = self.settings.gateway, self.settings.alerts
+        key = pseudonymize_key(gw)
+        if key is not None:  # per-pump overrides name real ids; the engine sees pseudonyms
+            alerts = alerts.with_pump_ids(functools.partial(pseudonym, key))
         try:
-            engine = AlertEngine(self.settings.alerts, self.outbox.load_state(ENGINE_STATE_KEY))
+            engine = AlertEngine(alerts, self.outbox.load_state(ENGINE_STATE_KEY))
         except ValueError as exc:
             log.error("saved alert state unusable (%s): starting with no active alerts", exc)
-            engine = AlertEngine(self.settings.alerts)
-        gw = self.settings.gateway
+            engine = AlertEngine(alerts)
         pipeline = Pipeline(
             engine,
             PointTags(site=gw.site, station=gw.station),
-            pseudonymize_key=pseudonymize_key(gw),
+            pseudonymize_key=key,
             status_interval_s=gw.status_interval_s,
             ack_allowed=frozenset(gw.ack_allowed) if gw.ack_allowed is not None else None,
         )
