@@ -62,6 +62,11 @@ class RuleSettings(BaseModel):
         description="[D] Window over which delivered volume is compared with the programmed "
         "volume (rates are per day, DOMAIN 1.4).",
     )
+    flow_min_window_h: WindowH = Field(
+        12.0,
+        description="[D] First flow verdict once this much of the window has readings: a "
+        "+25 % fault from the first reading then shows within 13 h, not 25 h.",
+    )
     flow_min_expected_ml: VolumeMl = Field(
         0.04,
         description="[D] No flow verdict unless the window expects at least this volume; "
@@ -180,6 +185,7 @@ class RuleOverrides(BaseModel):
     refill_due_days: Days | None = None
     refill_due_clear_margin_days: Days | None = None
     flow_window_h: WindowH | None = None
+    flow_min_window_h: WindowH | None = None
     flow_min_expected_ml: VolumeMl | None = None
     over_infusion_pct: Percent | None = None
     under_infusion_pct: Percent | None = None

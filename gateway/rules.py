@@ -1179,7 +1179,7 @@ def _flow_deviation_pct(
 ) -> float | None:
     """Delivered against programmed volume over the window, in %; None without a verdict."""
     first_s, first_delivered_ml, first_expected_ml, _ = p.samples[0]
-    if first_s > t - window_s:
+    if first_s > t - min(window_s, s.flow_min_window_h * SECONDS_PER_HOUR):
         return None
     window_expected_ml = p.expected_total_ml - first_expected_ml
     if window_expected_ml < s.flow_min_expected_ml or window_expected_ml <= 0.0:

@@ -487,7 +487,7 @@ def test_flow_rules_compare_delivered_with_programmed_over_the_window(
     assert bool(found) is started
     if started:
         (t,) = found
-        assert t.device_time == at(25 * HOUR_S)  # window full at 24 h, then 1 h sustained
+        assert t.device_time == at(13 * HOUR_S)  # first verdict at 12 h, then 1 h sustained
         assert t.value == pytest.approx((factor - 1) * 100)
         priority = Priority.HIGH if kind == "over_infusion" else Priority.MEDIUM
         assert (t.priority, t.unit, t.latching) == (priority, "%", True)
