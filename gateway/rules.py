@@ -108,6 +108,8 @@ class _Pump:
     missing: set[int] = Field(default_factory=set)
     received_s: float | None = None
     device_s: float | None = None
+    reading_received_s: float | None = None
+    reading_seq: int = -1
     skew_s: float = 0.0
     seq_interval_s: float = 0.0
     drug: Drug | None = None
@@ -443,23 +445,23 @@ class AlertEngine:
         p = self._pumps.get(message.pump_id) or self._add_pump(message.pump_id)
         seq = message.seq
         if message.boot_id == p.boot_id and seq > p.seq:
-            seq_step = seq - p.seq
-            if seq_step > 1:
+            if seq > p.seq + 1:
                 _note_gap(p, seq)
             p.seq = seq  # the usual case, without a call
         elif message.boot_id == p.boot_id and seq in p.missing:
             p.missing.discard(seq)
             return self._on_late(p, message, now)
-        elif _is_new(p, message.boot_id, seq):
-            seq_step = 1
-        else:
+        elif not _is_new(p, message.boot_id, seq):
             return []
         self._now, self._message, self._cause = now, message, None
         out = self._out = []
         received_s = message.received_at.timestamp()
-        t = self._device_time(p, message.device_time.timestamp(), received_s, seq_step)
-        if self._stepped:
-            self._clock_rule(p, t)
+        if isinstance(message, Reading):  # periodic: events may be held and sent late
+            t = self._device_time(p, message.device_time.timestamp(), received_s, seq)
+            if self._stepped:
+                self._clock_rule(p, t)
+        else:
+            t = message.device_time.timestamp() - p.skew_s
         if _LOST in p.on:
             gap_s = received_s - (p.received_s or received_s)
             s = self._settings(p)
@@ -577,15 +579,16 @@ class AlertEngine:
         self._out = []
         return self._out
 
-    def _device_time(self, p: _Pump, device_s: float, received_s: float, seq_step: int) -> float:
+    def _device_time(self, p: _Pump, device_s: float, received_s: float, seq: int) -> float:
         """The pump's clock with its steps taken out: the time base of every window.
 
-        A step is a device-time jump that neither the gateway's receive time nor the
-        sequence numbers (at the learned device seconds per number) can account for.
+        A step is a jump between two readings that neither the gateway's receive time nor
+        the sequence numbers (at the learned device seconds per number) can account for.
         """
         self._stepped = False
-        last_s = p.device_s
-        p.device_s = device_s
+        last_s, last_received_s = p.device_s, p.reading_received_s
+        seq_step = max(seq - p.reading_seq, 1) if p.reading_seq >= 0 else 1
+        p.device_s, p.reading_received_s, p.reading_seq = device_s, received_s, seq
         if last_s is None:
             return device_s - p.skew_s
         step_s = device_s - last_s
@@ -594,7 +597,7 @@ class AlertEngine:
             per_seq_s, learned_s = step_s / seq_step, p.seq_interval_s * INTERVAL_DECAY
             p.seq_interval_s = per_seq_s if per_seq_s > learned_s else learned_s
             return device_s - p.skew_s
-        elapsed_s = max(received_s - (p.received_s or received_s), seq_step * p.seq_interval_s)
+        elapsed_s = max(received_s - (last_received_s or received_s), seq_step * p.seq_interval_s)
         if 0.0 < step_s <= elapsed_s + limit_s:
             return device_s - p.skew_s  # a long silence, not a step
         p.skew_s += step_s - (min(elapsed_s, step_s) if step_s > 0.0 else max(elapsed_s, 0.0))
@@ -1078,6 +1081,7 @@ def _is_new(p: _Pump, boot_id: str, seq: int) -> bool:
             del p.boots[next(iter(p.boots))]
         p.boot_id = boot_id
         p.missing.clear()
+        p.reading_seq = -1
     p.seq = seq
     return True
 

@@ -303,7 +303,7 @@ class Pump:
             low_reservoir_alarm_ml=spec.low_reservoir_alarm_ml,
             basal_rate_ml_per_day=self.basal_rate_ml_per_day,
             delivered_total_ml=round(s.delivered_total_ml, 4),
-            bolus_count_24h=len(s.bolus_times_s),
+            bolus_count_24h=sum(1 for b in s.bolus_times_s if b > s.t_s - BOLUS_WINDOW_S),
             battery_state=self.battery_state,
             battery_remaining_pct=round(self.battery_remaining_pct, 1),
             alarms=self.alarms,
