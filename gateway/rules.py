@@ -142,6 +142,7 @@ class _Pump:
     programmed_at_fill_ml: float | None = None
     last_refill: tuple[float, float, float] | None = None
     leak_factor: float = 1.0
+    flow_factor: float = 1.0
     shown_ml: float | None = None
     projected: bool = False
     reset_s: float | None = None
@@ -784,7 +785,8 @@ class AlertEngine:
         last_ml = p.shown_ml if p.shown_ml is not None else p.reservoir_ml
         if last_ml is None or p.reading_s is None or p.pump_state is not PumpState.RUNNING:
             return
-        rate_ml_per_day = p.basal_ml_per_day * max(p.leak_factor, 1.0)
+        use_ml_per_day = p.basal_ml_per_day + p.bolus_dose_ml * p.boluses_per_day_max
+        rate_ml_per_day = use_ml_per_day * max(p.leak_factor, p.flow_factor, 1.0)
         projected_ml = max(0.0, last_ml - rate_ml_per_day * gap_s / SECONDS_PER_DAY)
         p.projected = True
         try:
@@ -826,6 +828,7 @@ class AlertEngine:
                 under_pct -= s.flow_clear_margin_pct
             over = deviation_pct > over_pct
             under = deviation_pct < -under_pct
+            p.flow_factor = max(1.0, 1.0 + deviation_pct / 100.0)
         if over or _OVER in on or _OVER in since:
             self._drive(
                 p,
@@ -1128,15 +1131,23 @@ def _count_lost_boluses(p: _Pump, count_24h: int, t: float) -> None:
 
 
 def _worse_ml(p: _Pump, estimate_ml: float) -> float:
-    """The reservoir with the gateway's evidence of over-infusion or a leak applied."""
+    """The reservoir with the gateway's evidence of over-infusion or a leak applied.
+
+    The pump's estimate is its last fill minus the programme; the worse figure scales that
+    programme by the measured excess (the flow window) or the refill's shortfall. With no
+    refill seen, the fill is taken as the full capacity: the larger use, the earlier alert.
+    """
     programmed_since_ml = p.expected_total_ml - (p.programmed_at_fill_ml or 0.0)
     worse_ml = estimate_ml
     if p.leak_factor > 1.0 and p.fill_ml is not None:
         worse_ml = min(worse_ml, p.fill_ml - p.leak_factor * programmed_since_ml)
-    if _OVER in p.on and p.delivered_ml is not None and p.delivered_at_fill_ml is not None:
-        excess_ml = (p.delivered_ml - p.delivered_at_fill_ml) - programmed_since_ml
-        if excess_ml > 0.0:
-            worse_ml = min(worse_ml, estimate_ml - excess_ml)
+    if _OVER in p.on:
+        fill_ml = p.fill_ml if p.fill_ml is not None else p.capacity_ml or estimate_ml
+        used_ml = max(fill_ml - estimate_ml, 0.0)  # the programme since the fill
+        worse_ml = min(worse_ml, fill_ml - p.flow_factor * used_ml)
+        if p.delivered_ml is not None and p.delivered_at_fill_ml is not None:
+            excess_ml = (p.delivered_ml - p.delivered_at_fill_ml) - programmed_since_ml
+            worse_ml = min(worse_ml, estimate_ml - max(excess_ml, 0.0))
     return max(worse_ml, 0.0)
 
 
