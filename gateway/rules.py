@@ -1,10 +1,12 @@
 """The alert engine: pump messages in, IHE PCD ACM alert transitions out.
 
 Pure: imports only the standard library, pydantic and `schemas`; no logging, no
-clock, no I/O. Time is passed in. For-durations, windows and rates run on the
-pump's own clock (`device_time`: the simulator accelerates it and it is the
-physics axis); telemetry loss compares the gateway clock `now` with the pump's
-last `received_at`. docs/alerts.md lists every rule, its default and its source.
+clock, no I/O (the one exception: an engine made without a salt or saved state draws
+its alert-id salt from `secrets`). Time is passed in. For-durations, windows and rates
+run on the pump's own clock (`device_time`: the simulator accelerates it and it is the
+physics axis) with its steps taken out; telemetry loss, its escalation and the reservoir
+projected meanwhile use the gateway clock `now` against the pump's last `received_at`.
+docs/alerts.md lists every rule, its default and its source.
 
 Lifecycle of one alert (`alert_id` is stable from start to end):
 
