@@ -128,6 +128,12 @@ class RuleSettings(BaseModel):
     device_alarm_for_s: DurationS = Field(
         0.0, description="A pump-reported alarm must persist this long before it starts."
     )
+    reannounce_after_s: DurationS = Field(
+        900.0,
+        description="[D] An unacknowledged PH or PM alert is announced again, one escalation "
+        "level higher, after this long and every this long (gateway clock); 0 turns it off. "
+        "IEC 60601-1-8 escalation timing is not available (DOMAIN 4.1).",
+    )
     telemetry_lost_escalate_after_s: DurationS = Field(
         3_600.0,
         description="[D] Telemetry lost escalates from PL to PM after this much silence; "
@@ -201,6 +207,7 @@ class RuleOverrides(BaseModel):
     small_reservoir_max_ml: VolumeMl | None = None
     telemetry_lost_after_s: Annotated[float, Field(gt=0.0, le=30 * SECONDS_PER_DAY)] | None = None
     device_alarm_for_s: DurationS | None = None
+    reannounce_after_s: DurationS | None = None
     telemetry_lost_escalate_after_s: DurationS | None = None
     clock_step_limit_s: Annotated[float, Field(gt=0.0, le=30 * SECONDS_PER_DAY)] | None = None
     refill_duplicate_within_s: DurationS | None = None

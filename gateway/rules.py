@@ -97,6 +97,9 @@ class _Alert:
     acked_at: datetime | None = None
     transitions: int = 0
     last: AlertTransition | None = None
+    started_s: float | None = None
+    announced_s: float | None = None
+    level: int = 0
 
 
 @state_class(slots=True)
@@ -388,6 +391,7 @@ _BATTERY_BY_EVENT: Final = {
 }
 _BATTERY_KINDS: Final = frozenset(spec.kind for spec, _ in _BATTERY_RULES)
 _RESET_STATES: Final = frozenset((BatteryState.LBR, BatteryState.SAFE_STATE))
+_ESCALATED: Final = frozenset((Priority.HIGH, Priority.MEDIUM))
 _LOW, _EMPTY, _DUE = LOW_RESERVOIR.kind, EMPTY_RESERVOIR.kind, REFILL_DUE.kind
 _STALL, _STOPPED, _LOST = MOTOR_STALL.kind, PUMP_STOPPED.kind, TELEMETRY_LOST.kind
 _OVER, _UNDER = OVER_INFUSION.kind, UNDER_INFUSION.kind
@@ -423,6 +427,7 @@ class AlertEngine:
         self._message: Reading | DeviceInfo | DeviceEvent | None = None
         self._cause: str | None = None
         self._stepped = False
+        self._ack_delays: dict[Priority, tuple[int, float, float]] = {}
         saved_salt: bytes | None = None
         if state is not None:
             snapshot = _Snapshot.model_validate_json(state)
@@ -483,6 +488,8 @@ class AlertEngine:
         out = self._begin(now, None)
         now_s = now.timestamp()
         for p in self._pumps.values():
+            if p.alerts:
+                self._reannounce(p, p.settings or self._settings(p), now_s)
             if p.received_s is None:
                 continue
             s = p.settings or self._settings(p)
@@ -508,6 +515,8 @@ class AlertEngine:
             return []
         out = self._begin(now, None)
         alert.acked_by, alert.acked_at = ack.by, ack.at or now
+        if alert.started_s is not None:
+            self._note_ack_delay(alert.priority, max(0.0, now.timestamp() - alert.started_s))
         self._emit(p, alert, Phase.ACKNOWLEDGED, alert.state)
         if alert.one_shot:
             p.on.discard(key)
@@ -543,6 +552,11 @@ class AlertEngine:
         spec = _Spec(alert_kind, title, priority, alert_type, latching, unit, _fixed(text))
         self._drive(p, spec, alert_kind, active, 0.0, now.timestamp(), value, threshold)
         return out
+
+    def acknowledgement_delays(self) -> dict[Priority, tuple[int, float, float]]:
+        """Per priority: acknowledgements, their total and their longest delay from start, in s
+        (gateway clock; counted since this engine started, for /metrics)."""
+        return dict(self._ack_delays)
 
     def active_alerts(self, pump_id: str) -> tuple[AlertTransition, ...]:
         """Latest transition of each alert of this pump that has not ended."""
@@ -782,6 +796,30 @@ class AlertEngine:
             details = _telemetry_text(p, _LOST, gap_s, limit_s)
             self._update(p, alert, gap_s, limit_s, details, " (escalated)")
 
+    def _note_ack_delay(self, priority: Priority, delay_s: float) -> None:
+        count, total_s, longest_s = self._ack_delays.get(priority, (0, 0.0, 0.0))
+        self._ack_delays[priority] = (count + 1, total_s + delay_s, max(longest_s, delay_s))
+
+    def _reannounce(self, p: _Pump, s: RuleSettings, now_s: float) -> None:
+        """Announce an unacknowledged PH or PM alert again, one escalation level higher."""
+        every_s = s.reannounce_after_s
+        if every_s <= 0.0:
+            return
+        for alert in list(p.alerts.values()):
+            if alert.acked_by is not None or alert.priority not in _ESCALATED:
+                continue
+            if alert.announced_s is None or now_s - alert.announced_s < every_s:
+                continue
+            alert.level += 1
+            alert.announced_s = now_s
+            self._cause = alert.last.cause_record_id if alert.last is not None else None
+            minutes = (now_s - (alert.started_s or now_s)) / 60.0
+            words = (
+                f" (re-announced, escalation level {alert.level}: not acknowledged for "
+                f"{minutes:.0f} min)"
+            )
+            self._emit(p, alert, Phase.UPDATE, alert.state, words)
+
     def _project(self, p: _Pump, s: RuleSettings, gap_s: float) -> None:
         """During a telemetry gap: the reservoir at the programmed rate, marked projected."""
         last_ml = p.shown_ml if p.shown_ml is not None else p.reservoir_ml
@@ -991,6 +1029,7 @@ class AlertEngine:
             value=value,
             threshold=threshold,
         )
+        alert.started_s = alert.announced_s = self._now.timestamp()
         p.alerts[key] = alert
         self._by_id[alert.alert_id] = (p, key)
         self._emit(p, alert, Phase.START, AlarmState.ACTIVE)

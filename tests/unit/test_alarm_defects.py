@@ -16,6 +16,7 @@ from gateway.alert_settings import DRUG_PROFILES, RuleOverrides, RulesConfig
 from gateway.pipeline import pseudonym
 from gateway.rules import AlertEngine
 from schemas.models import (
+    Acknowledgement,
     AlertTransition,
     BatteryState,
     DeviceEvent,
@@ -389,3 +390,32 @@ def test_a_given_salt_gives_repeatable_ids() -> None:
         (t,) = starts(Feed(engine).reading(0, 1.9), "low_reservoir")
         ids.append(t.alert_id)
     assert ids[0] == ids[1]
+
+
+# -- escalation of unacknowledged alerts ----------------------------------------------------
+
+
+def test_an_unacknowledged_high_alert_is_reannounced_one_level_up() -> None:
+    f = feed_with(telemetry_lost_after_s=DAY_S)
+    (start,) = f.reading(0, pump_state=PumpState.STALLED)
+    assert f.engine.on_tick(at(899)) == []
+    (again,) = f.engine.on_tick(at(900))
+    assert (again.alert_id, again.phase.value, again.priority) == (
+        start.alert_id,
+        "update",
+        Priority.HIGH,
+    )
+    assert "escalation level 1: not acknowledged for 15 min" in again.text
+    assert f.engine.on_tick(at(1000)) == []
+    (second,) = f.engine.on_tick(at(1800))
+    assert "escalation level 2" in second.text
+
+
+def test_acknowledged_and_low_priority_alerts_are_not_reannounced() -> None:
+    f = feed_with(telemetry_lost_after_s=DAY_S)
+    (start,) = f.reading(0, pump_state=PumpState.STALLED)
+    f.reading(0.5, 8.0)  # refill_due (PL) too
+    f.engine.on_acknowledgement(Acknowledgement(alert_id=start.alert_id, by="nurse"), at(600))
+    ticks = [t for minute in range(1, 90) for t in f.engine.on_tick(at(minute * 60.0 + 1))]
+    assert [t for t in ticks if "re-announced" in t.text] == []
+    assert f.engine.acknowledgement_delays() == {Priority.HIGH: (1, 600.0, 600.0)}
