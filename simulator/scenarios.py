@@ -60,6 +60,8 @@ CLOCK_STEP_H: Final = (4.0, 24.0)
 REBOOT_EVERY_S: Final = 5 * 3600.0
 """[D] A pump that restarts every 5 h, as a failing pump might (DOMAIN.md 2.2 [S27])."""
 LOST_BOLUS_SHARE: Final = 0.5
+EMPTY_LEVEL_ML: Final = 1.0
+"""The gateway's default empty level (docs/alerts.md): empty-in-gap crosses it in the gap."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,8 +355,9 @@ def safe_state(pump_id: str, rng: Random, duration_s: float) -> PumpSetup:
 
 
 def empty_in_gap(pump_id: str, rng: Random, duration_s: float) -> PumpSetup:
-    spec = random_spec(pump_id, rng)
-    fill = min(spec.capacity_ml, _max_use_ml(spec, _days(duration_s, 0.6)))
+    spec = random_spec(pump_id, rng, next(d for d in DRUGS if d.drug is Drug.BACLOFEN))
+    usable_ml = spec.basal_rate_ml_per_day * _days(duration_s, 0.6)
+    fill = min(spec.capacity_ml, EMPTY_LEVEL_ML + usable_ml)
     status = _with_history(status_after_fill(spec, fill), rng)
     plan = FaultPlan(dropouts=(Window(0.35 * duration_s, 0.95 * duration_s),),
                      eri_at_s=_battery(rng))
@@ -405,8 +408,8 @@ ADDED: Final = (
              lost_boluses),
     Scenario("safe-state", "low battery reset at 20 %, safe state (delivery stops) at 40 %",
              safe_state),
-    Scenario("empty-in-gap", "no frames from 35 % to 95 %; the reservoir runs dry at about "
-             "60 % meanwhile", empty_in_gap),
+    Scenario("empty-in-gap", "baclofen; no frames from 35 % to 95 %; the reservoir reaches "
+             "the 1 mL empty level at 60 % meanwhile", empty_in_gap),
 )
 """Scenarios added for the alarm-burden benchmark; not part of the ward cycle, whose
 expectations other tests pin."""
