@@ -66,6 +66,9 @@ GAPS_REMEMBERED: Final = 256
 """Missing sequence numbers per pump whose late arrival (a resend) is still evaluated."""
 INTERVAL_DECAY: Final = 0.999
 """[D] The learned device seconds per sequence number forget an old maximum slowly."""
+BOLUS_EDGE_S: Final = 600.0
+"""[D] A bolus stays counted this much past 24 h: the pump's own 24 h edge may fall on the
+other side of a reading, and a bolus counted as lost must really be missing."""
 SALT_BYTES: Final = 16
 ALERT_TOKEN_HEX: Final = 16
 MAX_TEXT_CHARS: Final = 500
@@ -392,6 +395,17 @@ _BATTERY_BY_EVENT: Final = {
 _BATTERY_KINDS: Final = frozenset(spec.kind for spec, _ in _BATTERY_RULES)
 _RESET_STATES: Final = frozenset((BatteryState.LBR, BatteryState.SAFE_STATE))
 _ESCALATED: Final = frozenset((Priority.HIGH, Priority.MEDIUM))
+_STOPS_BY_ITSELF: Final = frozenset((BatteryState.EOS, BatteryState.SAFE_STATE))
+_LOW_CODE: Final = "low_reservoir"
+EVIDENCE_CODES: Final = {
+    _LOW_CODE: LOW_RESERVOIR.kind,
+    "motor_stall": MOTOR_STALL.kind,
+    "eri": BATTERY_ERI.kind,
+    "eos": BATTERY_EOS.kind,
+}
+"""Pump alarm codes a gateway rule already covers: attached to that alert as evidence, never
+passed through as a second alert."""
+_EVIDENCE_BY_KIND: Final = {kind: code for code, kind in EVIDENCE_CODES.items()}
 _LOW, _EMPTY, _DUE = LOW_RESERVOIR.kind, EMPTY_RESERVOIR.kind, REFILL_DUE.kind
 _STALL, _STOPPED, _LOST = MOTOR_STALL.kind, PUMP_STOPPED.kind, TELEMETRY_LOST.kind
 _OVER, _UNDER = OVER_INFUSION.kind, UNDER_INFUSION.kind
@@ -718,6 +732,7 @@ class AlertEngine:
             self._reservoir_rules(p, s, v, t)
         self._stall_rule(p, s, t)
         stopped = p.pump_state is PumpState.STOPPED and p.basal_ml_per_day > 0.0
+        stopped = stopped and p.battery_state not in _STOPS_BY_ITSELF  # said by that alert
         if stopped or _STOPPED in on or _STOPPED in since:
             minutes = (t - (p.stopped_since_s or t)) / 60.0
             self._drive(
@@ -742,6 +757,7 @@ class AlertEngine:
         margin = s.low_reservoir_clear_margin_ml
         on, since = p.on, p.since
         low = v <= alarm + margin if _LOW in on else v <= alarm
+        low = low or _LOW_CODE in p.device_alarms
         if low or _LOW in on or _LOW in since:
             self._drive(p, LOW_RESERVOIR, _LOW, low, s.low_reservoir_for_s, t, v, alarm)
         empty_ml = s.empty_reservoir_ml
@@ -755,7 +771,7 @@ class AlertEngine:
             limit = s.refill_due_days
             if _DUE in on:
                 limit += s.refill_due_clear_margin_days
-            due = days <= limit
+            due = days <= limit and _LOW not in on and _EMPTY not in on  # one alert per condition
         if due or _DUE in on:
             self._drive(p, REFILL_DUE, _DUE, due, 0.0, t, days, s.refill_due_days)
 
@@ -900,6 +916,8 @@ class AlertEngine:
             key = f"{DEVICE_ALARM_KIND}:{code}"
             priority = now_alarms.get(code) or before[code]
             alert = p.alerts.get(key)
+            if code in EVIDENCE_CODES and alert is None and key not in p.since:
+                continue  # the gateway's own rule carries it, as evidence (see _emit)
             if alert is not None and code in now_alarms and alert.priority is not priority:
                 alert.priority = priority
                 details = _device_alarm_text(p, key, None, None)
@@ -908,7 +926,7 @@ class AlertEngine:
                 p,
                 _DEVICE_ALARM_SPECS[priority],
                 key,
-                code in now_alarms,
+                code in now_alarms and code not in EVIDENCE_CODES,
                 s.device_alarm_for_s,
                 t,
                 None,
@@ -1083,6 +1101,10 @@ class AlertEngine:
         elif not words:
             words = _PHASE_WORDS.get((phase, state), "")
         message = self._message
+        details = alert.details
+        code = _EVIDENCE_BY_KIND.get(alert.kind)
+        if code is not None and code in p.device_alarms:
+            details += f" The pump's own alarm '{code}' is on; this gateway cannot clear it."
         transition = AlertTransition(
             alert_id=alert.alert_id,
             transition_id=f"{alert.alert_id}:{phase.value}:{alert.transitions}",
@@ -1097,7 +1119,7 @@ class AlertEngine:
             value=alert.value,
             threshold=alert.threshold,
             unit=alert.unit,
-            text=f"{alert.title}{words}: {alert.details}"[:MAX_TEXT_CHARS],
+            text=f"{alert.title}{words}: {details}"[:MAX_TEXT_CHARS],
             at=self._now,
             device_time=message.device_time if message is not None else None,
             cause_record_id=message.record_id if message is not None else self._cause,
@@ -1159,7 +1181,7 @@ def _add_bolus(p: _Pump, bolus_ml: float, t: float) -> None:
 def _count_lost_boluses(p: _Pump, count_24h: int, t: float) -> None:
     """Add the boluses a reading counts over 24 h but whose events never arrived."""
     times = p.bolus_times
-    while times and times[0] <= t - SECONDS_PER_DAY:
+    while times and times[0] <= t - SECONDS_PER_DAY - BOLUS_EDGE_S:
         times.popleft()
     if count_24h == 0:
         p.bolus_inferred = 0

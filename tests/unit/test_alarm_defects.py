@@ -19,6 +19,7 @@ from schemas.models import (
     Acknowledgement,
     AlertTransition,
     BatteryState,
+    DeviceAlarm,
     DeviceEvent,
     Drug,
     EventKind,
@@ -419,3 +420,46 @@ def test_acknowledged_and_low_priority_alerts_are_not_reannounced() -> None:
     ticks = [t for minute in range(1, 90) for t in f.engine.on_tick(at(minute * 60.0 + 1))]
     assert [t for t in ticks if "re-announced" in t.text] == []
     assert f.engine.acknowledgement_delays() == {Priority.HIGH: (1, 600.0, 600.0)}
+
+
+# -- consolidation: one alert per clinical condition ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "fields"),
+    [
+        ("low_reservoir", "low_reservoir", {"reservoir_ml": 1.9}),
+        ("motor_stall", "motor_stall", {"pump_state": PumpState.STALLED}),
+        ("eri", "battery_eri", {"battery_state": BatteryState.ERI}),
+        ("eos", "battery_eos", {"battery_state": BatteryState.EOS}),
+    ],
+)
+def test_a_pump_alarm_the_gateway_covers_is_evidence_not_a_second_alert(
+    code: str, kind: str, fields: dict[str, Any]
+) -> None:
+    f = Feed(AlertEngine(RulesConfig()))
+    f.reading(0)
+    alarms = (DeviceAlarm(code=code, priority=Priority.HIGH),)
+    reservoir = fields.pop("reservoir_ml", 10.0)
+    out = f.reading(60, reservoir, alarms=alarms, **fields)
+    assert kinds(out) == {kind}
+    (t,) = starts(out, kind)
+    assert f"pump's own alarm '{code}' is on" in t.text
+
+
+def test_an_empty_pump_shows_low_and_empty_but_not_refill_due_or_its_alarm() -> None:
+    f = Feed(AlertEngine(RulesConfig()))
+    f.reading(0, 5.0)
+    out = f.reading(60, 0.5, alarms=(DeviceAlarm(code="low_reservoir", priority=Priority.MEDIUM),))
+    assert kinds(out) == {"low_reservoir", "empty_reservoir"}
+    assert kinds(out, "end") == {"refill_due"}
+
+
+def test_end_of_service_is_one_high_alert_not_three() -> None:
+    f = Feed(AlertEngine(RulesConfig()))
+    f.reading(0)
+    eos = (DeviceAlarm(code="eos", priority=Priority.HIGH),)
+    out = f.reading(60, battery_state=BatteryState.EOS, alarms=eos, pump_state=PumpState.STOPPED)
+    out += f.reading(60 + 3600, battery_state=BatteryState.EOS, alarms=eos,
+                     pump_state=PumpState.STOPPED)  # fmt: skip
+    assert [t.alert_kind for t in out if t.priority is Priority.HIGH] == ["battery_eos"]
