@@ -712,12 +712,16 @@ class AlertEngine:
         if info.model != p.model:
             p.model, p.settings = info.model, None
         prescription = info.prescription
+        s = self._settings(p)
+        rate = prescription.basal_rate_ml_per_day
+        if rate < p.basal_ml_per_day * (1.0 - s.rate_drop_pct / 100.0):
+            self._rate_drop_rule(p, s, rate, t)  # a pump may announce its new programme first
         p.capacity_ml = info.reservoir_capacity_ml
         p.alarm_ml = prescription.low_reservoir_alarm_ml
-        p.basal_ml_per_day = prescription.basal_rate_ml_per_day
+        p.basal_ml_per_day = rate
         p.bolus_dose_ml = prescription.bolus_dose_ml
         p.boluses_per_day_max = prescription.boluses_per_day_max
-        self._state_rules(p, self._settings(p), t)
+        self._state_rules(p, s, t)
 
     # -- rules -----------------------------------------------------------------------
 

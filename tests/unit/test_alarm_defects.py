@@ -280,6 +280,17 @@ def test_7_a_large_rate_drop_without_programming_alerts(
     assert [t.priority for t in found] == ([] if priority is None else [priority])
 
 
+def test_7_a_rate_drop_announced_in_device_info_first_still_alerts() -> None:
+    f = Feed(AlertEngine(RulesConfig()), basal_ml_per_day=0.5)
+    f.info(0)
+    f.reading(60)
+    f.event(120, EventKind.LOW_BATTERY_RESET)
+    f.basal_ml_per_day = 0.048
+    out = f.info(120)
+    out += f.reading(180, battery_state=BatteryState.LBR)
+    assert [t.priority for t in starts(out, "rate_drop")] == [Priority.HIGH]
+
+
 # -- 8. repeated reboots during a stall ----------------------------------------------------
 
 
