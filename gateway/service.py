@@ -10,6 +10,7 @@ wakes the sinks. Sinks run in their own threads and advance their own cursors.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import queue
 import threading
@@ -65,8 +66,9 @@ class SinkSet:
 class Gateway:
     """One gateway: owns the outbox, the pipeline, the sources and the sinks."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, alert_salt: bytes | None = None) -> None:
         self.settings = settings
+        self._alert_salt = alert_salt  # None: random, kept in the engine's saved state
         self.session_id = uuid.uuid4().hex[:12]
         self.started_s = time.time()
         self.stop_event = threading.Event()
@@ -107,10 +109,11 @@ class Gateway:
         if key is not None:  # per-pump overrides name real ids; the engine sees pseudonyms
             alerts = alerts.with_pump_ids(functools.partial(pseudonym, key))
         try:
-            engine = AlertEngine(alerts, self.outbox.load_state(ENGINE_STATE_KEY))
+            state = self.outbox.load_state(ENGINE_STATE_KEY)
+            engine = AlertEngine(alerts, state, salt=self._alert_salt)
         except ValueError as exc:
             log.error("saved alert state unusable (%s): starting with no active alerts", exc)
-            engine = AlertEngine(alerts)
+            engine = AlertEngine(alerts, salt=self._alert_salt)
         pipeline = Pipeline(
             engine,
             PointTags(site=gw.site, station=gw.station),
@@ -530,7 +533,9 @@ def run_gateway(settings: Settings, stop: threading.Event) -> None:
 def replay_capture(settings: Settings, capture: Path) -> dict[str, int]:
     """Feed a capture file through the pipeline, wait for delivery, return the accounting."""
     data = capture.read_bytes()
-    gateway = Gateway(settings.model_copy(update={"sources": []}))
+    # The same capture gives the same alert ids, so replaying it again adds nothing.
+    salt = hashlib.sha256(b"pumpgw-replay:" + data).digest()[:16]
+    gateway = Gateway(settings.model_copy(update={"sources": []}), alert_salt=salt)
     gateway.start()
     try:
         gateway.feed(f"replay:{capture.name}", data)
