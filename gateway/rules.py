@@ -618,7 +618,7 @@ class AlertEngine:
         """
         self._stepped = False
         last_s, last_received_s = p.device_s, p.reading_received_s
-        seq_step = max(seq - p.reading_seq, 1) if p.reading_seq >= 0 else 1
+        seq_step = seq - p.reading_seq if seq > p.reading_seq >= 0 else 1
         p.device_s, p.reading_received_s, p.reading_seq = device_s, received_s, seq
         if last_s is None:
             return device_s - p.skew_s
