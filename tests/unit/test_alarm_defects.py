@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.alert_settings import DRUG_PROFILES, RuleOverrides, RulesConfig
+from gateway.cli import main
 from gateway.pipeline import pseudonym
 from gateway.rules import AlertEngine
 from schemas.models import (
@@ -474,3 +476,29 @@ def test_end_of_service_is_one_high_alert_not_three() -> None:
     out += f.reading(60 + 3600, battery_state=BatteryState.EOS, alarms=eos,
                      pump_state=PumpState.STOPPED)  # fmt: skip
     assert [t.alert_kind for t in out if t.priority is Priority.HIGH] == ["battery_eos"]
+
+
+def test_10_check_config_prints_the_override_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        '[mqtt]\nurl = "mqtt://127.0.0.1:1883"\n'
+        '[alerts.per_pump."bed 4"]\nrefill_due_days = 3\n'
+    )
+    assert main(["check-config", str(path)]) == 0
+    assert "alerts.per_pump.'bed 4': not a valid pump id" in capsys.readouterr().err
+
+
+# -- pumps without a delivered count (per model) ----------------------------------------------
+
+
+def test_a_model_without_a_delivered_count_gets_only_the_refill_comparison() -> None:
+    config = RulesConfig(per_model={"8637-20": RuleOverrides(delivered_count=False)})
+    f = Feed(AlertEngine(config), factor=0.0)  # the count never moves
+    f.info(0)
+    out = f.run(0, 2 * DAY_S)
+    assert kinds(out) == set()  # no inferred stall, no under-infusion from a count it lacks
+    f.reading(2 * DAY_S + 60, 9.0)
+    out = f.event(2 * DAY_S + 120, EventKind.REFILL, withdrawn_ml=12.0, filled_ml=18.0)
+    assert kinds(out) == {"refill_discrepancy"}  # 3 mL more came out than the estimate
