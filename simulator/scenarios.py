@@ -374,10 +374,11 @@ SCENARIOS: Final[dict[str, Scenario]] = {
         Scenario("motor-stall", "three short motor stalls, then a permanent one at 80 %: "
                  "no delivery while stalled", motor_stall),
         Scenario("over-infusion", "from 10 % on the drive delivers +25 % (beyond 14.5 %): "
-                 "the pump's estimate overstates the reservoir (the gateway needs more "
-                 "than a day of readings: its flow window is 24 h)", over_infusion),
-        Scenario("under-infusion", "catheter occlusion (-40 %), invisible to the motor; the "
-                 "refill at 70 % withdraws more than expected", under_infusion),
+                 "the pump's estimate overstates the reservoir (the gateway's first flow "
+                 "verdict comes after 12 h of readings: it shows within the day)", over_infusion),
+        Scenario("under-infusion", "catheter occlusion (-40 %), invisible to the motor and so "
+                 "to every reading; only the refill at 70 % shows it, withdrawing more than "
+                 "expected", under_infusion),
         Scenario("battery-eri", "low battery reset at 20 %, then a premature ERI at 40 %",
                  battery_eri),
         Scenario("battery-eos", "already past ERI; end of service at 40 % stops the pump",
