@@ -112,6 +112,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if warning is not None:
         lines.append(f"  WARNING: {warning}")
     print("\n".join(printable(line) for line in lines))
+    pseudonymising = settings.gateway.pseudonymize_key is not None or bool(
+        settings.gateway.pseudonymize_key_file)
+    for override_warning in settings.alerts.override_warnings(pseudonymising):
+        print(printable(f"  warning: {override_warning}"), file=sys.stderr)
     return 0
 
 
