@@ -2,7 +2,7 @@
 import 'uplot/dist/uPlot.min.css';
 import './style.css';
 import { Broker } from './broker.js';
-import { Ward } from './ward.js';
+import { Ward, refusalAnswers, refusalText } from './ward.js';
 import { AlertList, PumpGrid, clockTime } from './view.js';
 import { PumpDetail } from './detail.js';
 
@@ -35,7 +35,7 @@ class App {
     this.client = null;
     this.user = null;
     this.brokerLostSinceMs = null;
-    this.acks = new Map(); // alert_id -> { pending, refused, timer }
+    this.acks = new Map(); // alert_id -> { root, pending, refused, timer }
     this.grid = new PumpGrid($('#pumps'), (key) => this.openDetail(key));
     this.alerts = new AlertList($('#alerts'), $('#alert-count'), {
       ack: (entry) => this.acknowledge(entry),
@@ -106,6 +106,7 @@ class App {
     stats.messages += ignored;
     for (const message of batch) this.handle(message);
     for (const receipt of this.ward.takeReceipts()) this.receiptArrived(receipt);
+    for (const refusal of this.ward.takeRefusals()) this.refusalArrived(refusal);
     stats.handleMs += performance.now() - started;
     this.schedule();
   }
@@ -188,7 +189,7 @@ class App {
     const id = entry.alert.alert_id;
     if (this.acks.get(id)?.pending || !this.client) return;
     const timer = setTimeout(() => this.ackTimedOut(id), this.config.ack_timeout_s * 1000);
-    this.acks.set(id, { pending: true, refused: null, timer });
+    this.acks.set(id, { root: entry.station.root, pending: true, refused: null, timer });
     this.alerts.draw(this.ward, this.ctx());
     this.client.publishAck(entry.station.root, this.user, id, (refusal) => {
       if (refusal === null) return; // taken by the broker: now wait for the gateway's receipt
@@ -196,16 +197,25 @@ class App {
     });
   }
 
+  /** The fallback when neither the receipt nor the gateway's refusal came (lost, or a
+   * gateway that does not publish refusals). */
   ackTimedOut(id) {
     if (this.acks.get(id)?.pending) {
-      this.ackRefused(id, 'not applied by the gateway (not allowed or unknown alert)');
+      this.ackRefused(id, `no answer from the gateway within ${this.config.ack_timeout_s} s (not applied)`);
     }
+  }
+
+  /** The gateway's AckRefusal: shown on the row when it is for this user's acknowledgement
+   * of that alert on that station, replacing a timeout shown before it came. */
+  refusalArrived(refusal) {
+    if (!refusalAnswers(refusal, this.acks.get(refusal.alert_id), this.user)) return;
+    this.ackRefused(refusal.alert_id, refusalText(refusal));
   }
 
   ackRefused(id, reason) {
     const held = this.acks.get(id);
     if (held?.timer) clearTimeout(held.timer);
-    this.acks.set(id, { pending: false, refused: reason, timer: null });
+    this.acks.set(id, { root: held?.root, pending: false, refused: reason, timer: null });
     this.ward.alertsChanged = true;
     this.schedule();
   }
