@@ -35,7 +35,7 @@ class App {
     this.client = null;
     this.user = null;
     this.brokerLostSinceMs = null;
-    this.acks = new Map(); // alert_id -> { root, pending, refused, timer }
+    this.acks = new Map(); // alert_id -> { root, pending, refused, unanswered, timer }
     this.grid = new PumpGrid($('#pumps'), (key) => this.openDetail(key));
     this.alerts = new AlertList($('#alerts'), $('#alert-count'), {
       ack: (entry) => this.acknowledge(entry),
@@ -107,6 +107,7 @@ class App {
     for (const message of batch) this.handle(message);
     for (const receipt of this.ward.takeReceipts()) this.receiptArrived(receipt);
     for (const refusal of this.ward.takeRefusals()) this.refusalArrived(refusal);
+    for (const root of this.ward.takeBirths()) this.resendUnanswered(root);
     stats.handleMs += performance.now() - started;
     this.schedule();
   }
@@ -188,10 +189,14 @@ class App {
   acknowledge(entry) {
     const id = entry.alert.alert_id;
     if (this.acks.get(id)?.pending || !this.client) return;
-    const timer = setTimeout(() => this.ackTimedOut(id), this.config.ack_timeout_s * 1000);
-    this.acks.set(id, { root: entry.station.root, pending: true, refused: null, timer });
+    this.sendAck(entry.station.root, id);
     this.alerts.draw(this.ward, this.ctx());
-    this.client.publishAck(entry.station.root, this.user, id, (refusal) => {
+  }
+
+  sendAck(root, id) {
+    const timer = setTimeout(() => this.ackTimedOut(id), this.config.ack_timeout_s * 1000);
+    this.acks.set(id, { root, pending: true, refused: null, unanswered: false, timer });
+    this.client.publishAck(root, this.user, id, (refusal) => {
       if (refusal === null) return; // taken by the broker: now wait for the gateway's receipt
       this.ackRefused(id, refusal);
     });
@@ -201,8 +206,22 @@ class App {
    * gateway that does not publish refusals). */
   ackTimedOut(id) {
     if (this.acks.get(id)?.pending) {
-      this.ackRefused(id, `no answer from the gateway within ${this.config.ack_timeout_s} s (not applied)`);
+      this.ackRefused(id, `no answer from the gateway within ${this.config.ack_timeout_s} s (not applied)`, true);
     }
+  }
+
+  /** The station's gateway (re)connected: an acknowledgement it never answered may have been
+   * lost with its previous connection, so send it again (docs/topics.md; a repeat of one it
+   * applied is refused as already_acknowledged, after the receipt, and changes nothing). */
+  resendUnanswered(root) {
+    if (!this.client) return;
+    for (const [id, ack] of this.acks) {
+      if (ack.root !== root || !(ack.pending || ack.unanswered)) continue;
+      if (ack.timer) clearTimeout(ack.timer);
+      this.sendAck(root, id);
+    }
+    this.ward.alertsChanged = true;
+    this.schedule();
   }
 
   /** The gateway's AckRefusal: shown on the row when it is for this user's acknowledgement
@@ -212,10 +231,10 @@ class App {
     this.ackRefused(refusal.alert_id, refusalText(refusal));
   }
 
-  ackRefused(id, reason) {
+  ackRefused(id, reason, unanswered = false) {
     const held = this.acks.get(id);
     if (held?.timer) clearTimeout(held.timer);
-    this.acks.set(id, { root: held?.root, pending: false, refused: reason, timer: null });
+    this.acks.set(id, { root: held?.root, pending: false, refused: reason, unanswered, timer: null });
     this.ward.alertsChanged = true;
     this.schedule();
   }

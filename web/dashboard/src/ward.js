@@ -5,6 +5,7 @@ export const PRIORITY_ORDER = { PH: 0, PM: 1, PL: 2, PN: 3 };
 export const TREND_POINTS = 1024; // per pump: bounded, preallocated (heap stays flat)
 export const HISTORY_ITEMS = 50; // events and alert transitions kept per pump
 export const LATENCY_WINDOW = 64; // live messages used for the clock-offset estimate
+export const CONNECTION_SEQS = 2 ** 20; // gateway status seqs per connection (docs/topics.md)
 
 /** Topic levels after the prefix: {site}/{station}/pumps/{id}/{leaf...} or gateway/{leaf...}. */
 export function parseTopic(topic, prefix) {
@@ -61,6 +62,13 @@ export function isNewerGatewayStatus(incoming, held) {
   const inAt = ms(incoming.at);
   const heldAt = ms(held.at);
   return inAt !== null && heldAt !== null && inAt > heldAt;
+}
+
+/** Whether a gateway status is a birth: `online`, the first seq of its connection (each
+ * connection owns CONNECTION_SEQS seqs and its birth takes the first). The gateway then
+ * listens for acknowledgements again: one sent before and never answered may be lost. */
+export function isBirth(status) {
+  return status.state === 'online' && Number.isInteger(status.seq) && status.seq % CONNECTION_SEQS === 0;
 }
 
 /** Whether a retained `status` or `alerts/active` message may be shown (rules 2 and 3): it
@@ -173,6 +181,7 @@ export class Ward {
     this.stationsChanged = true;
     this.receipts = []; // acknowledged transitions, for the acknowledgement tracker
     this.refusals = []; // the gateway's AckRefusals, for the acknowledgement tracker
+    this.births = []; // roots of stations whose gateway (re)connected: resend unanswered acks
   }
 
   station(root, site, name) {
@@ -274,6 +283,7 @@ export class Ward {
     if (leaf === 'status') {
       if (!isNewerGatewayStatus(data, station.gatewayStatus)) return false;
       station.gatewayStatus = data;
+      if (isBirth(data)) this.births.push(station.root);
       if ((data.session_id ?? null) !== station.sessionId) this.changeSession(station, data.session_id ?? null);
       const wasOnline = station.gatewayState !== 'offline';
       station.gatewayState = data.state === 'online' ? 'online' : 'offline';
@@ -335,6 +345,13 @@ export class Ward {
     const receipts = this.receipts;
     this.receipts = [];
     return receipts;
+  }
+
+  /** Roots of the stations whose gateway was born since the last call. */
+  takeBirths() {
+    const births = this.births;
+    this.births = [];
+    return births;
   }
 
   /** The AckRefusals received since the last call, each with its station's `root`. */

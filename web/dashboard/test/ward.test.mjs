@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import {
-  GatewayClock, TREND_POINTS, Ward, daysToLowAlarm, isCurrentState, isNewerGatewayStatus, keyValues,
+  CONNECTION_SEQS, GatewayClock, TREND_POINTS, Ward, daysToLowAlarm, isBirth, isCurrentState, isNewerGatewayStatus, keyValues,
   parseTopic, refusalAnswers, refusalText, sortedAlerts, trendSeries,
 } from '../src/ward.js';
 
@@ -70,6 +70,20 @@ test('the gateway status with the highest seq of the newest session is the gatew
   assert.ok(isNewerGatewayStatus(birth('s0', 0, '2026-12-04T11:59:00Z'), birth('s1', 5, '2026-12-04T12:00:00Z', 'offline')),
     'a new session after offline is a restart');
   assert.ok(!isNewerGatewayStatus({ state: 'online', at: '2026-12-04T13:00:00Z' }, held), 'no session: foreign');
+});
+
+test('a birth is the first online status of a connection; the ward reports it once', () => {
+  assert.ok(isBirth(birth('s', 0)));
+  assert.ok(isBirth(birth('s', 3 * CONNECTION_SEQS)));
+  assert.ok(!isBirth(birth('s', 3 * CONNECTION_SEQS + 1)), 'a re-assertion');
+  assert.ok(!isBirth(birth('s', 4 * CONNECTION_SEQS - 1, undefined, 'offline')), 'a will');
+  const ward = new Ward('pumpgw');
+  ward.apply(`${ROOT}/gateway/status`, birth('s', CONNECTION_SEQS - 1, undefined, 'offline'), RETAINED);
+  ward.apply(`${ROOT}/gateway/status`, birth('s', CONNECTION_SEQS), RETAINED);
+  ward.apply(`${ROOT}/gateway/status`, birth('s', CONNECTION_SEQS), RETAINED);
+  ward.apply(`${ROOT}/gateway/status`, birth('s', CONNECTION_SEQS + 1), RETAINED);
+  assert.deepEqual(ward.takeBirths(), [ROOT]);
+  assert.deepEqual(ward.takeBirths(), []);
 });
 
 test('state is current only from the current session and above the seq shown', () => {
