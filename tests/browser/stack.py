@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.publish as mqtt_publish
+from paho.mqtt.client import MQTTv5
 from playwright.sync_api import Browser, Page, Playwright, ViewportSize, sync_playwright
 
 from tests.servers import LOOPBACK, Mosquitto, Pki, find_binary, free_port
@@ -123,3 +125,43 @@ def page_stats(page: Page) -> dict[str, Any]:
         " pumps: window.pumpgwDashboard.ward.pumps.size})"
     )
     return stats
+
+
+def publish_retained(
+    port: int, user: tuple[str, str], messages: dict[str, bytes], *, retain: bool = True
+) -> None:
+    """Publish each topic's payload at QoS 1, retained (an empty payload deletes it), and
+    wait until the broker took them all."""
+    mqtt_publish.multiple(
+        [{"topic": topic, "payload": payload, "qos": 1, "retain": retain}
+         for topic, payload in messages.items()],
+        hostname=LOOPBACK, port=port, protocol=MQTTv5,
+        auth={"username": user[0], "password": user[1]},
+    )
+
+
+def outside_viewport(page: Page, selector: str) -> list[str]:
+    """What of the elements matching `selector` lies outside the viewport (empty when every
+    one is wholly visible without scrolling), and whether the page itself scrolls."""
+    problems: list[str] = page.evaluate(
+        """(selector) => {
+          const out = [];
+          const [w, h] = [window.innerWidth, window.innerHeight];
+          for (const node of document.querySelectorAll(selector)) {
+            const r = node.getBoundingClientRect();
+            const name = node.dataset.pump ?? node.dataset.alertId ?? node.id;
+            if (r.top < 0 || r.left < 0 || r.bottom > h || r.right > w) {
+              out.push(`${name}: y ${r.top}-${r.bottom}, x ${r.left}-${r.right}`);
+            }
+          }
+          const scrolls = (n) => n.scrollHeight > n.clientHeight;
+          const root = document.scrollingElement;
+          if (scrolls(root)) out.push(`the page scrolls: ${root.scrollHeight} px`);
+          for (const pane of document.querySelectorAll('.alerts-pane, .ward-pane')) {
+            if (scrolls(pane)) out.push(`${pane.className} scrolls: ${pane.scrollHeight} px`);
+          }
+          return out;
+        }""",
+        selector,
+    )
+    return problems

@@ -10,6 +10,7 @@ replayed at full speed; `pumpgw dashboard`; Chromium driven by Playwright.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -32,7 +33,9 @@ from tests.browser.stack import (
     DashboardProcess,
     WebSocketMosquitto,
     chromium,
+    outside_viewport,
     page_stats,
+    publish_retained,
     sign_in,
     start_playwright,
 )
@@ -44,7 +47,15 @@ SITE, STATION = "test", "bed-1"
 ROOT = f"{PREFIX}/{SITE}/{STATION}"
 STATION_USER = f"{SITE}/{STATION}"
 """The deploy ACL names a station's user after its site and station."""
-USERS = {STATION_USER: "gw-secret-1", "dashboard": "dash-secret-2", "viewer": "view-secret-3"}
+BIG_STATION = "ward-50"
+"""A second station, its state injected through the broker: a ward of BIG_WARD_PUMPS pumps."""
+BIG_ROOT = f"{PREFIX}/{SITE}/{BIG_STATION}"
+BIG_WARD_PUMPS = 50
+BIG_WARD_ALERTS = 20
+"""Active alerts in that ward: two in five pumps alarming at once, the list's design load at
+1280x800 (docs/dashboard.md); more scroll inside the list, the highest priority on top."""
+USERS = {STATION_USER: "gw-secret-1", "dashboard": "dash-secret-2", "viewer": "view-secret-3",
+         f"{SITE}/{BIG_STATION}": "ward50-secret-4"}
 # The deploy ACL as it is (its patterns give the station its own tree and its ack topics, and
 # everyone acknowledgements under their own name only), plus the read rights that the deploy
 # roles file (dynamic-security plugin, not loaded here) gives dashboards.
@@ -250,9 +261,118 @@ def test_a_user_without_acknowledge_permission_sees_the_refusal(stack: Stack, pa
     alert_id = alert_row(page, "P0004", "Motor stall").first.get_attribute("data-alert-id")
     row = page.locator(f"[data-alert-id='{alert_id}']")
     row.get_by_role("button", name="Acknowledge").click()
-    expect(row.locator("[data-testid=ack-refused]")).to_contain_text("acknowledgement refused")
+    refused = row.locator("[data-testid=ack-refused]")
+    expect(refused).to_contain_text("acknowledgement refused")
+    # The gateway's own reason (its AckRefusal on gateway/acks/refused), not the timeout.
+    expect(refused).to_contain_text("not_allowed")
+    expect(refused).to_contain_text("'viewer' is not in gateway.ack_allowed")
     assert row.get_attribute("data-acknowledged") == "false"
     assert not _receipts(stack, alert_id)
+
+
+def _retained_state(stack: Stack, root: str = ROOT) -> dict[str, dict[str, Any]]:
+    """Every retained message under `root` now, decoded: a marker published after the
+    subscription arrives after the retained messages the broker sends at subscribe."""
+    collector = Collector(stack.broker.port, f"{root}/#", user=("dashboard", USERS["dashboard"]))
+    try:
+        marker = {"kind": "marker", "at": time.time()}
+        publish_retained(stack.broker.port, (STATION_USER, USERS[STATION_USER]),
+                         {f"{root}/gateway/marker": json.dumps(marker).encode()}, retain=False)
+        assert collector.wait_for(lambda: marker in collector.payloads["marker"], 10)
+        with collector._lock:
+            return {topic: json.loads(raw) for topic, raw in collector.retained.items()}
+    finally:
+        collector.close()
+
+
+def _active_set(session: str, seq: int, pump: str, text: str, template: dict[str, Any]) -> bytes:
+    alert = {**template, "pump_id": pump, "alert_id": f"{pump}:seq_test:{seq}",
+             "transition_id": f"{pump}:seq_test:{seq}:start", "text": text}
+    return json.dumps({"kind": "active_alerts", "schema_version": 1, "pump_id": pump,
+                       "at": template["at"], "alerts": [alert], "session_id": session,
+                       "seq": seq}).encode()
+
+
+def test_the_page_keeps_the_newer_retained_alert_set_and_ignores_a_foreign_one(
+    stack: Stack, page: Page
+) -> None:
+    state = _retained_state(stack)
+    session = state[f"{ROOT}/gateway/status"]["session_id"]
+    template = state[f"{ROOT}/pumps/P0004/alerts/active"]["alerts"][0]
+    pump = "P0099"  # not served: its retained copy is deleted at the end
+    topic = f"{ROOT}/pumps/{pump}/alerts/active"
+    station = (STATION_USER, USERS[STATION_USER])
+    signed_in(page, stack)
+    try:
+        publish_retained(stack.broker.port, station,
+                         {topic: _active_set(session, 900_002, pump, "Newer set", template)})
+        expect(alert_row(page, pump, "Newer set")).to_have_count(1)
+        publish_retained(stack.broker.port, station,
+                         {topic: _active_set(session, 900_001, pump, "Older set", template)})
+        foreign = _active_set("foreign-session", 999_999, pump, "Foreign", template)
+        publish_retained(stack.broker.port, station, {topic: foreign})
+        # The page has taken both (the next message on the topic is the deletion below).
+        page.wait_for_function(
+            f"() => window.pumpgwDashboard.ward.stations.get('{ROOT}').parked.has('{topic}')"
+        )
+        expect(alert_row(page, pump, "Newer set")).to_have_count(1)
+        expect(alert_row(page, pump, "Older set")).to_have_count(0)
+        expect(alert_row(page, pump, "Foreign")).to_have_count(0)
+    finally:
+        publish_retained(stack.broker.port, station, {topic: b""})
+
+
+def _big_ward(state: dict[str, dict[str, Any]], session: str) -> dict[str, bytes]:
+    """BIG_WARD_PUMPS pumps for BIG_STATION: pump i takes the retained info, status and
+    active alerts of the mixed ward's pump i mod 13, under its own id and a new session,
+    until BIG_WARD_ALERTS alerts are active (the other pumps then have none)."""
+    seq = itertools.count(1)
+    budget = BIG_WARD_ALERTS
+    birth = {**state[f"{ROOT}/gateway/status"], "station": BIG_STATION, "session_id": session,
+             "seq": 0, "state": "online"}
+    messages = {f"{BIG_ROOT}/gateway/status": json.dumps(birth).encode()}
+    for index in range(BIG_WARD_PUMPS):
+        pump, template = f"P{index + 1:04d}", PUMPS[index % len(PUMPS)]
+        for leaf in ("info", "status", "alerts/active"):
+            data = state.get(f"{ROOT}/pumps/{template}/{leaf}")
+            if data is None:
+                continue
+            copy = json.loads(json.dumps(data).replace(template, pump))
+            if leaf == "alerts/active":
+                copy["alerts"] = copy["alerts"][:budget]
+                budget -= len(copy["alerts"])
+                if not copy["alerts"]:
+                    continue
+            if leaf != "info":
+                copy.update(session_id=session, seq=next(seq))
+            messages[f"{BIG_ROOT}/pumps/{pump}/{leaf}"] = json.dumps(copy).encode()
+    return messages
+
+
+def test_fifty_pumps_and_the_whole_alert_list_fit_one_desktop_screen(stack: Stack) -> None:
+    state = _retained_state(stack)
+    ward = _big_ward(state, "ward50-session")
+    publish_retained(stack.broker.port, (f"{SITE}/{BIG_STATION}", USERS[f"{SITE}/{BIG_STATION}"]),
+                     ward)
+    alerts = sum(len(json.loads(payload)["alerts"]) for topic, payload in ward.items()
+                 if topic.endswith("/alerts/active"))
+    assert alerts == BIG_WARD_ALERTS
+    config = PageConfig(PREFIX, SITE, BIG_STATION, stack.broker.ws_url, ACK_TIMEOUT_S)
+    server = DashboardServer("127.0.0.1:0", config).start()
+    context = stack.browser.new_context(viewport=DESKTOP)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        sign_in(page, server.url, "dashboard", USERS["dashboard"])
+        expect(page.locator("[data-testid=pump]")).to_have_count(BIG_WARD_PUMPS)
+        expect(page.locator("[data-testid=alert]")).to_have_count(alerts)
+        expect(page.locator("#alert-count")).to_have_text(str(alerts))
+        (stack.artifacts / "dashboard-50-1280x800.png").write_bytes(page.screenshot())
+        selector = "[data-testid=pump], [data-testid=alert], #alerts, #intended-use"
+        assert outside_viewport(page, selector) == [], f"{alerts} alerts"
+    finally:
+        context.close()
+        server.stop()
 
 
 def test_the_page_works_over_wss_with_the_tls_listener(stack: Stack) -> None:

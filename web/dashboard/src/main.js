@@ -2,7 +2,7 @@
 import 'uplot/dist/uPlot.min.css';
 import './style.css';
 import { Broker } from './broker.js';
-import { Ward } from './ward.js';
+import { Ward, refusalAnswers, refusalText } from './ward.js';
 import { AlertList, PumpGrid, clockTime } from './view.js';
 import { PumpDetail } from './detail.js';
 
@@ -35,7 +35,7 @@ class App {
     this.client = null;
     this.user = null;
     this.brokerLostSinceMs = null;
-    this.acks = new Map(); // alert_id -> { pending, refused, timer }
+    this.acks = new Map(); // alert_id -> { root, pending, refused, unanswered, timer }
     this.grid = new PumpGrid($('#pumps'), (key) => this.openDetail(key));
     this.alerts = new AlertList($('#alerts'), $('#alert-count'), {
       ack: (entry) => this.acknowledge(entry),
@@ -106,6 +106,8 @@ class App {
     stats.messages += ignored;
     for (const message of batch) this.handle(message);
     for (const receipt of this.ward.takeReceipts()) this.receiptArrived(receipt);
+    for (const refusal of this.ward.takeRefusals()) this.refusalArrived(refusal);
+    for (const root of this.ward.takeBirths()) this.resendUnanswered(root);
     stats.handleMs += performance.now() - started;
     this.schedule();
   }
@@ -187,25 +189,52 @@ class App {
   acknowledge(entry) {
     const id = entry.alert.alert_id;
     if (this.acks.get(id)?.pending || !this.client) return;
-    const timer = setTimeout(() => this.ackTimedOut(id), this.config.ack_timeout_s * 1000);
-    this.acks.set(id, { pending: true, refused: null, timer });
+    this.sendAck(entry.station.root, id);
     this.alerts.draw(this.ward, this.ctx());
-    this.client.publishAck(entry.station.root, this.user, id, (refusal) => {
+  }
+
+  sendAck(root, id) {
+    const timer = setTimeout(() => this.ackTimedOut(id), this.config.ack_timeout_s * 1000);
+    this.acks.set(id, { root, pending: true, refused: null, unanswered: false, timer });
+    this.client.publishAck(root, this.user, id, (refusal) => {
       if (refusal === null) return; // taken by the broker: now wait for the gateway's receipt
       this.ackRefused(id, refusal);
     });
   }
 
+  /** The fallback when neither the receipt nor the gateway's refusal came (lost, or a
+   * gateway that does not publish refusals). */
   ackTimedOut(id) {
     if (this.acks.get(id)?.pending) {
-      this.ackRefused(id, 'not applied by the gateway (not allowed or unknown alert)');
+      this.ackRefused(id, `no answer from the gateway within ${this.config.ack_timeout_s} s (not applied)`, true);
     }
   }
 
-  ackRefused(id, reason) {
+  /** The station's gateway (re)connected: an acknowledgement it never answered may have been
+   * lost with its previous connection, so send it again (docs/topics.md; a repeat of one it
+   * applied is refused as already_acknowledged, after the receipt, and changes nothing). */
+  resendUnanswered(root) {
+    if (!this.client) return;
+    for (const [id, ack] of this.acks) {
+      if (ack.root !== root || !(ack.pending || ack.unanswered)) continue;
+      if (ack.timer) clearTimeout(ack.timer);
+      this.sendAck(root, id);
+    }
+    this.ward.alertsChanged = true;
+    this.schedule();
+  }
+
+  /** The gateway's AckRefusal: shown on the row when it is for this user's acknowledgement
+   * of that alert on that station, replacing a timeout shown before it came. */
+  refusalArrived(refusal) {
+    if (!refusalAnswers(refusal, this.acks.get(refusal.alert_id), this.user)) return;
+    this.ackRefused(refusal.alert_id, refusalText(refusal));
+  }
+
+  ackRefused(id, reason, unanswered = false) {
     const held = this.acks.get(id);
     if (held?.timer) clearTimeout(held.timer);
-    this.acks.set(id, { pending: false, refused: reason, timer: null });
+    this.acks.set(id, { root: held?.root, pending: false, refused: reason, unanswered, timer: null });
     this.ward.alertsChanged = true;
     this.schedule();
   }

@@ -215,7 +215,10 @@ export class AlertList {
     this.metas.push({ meta, alert });
     const [action, status] = this.ackParts(entry, acked, offline);
     li.append(prio, who, meta, action, text);
-    if (status.childNodes.length || status.textContent) li.append(status);
+    if (status.childNodes.length || status.textContent) {
+      status.title = status.textContent; // one line on a desktop: the whole of it on hover
+      li.append(status);
+    }
     return li;
   }
 

@@ -5,6 +5,7 @@ export const PRIORITY_ORDER = { PH: 0, PM: 1, PL: 2, PN: 3 };
 export const TREND_POINTS = 1024; // per pump: bounded, preallocated (heap stays flat)
 export const HISTORY_ITEMS = 50; // events and alert transitions kept per pump
 export const LATENCY_WINDOW = 64; // live messages used for the clock-offset estimate
+export const CONNECTION_SEQS = 2 ** 20; // gateway status seqs per connection (docs/topics.md)
 
 /** Topic levels after the prefix: {site}/{station}/pumps/{id}/{leaf...} or gateway/{leaf...}. */
 export function parseTopic(topic, prefix) {
@@ -49,17 +50,45 @@ export class GatewayClock {
   }
 }
 
-/** Whether a retained-state message is older than the one already held for its topic. */
-export function isOlder(incoming, held) {
-  if (!held) return false;
+/** Whether a gateway status replaces the one held (docs/topics.md, "Retained state a
+ * consumer can verify", rule 1): within a session the highest `seq` wins; another session is
+ * a restart when the held status is `offline` or the new one is later. */
+export function isNewerGatewayStatus(incoming, held) {
+  if (!held) return true;
   const { session_id: session, seq } = incoming;
-  if (session !== undefined && seq !== undefined && held.session_id !== undefined) {
-    if (session === held.session_id) return seq < held.seq;
-    const inAt = ms(incoming.at);
-    const heldAt = ms(held.at);
-    return inAt !== null && heldAt !== null && inAt < heldAt;
-  }
-  return false;
+  if (session === undefined || seq === undefined) return held.session_id === undefined;
+  if (session === held.session_id) return seq > held.seq;
+  if (held.state === 'offline') return true;
+  const inAt = ms(incoming.at);
+  const heldAt = ms(held.at);
+  return inAt !== null && heldAt !== null && inAt > heldAt;
+}
+
+/** Whether a gateway status is a birth: `online`, the first seq of its connection (each
+ * connection owns CONNECTION_SEQS seqs and its birth takes the first). The gateway then
+ * listens for acknowledgements again: one sent before and never answered may be lost. */
+export function isBirth(status) {
+  return status.state === 'online' && Number.isInteger(status.seq) && status.seq % CONNECTION_SEQS === 0;
+}
+
+/** Whether a retained `status` or `alerts/active` message may be shown (rules 2 and 3): it
+ * comes from the station's current session and its `seq` is above the one held for its
+ * topic. One from another session, or without a session, is stale or foreign. */
+export function isCurrentState(incoming, held, sessionId) {
+  if (sessionId === null || incoming.session_id !== sessionId) return false;
+  if (typeof incoming.seq !== 'number') return false;
+  return !held || held.session_id !== sessionId || incoming.seq > held.seq;
+}
+
+/** Whether an AckRefusal (with its station's `root`) answers `ack`, the acknowledgement this
+ * page sent for that alert as `user`: same alert, station and MQTT user. */
+export function refusalAnswers(refusal, ack, user) {
+  return Boolean(ack) && ack.root === refusal.root && refusal.username === user;
+}
+
+/** The refusal as the alert row shows it: the gateway's reason kind, then its words. */
+export function refusalText(refusal) {
+  return `${refusal.reason_kind}: ${refusal.reason}`;
 }
 
 function ring(size) {
@@ -151,13 +180,18 @@ export class Ward {
     this.dirty = new Set(); // pump keys to redraw
     this.stationsChanged = true;
     this.receipts = []; // acknowledged transitions, for the acknowledgement tracker
+    this.refusals = []; // the gateway's AckRefusals, for the acknowledgement tracker
+    this.births = []; // roots of stations whose gateway (re)connected: resend unanswered acks
   }
 
   station(root, site, name) {
     let station = this.stations.get(root);
     if (!station) {
       station = { root, site, name, gatewayStatus: null, gatewayState: 'unknown',
-        offlineSinceMs: null, offlineRetained: false, gatewayAlerts: new Map(), held: new Map() };
+        offlineSinceMs: null, offlineRetained: false, gatewayAlerts: new Map(),
+        sessionId: null, // the gateway session whose retained state is shown
+        held: new Map(), // topic -> the shown status or alerts/active message
+        parked: new Map() }; // topic -> the newest one of another (or no) session, not shown
       this.stations.set(root, station);
     }
     return station;
@@ -185,27 +219,72 @@ export class Ward {
     if (live && !birth) this.clock.observe(ms(data.received_at ?? data.at), browserMs);
     const station = this.station(where.root, where.site, where.station);
     if (where.pumpId === null) return this.applyGateway(station, where.leaf, data, retained, browserMs);
-    if (where.leaf === 'alerts/active' || where.leaf === 'status' || where.leaf === 'info') {
-      if (isOlder(data, station.held.get(topic))) return false;
-      station.held.set(topic, data);
+    if (where.leaf === 'alerts/active' || where.leaf === 'status') {
+      return this.applyState(station, topic, data, () => this.pump(where));
     }
     const pump = this.pump(where);
     this.dirty.add(pump.key);
     switch (where.leaf) {
       case 'telemetry': return this.applyReading(pump, data);
       case 'info': pump.info = data; return true;
-      case 'status': pump.status = data; return true;
       case 'events': pushBounded(pump.events, data); return true;
       case 'alerts': return this.applyTransition(pump.alerts, pump, data, historical);
-      case 'alerts/active': return this.applyActive(pump.alerts, data);
       default: return false;
+    }
+  }
+
+  /** A retained state message (a pump's `status` or `alerts/active`, the gateway's
+   * `alerts/active`): shown only when it is of the current session and newer than the one
+   * shown; else parked until its session becomes the current one. */
+  applyState(station, topic, data, target) {
+    if (!isCurrentState(data, station.held.get(topic), station.sessionId)) {
+      const parked = station.parked.get(topic);
+      const sameSession = parked && parked.session_id === data.session_id;
+      if (data.session_id !== station.sessionId && (!sameSession || data.seq > parked.seq)) {
+        station.parked.set(topic, data);
+      }
+      return false;
+    }
+    station.held.set(topic, data);
+    station.parked.delete(topic);
+    const leaf = topic.slice(station.root.length + 1);
+    if (leaf === 'gateway/alerts/active') return this.applyActive(station.gatewayAlerts, data);
+    const pump = target();
+    this.dirty.add(pump.key);
+    if (leaf.endsWith('/status')) {
+      pump.status = data;
+      return true;
+    }
+    return this.applyActive(pump.alerts, data);
+  }
+
+  /** The gateway restarted (or its session became known): what the previous session said is
+   * no longer shown, and what arrived parked from the new session is. */
+  changeSession(station, sessionId) {
+    station.sessionId = sessionId;
+    for (const pump of this.pumps.values()) {
+      if (pump.station !== station) continue;
+      if (pump.status !== null || pump.alerts.size > 0) this.dirty.add(pump.key);
+      pump.status = null;
+      pump.alerts.clear();
+    }
+    station.gatewayAlerts.clear();
+    station.held.clear();
+    this.alertsChanged = true;
+    const parked = [...station.parked].filter(([, data]) => data.session_id === sessionId);
+    for (const [topic] of parked) station.parked.delete(topic);
+    for (const [topic, data] of parked) {
+      const where = parseTopic(topic, this.prefix);
+      this.applyState(station, topic, data, () => this.pump(where));
     }
   }
 
   applyGateway(station, leaf, data, retained, browserMs) {
     if (leaf === 'status') {
-      if (isOlder(data, station.gatewayStatus)) return false;
+      if (!isNewerGatewayStatus(data, station.gatewayStatus)) return false;
       station.gatewayStatus = data;
+      if (isBirth(data)) this.births.push(station.root);
+      if ((data.session_id ?? null) !== station.sessionId) this.changeSession(station, data.session_id ?? null);
       const wasOnline = station.gatewayState !== 'offline';
       station.gatewayState = data.state === 'online' ? 'online' : 'offline';
       if (station.gatewayState === 'offline' && (wasOnline || station.offlineSinceMs === null)) {
@@ -218,12 +297,12 @@ export class Ward {
       for (const pump of this.pumps.values()) if (pump.station === station) this.dirty.add(pump.key);
       return true;
     }
-    if (leaf === 'alerts/active') {
-      if (isOlder(data, station.held.get(leaf))) return false;
-      station.held.set(leaf, data);
-      return this.applyActive(station.gatewayAlerts, data);
-    }
+    if (leaf === 'alerts/active') return this.applyState(station, `${station.root}/gateway/${leaf}`, data, null);
     if (leaf === 'alerts') return this.applyTransition(station.gatewayAlerts, null, data, false);
+    if (leaf === 'acks/refused' && !retained) {
+      this.refusals.push({ ...data, root: station.root });
+      return true;
+    }
     return false;
   }
 
@@ -266,6 +345,20 @@ export class Ward {
     const receipts = this.receipts;
     this.receipts = [];
     return receipts;
+  }
+
+  /** Roots of the stations whose gateway was born since the last call. */
+  takeBirths() {
+    const births = this.births;
+    this.births = [];
+    return births;
+  }
+
+  /** The AckRefusals received since the last call, each with its station's `root`. */
+  takeRefusals() {
+    const refusals = this.refusals;
+    this.refusals = [];
+    return refusals;
   }
 }
 

@@ -3,8 +3,8 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import {
-  GatewayClock, TREND_POINTS, Ward, daysToLowAlarm, isOlder, keyValues, parseTopic, sortedAlerts,
-  trendSeries,
+  CONNECTION_SEQS, GatewayClock, TREND_POINTS, Ward, daysToLowAlarm, isBirth, isCurrentState, isNewerGatewayStatus, keyValues,
+  parseTopic, refusalAnswers, refusalText, sortedAlerts, trendSeries,
 } from '../src/ward.js';
 
 const ROOT = 'pumpgw/north/ward-3';
@@ -50,24 +50,108 @@ test('only live messages stamped when sent set the clock: not retained ones, not
   assert.equal(ward.clock.offsetMs, 1000);
 });
 
-test('an older retained status of the same session is ignored, a newer session wins', () => {
-  const held = { session_id: 's1', seq: 10, at: '2026-12-04T12:00:00Z' };
-  assert.ok(isOlder({ session_id: 's1', seq: 9, at: '2026-12-04T12:00:05Z' }, held));
-  assert.ok(!isOlder({ session_id: 's1', seq: 11, at: '2026-12-04T11:00:00Z' }, held));
-  assert.ok(!isOlder({ session_id: 's2', seq: 0, at: '2026-12-04T12:01:00Z' }, held));
-  assert.ok(isOlder({ session_id: 's0', seq: 99, at: '2026-12-04T11:59:00Z' }, held));
-  assert.ok(!isOlder({ at: '2026-12-04T11:00:00Z' }, held), 'without session and seq: accepted');
+const RETAINED = { retained: true, historical: false, browserMs: 0 };
+
+function birth(session, seq = 0, at = '2026-12-04T12:00:00Z', state = 'online') {
+  return { kind: 'gateway_status', session_id: session, seq, state, at };
+}
+
+function activeSet(session, seq, ...ids) {
+  return { kind: 'active_alerts', session_id: session, seq,
+    alerts: ids.map((id) => alert(id, 'PH', '2026-12-04T12:00:00Z')) };
+}
+
+test('the gateway status with the highest seq of the newest session is the gateway\'s state', () => {
+  const held = birth('s1', 10);
+  assert.ok(!isNewerGatewayStatus(birth('s1', 9, '2026-12-04T12:00:05Z'), held));
+  assert.ok(isNewerGatewayStatus(birth('s1', 11, '2026-12-04T11:00:00Z'), held));
+  assert.ok(isNewerGatewayStatus(birth('s2', 0, '2026-12-04T12:01:00Z'), held), 'a later session');
+  assert.ok(!isNewerGatewayStatus(birth('s0', 99, '2026-12-04T11:59:00Z'), held), 'an earlier one');
+  assert.ok(isNewerGatewayStatus(birth('s0', 0, '2026-12-04T11:59:00Z'), birth('s1', 5, '2026-12-04T12:00:00Z', 'offline')),
+    'a new session after offline is a restart');
+  assert.ok(!isNewerGatewayStatus({ state: 'online', at: '2026-12-04T13:00:00Z' }, held), 'no session: foreign');
+});
+
+test('a birth is the first online status of a connection; the ward reports it once', () => {
+  assert.ok(isBirth(birth('s', 0)));
+  assert.ok(isBirth(birth('s', 3 * CONNECTION_SEQS)));
+  assert.ok(!isBirth(birth('s', 3 * CONNECTION_SEQS + 1)), 'a re-assertion');
+  assert.ok(!isBirth(birth('s', 4 * CONNECTION_SEQS - 1, undefined, 'offline')), 'a will');
+  const ward = new Ward('pumpgw');
+  ward.apply(`${ROOT}/gateway/status`, birth('s', CONNECTION_SEQS - 1, undefined, 'offline'), RETAINED);
+  ward.apply(`${ROOT}/gateway/status`, birth('s', CONNECTION_SEQS), RETAINED);
+  ward.apply(`${ROOT}/gateway/status`, birth('s', CONNECTION_SEQS), RETAINED);
+  ward.apply(`${ROOT}/gateway/status`, birth('s', CONNECTION_SEQS + 1), RETAINED);
+  assert.deepEqual(ward.takeBirths(), [ROOT]);
+  assert.deepEqual(ward.takeBirths(), []);
+});
+
+test('state is current only from the current session and above the seq shown', () => {
+  assert.ok(isCurrentState(activeSet('s', 5), activeSet('s', 4), 's'));
+  assert.ok(!isCurrentState(activeSet('s', 4), activeSet('s', 5), 's'));
+  assert.ok(!isCurrentState(activeSet('old', 99), activeSet('s', 5), 's'), 'another session');
+  assert.ok(!isCurrentState({ alerts: [] }, null, 's'), 'without session and seq');
+  assert.ok(!isCurrentState(activeSet('s', 1), null, null), 'session not known yet');
 });
 
 test('the ward ignores a stale retained status but takes a newer one', () => {
   const ward = new Ward('pumpgw');
   const topic = `${ROOT}/pumps/P1/status`;
-  const opts = { retained: true, historical: false, browserMs: 0 };
-  ward.apply(topic, { session_id: 's', seq: 5, telemetry: 'ok', at: '2026-12-04T12:00:00Z' }, opts);
-  ward.apply(topic, { session_id: 's', seq: 4, telemetry: 'lost', at: '2026-12-04T11:00:00Z' }, opts);
+  ward.apply(`${ROOT}/gateway/status`, birth('s'), RETAINED);
+  ward.apply(topic, { session_id: 's', seq: 5, telemetry: 'ok', at: '2026-12-04T12:00:00Z' }, RETAINED);
+  ward.apply(topic, { session_id: 's', seq: 4, telemetry: 'lost', at: '2026-12-04T11:00:00Z' }, RETAINED);
   assert.equal([...ward.pumps.values()][0].status.telemetry, 'ok');
-  ward.apply(topic, { session_id: 's', seq: 6, telemetry: 'lost', at: '2026-12-04T12:01:00Z' }, opts);
+  ward.apply(topic, { session_id: 's', seq: 6, telemetry: 'lost', at: '2026-12-04T12:01:00Z' }, RETAINED);
   assert.equal([...ward.pumps.values()][0].status.telemetry, 'lost');
+});
+
+test('an older alerts/active of the same session after a newer one is ignored', () => {
+  const ward = new Ward('pumpgw');
+  const topic = `${ROOT}/pumps/P1/alerts/active`;
+  ward.apply(`${ROOT}/gateway/status`, birth('s'), RETAINED);
+  assert.ok(ward.apply(topic, activeSet('s', 8, 'newer'), RETAINED));
+  assert.ok(!ward.apply(topic, activeSet('s', 7, 'older'), RETAINED));
+  assert.deepEqual(sortedAlerts(ward).map((e) => e.alert.alert_id), ['newer']);
+});
+
+test('state that arrives before the gateway status waits for it; a foreign session never shows', () => {
+  const ward = new Ward('pumpgw');
+  const topic = `${ROOT}/pumps/P1/alerts/active`;
+  ward.apply(topic, activeSet('s2', 3, 'current'), RETAINED);
+  ward.apply(`${ROOT}/pumps/P2/alerts/active`, activeSet('s1', 40, 'foreign'), RETAINED);
+  ward.apply(`${ROOT}/pumps/P3/alerts/active`, { alerts: [alert('unsigned', 'PH', '2026-12-04T12:00:00Z')] }, RETAINED);
+  assert.deepEqual(sortedAlerts(ward), []);
+  ward.apply(`${ROOT}/gateway/status`, birth('s2'), RETAINED);
+  assert.deepEqual(sortedAlerts(ward).map((e) => e.alert.alert_id), ['current']);
+});
+
+test('a gateway restart hides the previous session\'s state until the new one asserts it', () => {
+  const ward = new Ward('pumpgw');
+  const topic = `${ROOT}/pumps/P1/alerts/active`;
+  ward.apply(`${ROOT}/gateway/status`, birth('s1', 0, '2026-12-04T12:00:00Z'), RETAINED);
+  ward.apply(topic, activeSet('s1', 50, 'before'), RETAINED);
+  ward.apply(`${ROOT}/gateway/status`, birth('s2', 0, '2026-12-04T13:00:00Z'), RETAINED);
+  assert.deepEqual(sortedAlerts(ward), []);
+  ward.apply(topic, activeSet('s1', 51, 'replayed'), RETAINED);
+  assert.deepEqual(sortedAlerts(ward), [], 'a replayed copy of the old session stays hidden');
+  ward.apply(topic, activeSet('s2', 1, 'after'), RETAINED);
+  assert.deepEqual(sortedAlerts(ward).map((e) => e.alert.alert_id), ['after']);
+});
+
+test('the gateway\'s refusals are collected with their station; one answers only its own ack', () => {
+  const ward = new Ward('pumpgw');
+  const refusal = { kind: 'ack_refusal', username: 'viewer', alert_id: 'P1:stall:1',
+    reason_kind: 'not_allowed', reason: "MQTT user 'viewer' is not in gateway.ack_allowed",
+    at: '2026-12-04T12:00:00Z' };
+  ward.apply(`${ROOT}/gateway/acks/refused`, refusal, { retained: false, historical: false, browserMs: 0 });
+  const [taken] = ward.takeRefusals();
+  assert.equal(taken.root, ROOT);
+  assert.deepEqual(ward.takeRefusals(), []);
+  assert.ok(refusalAnswers(taken, { root: ROOT, pending: true }, 'viewer'));
+  assert.ok(!refusalAnswers(taken, { root: ROOT, pending: true }, 'dashboard'), 'another user');
+  assert.ok(!refusalAnswers(taken, { root: 'pumpgw/north/ward-4', pending: true }, 'viewer'));
+  assert.ok(!refusalAnswers(taken, undefined, 'viewer'), 'not sent from this page');
+  assert.match(refusalText(taken), /^not_allowed: MQTT user 'viewer' is not in gateway.ack_allowed$/);
 });
 
 test('alerts sort by priority, then by start time', () => {
