@@ -6,6 +6,7 @@ Times: `t_s` is seconds after T0 on the pump's clock; the gateway receives at th
 
 from __future__ import annotations
 
+import json
 from typing import Final
 
 import pytest
@@ -158,3 +159,28 @@ def test_a_zero_interval_turns_reannouncement_off() -> None:
     f = feed_with(telemetry_lost_after_s=86_400.0, reannounce_after_s=0.0)
     f.reading(0, pump_state=PumpState.STALLED)
     assert [t for s in range(900, 9000, 900) for t in f.engine.on_tick(at(s))] == []
+
+
+def test_a_snapshot_with_two_reservoir_alerts_hands_empty_over_to_the_one_alert() -> None:
+    """A snapshot from before consolidation: a separate empty alert latches and then ends."""
+    f = Feed(AlertEngine(RulesConfig(), salt=b"s" * 16))
+    (start,) = f.reading(60, 0.9)
+    state = json.loads(f.engine.snapshot())
+    pump = state["pumps"][f.pump_id]
+    low = pump["alerts"]["low_reservoir"]
+    old_empty = {**low, "alert_id": f"{f.pump_id}:empty_reservoir:legacy"}
+    low.update(kind="low_reservoir", priority="PM", title="Low reservoir",
+               alert_id=f"{f.pump_id}:low_reservoir:legacy")  # fmt: skip
+    pump["alerts"]["empty_reservoir"] = old_empty
+    pump["on"].append("empty_reservoir")
+    f.engine = AlertEngine(RulesConfig(), json.dumps(state).encode())
+    out = f.reading(120, 0.8)
+    assert [(t.alert_id.rsplit(":", 1)[1], t.phase, t.alert_kind, t.state.value) for t in out] == [
+        ("legacy", U, "empty_reservoir", "active"),  # the low alert, escalated in place
+        ("legacy", U, "empty_reservoir", "latched"),  # the old empty alert, latched
+    ]
+    assert out[0].alert_id.endswith("low_reservoir:legacy")
+    (acked, end) = ack(f.engine, old_empty["alert_id"], 180)
+    assert (acked.phase, end.phase) == (A, E)
+    assert [t.alert_kind for t in f.engine.active_alerts(f.pump_id)] == ["empty_reservoir"]
+    assert start.alert_id != out[0].alert_id
