@@ -15,7 +15,10 @@ Lifecycle of one alert (`alert_id` is stable from start to end):
           +--on_acknowledgement--> acknowledged --resolved--> end (inactive)
 
 A latching alert ends only when its condition has resolved and it has been
-acknowledged; a non-latching alert ends when its condition resolves.
+acknowledged; a non-latching alert ends when its condition resolves. One clinical condition
+is one alert: a low reservoir that becomes empty is raised in place by an `update` (PH, kind
+`empty_reservoir`, acknowledged anew). Unacknowledged PH/PM alerts are re-announced with a
+rising `escalation_level`.
 Acknowledging records that a person has seen the alert; it never clears the
 pump's own alarm.
 """
