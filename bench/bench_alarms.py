@@ -9,7 +9,8 @@ next interval (as a nurse would; the worst case for repeated starts).
     refilled 2 days after its refill-due advisory, as a clinic would.
 (b) Every named scenario for its natural length (1 day at 60 s) and for 30 days (at 300 s).
 
-Per scenario: alert starts per priority per pump-day, false starts (a class that neither the
+Per scenario: alert starts per priority per pump-day (a low-reservoir alert escalated in place
+to empty counts as a start of its new class), false starts (a class that neither the
 injected fault nor true or estimated depletion explains), missed alerts (an injected fault or
 a depletion whose class never started), the time from the fault's start (or the threshold
 crossing) to the alert in simulated minutes, and a met/missed verdict against issue 10's
@@ -52,6 +53,8 @@ GAP_EMPTY_TARGET_MIN: Final = 60.0
 """Issue 10: a projected empty no later than the true empty + 1 h during a telemetry gap."""
 ADVISORY: Final = frozenset({"refill_due", "device_alarm"})
 """Never false: the refill-due advisory follows the estimate, a device alarm is the pump's."""
+COVERED_BY: Final = {"low_reservoir": {"low_reservoir", "empty_reservoir"}}
+"""One reservoir alert: a pump found empty at once raises empty, which covers low."""
 FAULT_SCENARIOS: Final = tuple(n for n in (*WARD_CYCLE, *(s.name for s in ADDED)) if n != "normal")
 
 
@@ -84,6 +87,10 @@ class Watched:
     expect: Expectation
     decoder: FrameDecoder = field(default_factory=FrameDecoder)
     starts: list[tuple[float, AlertTransition]] = field(default_factory=list)
+    """Starts, and escalations in place to a new class (low to empty reservoir)."""
+    kinds: dict[str, str] = field(default_factory=dict)
+    """Alert id -> its kind: an update that changes it is an escalation in place."""
+    escalations: int = 0
     in_gap: bool = False
     true_low_s: float | None = None
     true_empty_s: float | None = None
@@ -254,6 +261,16 @@ def _through_the_line(w: Watched, messages: list[DeviceMessageModel],
 
 
 def _note(w: Watched, t: AlertTransition, t_s: float, to_ack: list[str], clinic: bool) -> int:
+    before = w.kinds.get(t.alert_id)
+    if t.phase.value == "end":
+        w.kinds.pop(t.alert_id, None)
+        return 0
+    w.kinds[t.alert_id] = t.alert_kind
+    escalated = t.phase.value == "update" and before is not None and before != t.alert_kind
+    if escalated and t.acknowledged_by is None:  # a new class: counted, acknowledged anew
+        w.escalations += 1
+        w.starts.append((t_s, t))
+        to_ack.append(t.alert_id)
     if t.phase.value != "start":
         return 0
     w.starts.append((t_s, t))
@@ -309,7 +326,8 @@ def judge(w: Watched, interval_s: float) -> dict[str, Any]:
     latency: dict[str, float] = {}
     missed = []
     for kind, at_s in w.expect.required.items():
-        found = [s for s, t in w.starts if t.alert_kind == kind and s >= at_s - DAY_S]
+        shown = COVERED_BY.get(kind, {kind})
+        found = [s for s, t in w.starts if t.alert_kind in shown and s >= at_s - DAY_S]
         if not found:
             missed.append(kind)
         else:
@@ -345,6 +363,7 @@ def summarise(case: Case, watched: list[Watched], refills: int) -> dict[str, Any
         "label": case.label, "scenario": case.scenario, "pumps": len(watched),
         "seeds": list(case.seeds), "days": case.days, "interval_s": case.interval_s,
         "pump_days": pump_days, "clinic_refills": refills,
+        "escalations_in_place": sum(w.escalations for w in watched),
         "starts_by_priority": {p.value: by_priority[p.value] for p in Priority},
         "starts_per_pump_day": {p.value: by_priority[p.value] / pump_days for p in Priority},
         "starts_by_kind": dict(sorted(by_kind.items())),

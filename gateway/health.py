@@ -66,6 +66,8 @@ class Observation:
     pumps_telemetry_lost: int
     max_backlog_age_s: float
     acks_refused_by_reason: dict[str, int] = field(default_factory=dict)
+    acknowledgement_delays: dict[str, tuple[int, float, float]] = field(default_factory=dict)
+    """Per alert priority: acknowledgements, total and longest delay from start, in s."""
 
 
 def health_report(obs: Observation) -> tuple[bool, dict[str, Any]]:
@@ -133,6 +135,28 @@ def _metric(
         out.append(f"{name}{{{text}}} {value:g}" if text else f"{name} {value:g}")
 
 
+def _acknowledgement_delays(out: list[str], delays: dict[str, tuple[int, float, float]]) -> None:
+    """Time to acknowledge per priority: a summary (count, sum) and a gauge of the longest.
+
+    Written at full precision: a sum of seconds passes a million within days."""
+    name, longest = (
+        "pumpgw_alert_acknowledgement_delay_seconds",
+        "pumpgw_alert_acknowledgement_delay_max_seconds",
+    )
+    out.append(
+        f"# HELP {name} Time from an alert's start (or escalation in place) to its "
+        "acknowledgement, by priority."
+    )
+    out.append(f"# TYPE {name} summary")
+    for priority, (count, total_s, _) in sorted(delays.items()):
+        out.append(f'{name}_sum{{priority="{_label(priority)}"}} {float(total_s)!r}')
+        out.append(f'{name}_count{{priority="{_label(priority)}"}} {count:d}')
+    out.append(f"# HELP {longest} Longest time to acknowledge an alert, by priority.")
+    out.append(f"# TYPE {longest} gauge")
+    for priority, (_, _, longest_s) in sorted(delays.items()):
+        out.append(f'{longest}{{priority="{_label(priority)}"}} {float(longest_s)!r}')
+
+
 def render_metrics(obs: Observation) -> str:
     """Prometheus text exposition format."""
     out: list[str] = []
@@ -185,6 +209,7 @@ def render_metrics(obs: Observation) -> str:
         "Operator acknowledgements refused, by reason (docs/topics.md).",
         [({"reason": k}, v) for k, v in sorted(obs.acks_refused_by_reason.items())],
     )
+    _acknowledgement_delays(out, obs.acknowledgement_delays)
     _metric(
         out,
         "pumpgw_outbox_pending_records",

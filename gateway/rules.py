@@ -15,7 +15,10 @@ Lifecycle of one alert (`alert_id` is stable from start to end):
           +--on_acknowledgement--> acknowledged --resolved--> end (inactive)
 
 A latching alert ends only when its condition has resolved and it has been
-acknowledged; a non-latching alert ends when its condition resolves.
+acknowledged; a non-latching alert ends when its condition resolves. One clinical condition
+is one alert: a low reservoir that becomes empty is raised in place by an `update` (PH, kind
+`empty_reservoir`, acknowledged anew). Unacknowledged PH/PM alerts are re-announced with a
+rising `escalation_level`.
 Acknowledging records that a person has seen the alert; it never clears the
 pump's own alarm.
 """
@@ -38,6 +41,7 @@ from pydantic.dataclasses import dataclass as state_class
 
 from gateway.alert_settings import RuleOverrides, RulesConfig, RuleSettings
 from schemas.models import (
+    MAX_ESCALATION_LEVEL,
     Acknowledgement,
     AlarmState,
     AlertTransition,
@@ -405,8 +409,12 @@ EVIDENCE_CODES: Final = {
 }
 """Pump alarm codes a gateway rule already covers: attached to that alert as evidence, never
 passed through as a second alert."""
-_EVIDENCE_BY_KIND: Final = {kind: code for code, kind in EVIDENCE_CODES.items()}
 _LOW, _EMPTY, _DUE = LOW_RESERVOIR.kind, EMPTY_RESERVOIR.kind, REFILL_DUE.kind
+_EVIDENCE_BY_KIND: Final = {kind: code for code, kind in EVIDENCE_CODES.items()} | {
+    _EMPTY: _LOW_CODE
+}
+_RESERVOIR_LEVELS: Final = {_LOW: LOW_RESERVOIR, _EMPTY: EMPTY_RESERVOIR}
+"""The reservoir alert's kind at each level: the MDC, HL7 and FHIR mappings follow the kind."""
 _STALL, _STOPPED, _LOST = MOTOR_STALL.kind, PUMP_STOPPED.kind, TELEMETRY_LOST.kind
 _OVER, _UNDER = OVER_INFUSION.kind, UNDER_INFUSION.kind
 _CLOCK, _RATE_DROP = CLOCK_STEP.kind, RATE_DROP.kind
@@ -762,12 +770,14 @@ class AlertEngine:
         on, since = p.on, p.since
         low = v <= alarm + margin if _LOW in on else v <= alarm
         low = low or _LOW_CODE in p.device_alarms
-        if low or _LOW in on or _LOW in since:
-            self._drive(p, LOW_RESERVOIR, _LOW, low, s.low_reservoir_for_s, t, v, alarm)
+        alert = p.alerts.get(_LOW)
+        at_empty = alert is not None and alert.kind == _EMPTY
         empty_ml = s.empty_reservoir_ml
-        empty = v <= empty_ml + margin if _EMPTY in on else v <= empty_ml
-        if empty or _EMPTY in on or _EMPTY in since:
-            self._drive(p, EMPTY_RESERVOIR, _EMPTY, empty, s.empty_reservoir_for_s, t, v, empty_ml)
+        empty = v <= empty_ml + margin if at_empty else v <= empty_ml
+        if low or empty or _LOW in on or _LOW in since or _EMPTY in since:
+            self._reservoir_alert(p, s, low or empty, empty, t, v, (alarm, empty_ml))
+        if _EMPTY in on:  # a snapshot from before low and empty became one alert: end it
+            self._drive(p, EMPTY_RESERVOIR, _EMPTY, False, 0.0, t, v, empty_ml)
         use_ml_per_day = p.basal_ml_per_day + p.bolus_dose_ml * p.boluses_per_day_max
         days = (v - alarm) / use_ml_per_day if use_ml_per_day > 0.0 else None
         due = False
@@ -778,6 +788,44 @@ class AlertEngine:
             due = days <= limit and _LOW not in on and _EMPTY not in on  # one alert per condition
         if due or _DUE in on:
             self._drive(p, REFILL_DUE, _DUE, due, 0.0, t, days, s.refill_due_days)
+
+    def _reservoir_alert(
+        self,
+        p: _Pump,
+        s: RuleSettings,
+        low: bool,
+        empty: bool,
+        t: float,
+        v: float,
+        thresholds_ml: tuple[float, float],
+    ) -> None:
+        """Low and empty reservoir as one alert whose level follows the reservoir.
+
+        Low escalates in place to empty (an `update`: PH, kind `empty_reservoir`, a new
+        acknowledgement needed); the empty level holds until acknowledged, then returns to
+        low if the reservoir is above empty again; a refill ends the alert.
+        """
+        empty = _held(p, _EMPTY, empty, s.empty_reservoir_for_s, t)
+        level = EMPTY_RESERVOIR if empty else LOW_RESERVOIR
+        alert = p.alerts.get(_LOW)
+        shown = level if alert is None else _RESERVOIR_LEVELS[alert.kind]
+        threshold = thresholds_ml[shown is EMPTY_RESERVOIR]
+        self._drive(p, shown, _LOW, low, s.low_reservoir_for_s, t, v, threshold, shown.kind)
+        alert = p.alerts.get(_LOW)
+        if alert is None or _LOW not in p.on or alert.kind == level.kind:
+            return
+        if level is LOW_RESERVOIR and alert.acked_by is None:
+            return  # the empty level latches until someone has seen it
+        threshold = thresholds_ml[level is EMPTY_RESERVOIR]
+        if level is EMPTY_RESERVOIR:  # a new, worse condition: acknowledged anew
+            alert.acked_by = alert.acked_at = None
+            alert.started_s = alert.announced_s = self._now.timestamp()
+            words = " (escalated in place: the reservoir is now empty)"
+        else:
+            words = " (no longer empty; still low)"
+        alert.kind, alert.priority, alert.title = level.kind, level.priority, level.title
+        details = level.describe(p, _LOW, v, threshold)
+        self._update(p, alert, v, threshold, details, words)
 
     def _clock_rule(self, p: _Pump, t: float) -> None:
         limit_s = self._settings(p).clock_step_limit_s
@@ -830,7 +878,7 @@ class AlertEngine:
                 continue
             if alert.announced_s is None or now_s - alert.announced_s < every_s:
                 continue
-            alert.level += 1
+            alert.level = min(alert.level + 1, MAX_ESCALATION_LEVEL)
             alert.announced_s = now_s
             self._cause = alert.last.cause_record_id if alert.last is not None else None
             minutes = (now_s - (alert.started_s or now_s)) / 60.0
@@ -1007,8 +1055,12 @@ class AlertEngine:
         t: float,
         value: float | None,
         threshold: float | None,
+        name: str | None = None,
     ) -> None:
-        """Debounce one condition and move its alert: the only place conditions change."""
+        """Debounce one condition and move its alert: the only place conditions change.
+
+        `name` goes into a new alert's id in place of `key` (the reservoir alert's key stays
+        `low_reservoir` while its id names the level it started at)."""
         if raw:
             if key in p.on:
                 return
@@ -1019,7 +1071,7 @@ class AlertEngine:
                 return
             del p.since[key]
             p.on.add(key)
-            self._raise(p, spec, key, value, threshold)
+            self._raise(p, spec, key, value, threshold, name or key)
         elif key in p.on:
             p.on.discard(key)
             alert = p.alerts.get(key)
@@ -1029,7 +1081,13 @@ class AlertEngine:
             del p.since[key]
 
     def _raise(
-        self, p: _Pump, spec: _Spec, key: str, value: float | None, threshold: float | None
+        self,
+        p: _Pump,
+        spec: _Spec,
+        key: str,
+        value: float | None,
+        threshold: float | None,
+        name: str,
     ) -> None:
         details = spec.describe(p, key, value, threshold)
         alert = p.alerts.get(key)
@@ -1039,7 +1097,7 @@ class AlertEngine:
             return
         n = p.counters[spec.kind] = p.counters.get(spec.kind, 0) + 1  # per (pump, kind)
         alert = _Alert(
-            alert_id=f"{p.pump_id}:{key}:{self._token(p.pump_id, key, n)}",
+            alert_id=f"{p.pump_id}:{name}:{self._token(p.pump_id, name, n)}",
             kind=spec.kind,
             priority=spec.priority,
             alert_type=spec.alert_type,
@@ -1129,6 +1187,7 @@ class AlertEngine:
             cause_record_id=message.record_id if message is not None else self._cause,
             acknowledged_by=alert.acked_by,
             acknowledged_at=alert.acked_at,
+            escalation_level=alert.level,
         )
         alert.last = transition
         self._out.append(transition)
@@ -1154,6 +1213,17 @@ def _is_new(p: _Pump, boot_id: str, seq: int) -> bool:
         p.reading_seq = -1
     p.seq = seq
     return True
+
+
+def _held(p: _Pump, key: str, raw: bool, for_s: float, t: float) -> bool:
+    """Whether `raw` has held for `for_s` of device time (a level within an alert)."""
+    if not raw:
+        p.since.pop(key, None)
+        return False
+    since = p.since.get(key)
+    if since is None or t < since:
+        p.since[key] = since = t
+    return t - since >= for_s
 
 
 def _note_gap(p: _Pump, seq: int) -> None:

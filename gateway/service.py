@@ -619,6 +619,10 @@ class Gateway:
             acks_in=counts.acks_in,
             acks_rejected=counts.acks_rejected,
             acks_refused_by_reason=dict(counts.acks_refused),
+            acknowledgement_delays={
+                priority.value: delays
+                for priority, delays in self.pipeline.engine.acknowledgement_delays().items()
+            },
             outbox_pending=self.outbox.pending(),
             outbox_max_pending=self.outbox.max_pending,
             outbox_full=self._full,

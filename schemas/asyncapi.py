@@ -284,8 +284,11 @@ def channels() -> dict[str, dict[str, Any]]:
         "pumpAlerts": _pump_channel(
             "alert", "Pump alert transitions",
             "Every transition of the pump's alerts (IHE PCD ACM vocabulary). Deduplicate on "
-            "`transition_id`; `alert_id` is stable for the alert's life. A transition with "
-            "`phase: acknowledged` is the receipt of an operator's acknowledgement."),
+            "`transition_id`; `alert_id` is stable for the alert's life, and an `update` may "
+            "raise its priority and kind in place (low to empty reservoir). A transition with "
+            "`phase: acknowledged` is the receipt of an operator's acknowledgement. An "
+            "unacknowledged PH/PM alert is re-announced with `escalation_level` 1, 2, ...: a "
+            "second audience keeps `escalation_level >= 1` and follows that alert to its end."),
         "pumpActiveAlerts": _pump_channel("active_alerts", "Pump active alerts",
                                           MESSAGES["active_alerts"][1]),
         "pumpStatus": _pump_channel("pump_status", "Pump status",

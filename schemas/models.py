@@ -68,6 +68,8 @@ MAX_ACTIVE_ALERTS = 128
 """Above one alert per rule kind plus one per device alarm code a reading can carry."""
 MAX_SOURCES = 1024
 """Serial sources in one gateway status."""
+MAX_ESCALATION_LEVEL = 10_000
+"""[D] Re-announcements of one alert: over 100 days at the 15 min default interval."""
 
 PUMP_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 BOOT_ID_PATTERN = r"^[0-9A-Za-z]{1,16}$"
@@ -379,6 +381,9 @@ class AlertTransition(Frozen):
     cause_record_id: str | None = None
     acknowledged_by: Annotated[str, Field(max_length=128)] | None = None
     acknowledged_at: Timestamp | None = None
+    escalation_level: Annotated[int, Field(ge=0, le=MAX_ESCALATION_LEVEL, strict=True)] = 0
+    """How many times the alert has been announced again unacknowledged (PH and PM, every
+    `reannounce_after_s`); 0 until then. A second audience subscribes to levels >= 1."""
     intended_use: IntendedUse = INTENDED_USE
 
     @property

@@ -95,9 +95,8 @@ EXPECTED: Final[dict[str, tuple[Alert, ...]]] = {
         alert("refill_due", S, E, final=ENDED),  # 0.5 day to the alarm volume: within 7 days
         alert("low_reservoir", S, final=ACTIVE),
     ),
-    "empty": (  # a 0.6-day fill is at or below the 1 mL empty level from the first reading
-        alert("low_reservoir", S, final=ACTIVE),
-        alert("empty_reservoir", S, final=ACTIVE),
+    "empty": (  # a 0.6-day fill is at or below the 1 mL empty level from the first reading:
+        alert("empty_reservoir", S, final=ACTIVE),  # one reservoir alert, at its empty level
     ),
     "motor-stall": (  # three stalls and a permanent one: one latching alert throughout
         alert("motor_stall", S, U, *STALL_AGAIN, *STALL_AGAIN, U, final=ACTIVE),

@@ -40,6 +40,8 @@ ALERT_WARD = ("--pumps", "2", "--count", "200", "--scenario", "low-reservoir", "
 NURSE, TECH = "nurse.jones", "biomed.tech"
 FULL_WARD = ("--pumps", "2", "--count", "2000", "--speed", "max", "--wait-for-ack")
 ACK_RIGHTS = {"ack_allowed": [NURSE], "ack_technical": [TECH]}
+ACK_DELAY = "pumpgw_alert_acknowledgement_delay_seconds"
+ACK_DELAY_MAX = "pumpgw_alert_acknowledgement_delay_max_seconds"
 
 
 def station_config(tmp_path: Path, ward_port: int, port: int, prefix: str, **extra: Any) -> Path:
@@ -121,7 +123,9 @@ def test_an_ack_counts_only_for_the_user_in_its_topic_and_each_refusal_is_receip
                 METRICS_S,
             ), explain(gateway, ward)
             metrics = gateway.wait_metrics(
-                lambda m: m.value("pumpgw_operator_acks_total", result="accepted") >= 1, METRICS_S
+                lambda m: m.value("pumpgw_operator_acks_total", result="accepted") >= 1
+                and m.value(f"{ACK_DELAY}_count") >= 1,
+                METRICS_S,
             )
             log = gateway.log()
         publish_retained(port, f"{root}/ack/{NURSE}", b"")  # clear the retained ack
@@ -129,6 +133,10 @@ def test_an_ack_counts_only_for_the_user_in_its_topic_and_each_refusal_is_receip
     # Exactly four refusals: the ack retained before the gateway subscribed never arrived.
     assert metrics.value("pumpgw_operator_acks_total", result="rejected") == 4
     assert metrics.value("pumpgw_operator_acks_total", result="accepted") == 1
+    # Time to acknowledge: one acknowledgement, of the latching alert's priority.
+    (priority,) = metrics.by_label(f"{ACK_DELAY}_count", "priority")
+    assert metrics.value(f"{ACK_DELAY}_count", priority=priority) == 1
+    assert metrics.value(f"{ACK_DELAY}_sum") == metrics.value(ACK_DELAY_MAX) > 0
     assert metrics.by_label("pumpgw_operator_acks_refused_total", "reason") == {
         "by_mismatch": 1, "legacy_topic": 1, "unknown_alert": 1, "retained": 1,
     }  # fmt: skip

@@ -75,3 +75,23 @@ def test_metrics_expose_the_accounting_in_prometheus_text() -> None:
     assert 'pumpgw_source_reconnects_total{source="line-1"} 2' in text
     assert 'pumpgw_pumps{telemetry="lost"} 1' in text
     assert "# TYPE pumpgw_outbox_pending_records gauge" in text
+
+
+def test_metrics_expose_time_to_acknowledge_per_priority() -> None:
+    delays = {"PH": (3, 1234567.5, 900.25), "PM": (1, 60.0, 60.0)}
+    lines = render_metrics(observation(acknowledgement_delays=delays)).splitlines()
+    name = "pumpgw_alert_acknowledgement_delay_seconds"
+    start = lines.index(f"# TYPE {name} summary")
+    assert lines[start + 1 : start + 5] == [
+        f'{name}_sum{{priority="PH"}} 1234567.5',
+        f'{name}_count{{priority="PH"}} 3',
+        f'{name}_sum{{priority="PM"}} 60.0',
+        f'{name}_count{{priority="PM"}} 1',
+    ]
+    assert 'pumpgw_alert_acknowledgement_delay_max_seconds{priority="PH"} 900.25' in lines
+
+
+def test_metrics_declare_time_to_acknowledge_before_any_acknowledgement() -> None:
+    text = render_metrics(observation())
+    assert "# TYPE pumpgw_alert_acknowledgement_delay_seconds summary" in text
+    assert "pumpgw_alert_acknowledgement_delay_seconds_count" not in text

@@ -132,7 +132,7 @@ def with_alerts(
         session_id="s1",
     )
     batch = Batch()
-    p.frames("line", NOW.timestamp(), frames(encode_message(reading(1, reservoir_ml=1.0))), batch)
+    p.frames("line", NOW.timestamp(), frames(encode_message(reading(1, reservoir_ml=1.5))), batch)
     p.condition("outbox_full", True, "full", 10.0, 10.0, NOW.timestamp(), batch, high=True)
     (low,) = [t.alert_id for t in p.engine.active_alerts("P0001") if "low_reservoir" in t.alert_id]
     (full,) = [t.alert_id for t in p.engine.active_alerts("_gateway")]

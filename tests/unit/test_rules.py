@@ -353,11 +353,16 @@ def test_empty_reservoir_is_high_priority_at_or_below_one_ml(
     assert all(t.priority is Priority.HIGH and t.latching for t in out)
 
 
-def test_empty_reservoir_clears_above_empty_plus_margin_after_acknowledgement(feed: Feed) -> None:
+def test_empty_reservoir_returns_to_low_above_empty_plus_margin_after_acknowledgement(
+    feed: Feed,
+) -> None:
     (start,) = starts(feed.reading(0, 0.8), "empty_reservoir")
     ack(feed.engine, start.alert_id, 10)
-    assert of_kind(feed.reading(60, 1.5) + feed.reading(120, 2.0), "empty_reservoir") == []
-    assert of_kind(feed.reading(180, 2.01), "empty_reservoir") == [("end", "inactive")]
+    assert feed.reading(60, 1.5) + feed.reading(120, 2.0) == []
+    (back,) = feed.reading(180, 2.01)  # one alert: the empty level ends, low goes on
+    assert (back.alert_id, back.phase, back.alert_kind, back.priority) == (
+        start.alert_id, Phase.UPDATE, "low_reservoir", Priority.MEDIUM)
+    assert of_kind(feed.reading(240, 3.01), "low_reservoir") == [("end", "inactive")]
 
 
 # -- refill due ------------------------------------------------------------------------
