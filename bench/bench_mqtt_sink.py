@@ -24,7 +24,8 @@ from bench.bench_drain import reading
 from bench.common import print_table, write_results
 from bench.rig import BenchMosquitto, Subscriber, load_avg
 from gateway.adapters.mqtt import MqttSettings, MqttSink
-from gateway.outbox import Outbox, OutRecord
+from gateway.outbox import Outbox
+from gateway.records import OutRecord
 from gateway.topics import TopicBase
 
 APPEND_ROWS = 5000

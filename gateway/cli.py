@@ -1,6 +1,9 @@
 """`pumpgw`: the command line. The only module that prints or configures logging.
 
-Exit codes: 0 success, 1 runtime failure, 2 configuration or usage error.
+Exit codes: 0 success, 1 runtime failure, 2 configuration or usage error. Each branch of
+the error tree (gateway.errors) maps to one: ConfigError to 2 with every problem on its own
+line, any other PumpgwError or an OSError to 1 with one line. Anything else is a bug: Python
+prints its traceback and exits with 1.
 """
 
 from __future__ import annotations
@@ -25,9 +28,14 @@ from gateway.config import (
     inline_secrets_warning,
     load_settings,
 )
+from gateway.errors import PumpgwError
 from gateway.history import printable
 
 log = logging.getLogger("pumpgw")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
 
 INTENDED_USE_BANNER = (
     "pumpgw is a secondary, informational notification system. It is not a primary alarm "
@@ -294,17 +302,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         code: int = args.func(args)
+    except KeyboardInterrupt:
+        return EXIT_OK
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"configuration error: {printable(problem)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
-    except Exception as exc:
+        return EXIT_CONFIG
+    except (PumpgwError, OSError) as exc:  # ours, or the system's (a file, a socket)
         if args.verbose:
             raise
         print(f"pumpgw {args.command} failed: {exc} (run with -v for details)", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     log.debug("%s finished in %.1f s", args.command, time.monotonic() - started)
     return code
 

@@ -41,6 +41,7 @@ from gateway.adapters.mllp import Hl7Settings
 from gateway.adapters.mqtt import MqttSettings
 from gateway.adapters.serial_port import SourceSettings
 from gateway.alert_settings import RulesConfig
+from gateway.errors import PumpgwError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ MIN_PSEUDONYM_KEY_CHARS = 16
 KEY_HINT = f"use at least {MIN_PSEUDONYM_KEY_CHARS} random characters, e.g. openssl rand -hex 32"
 
 
-class ConfigError(Exception):
+class ConfigError(PumpgwError):
     """The configuration is invalid; `problems` lists `key.path: what is wrong` lines."""
 
     def __init__(self, problems: list[str]) -> None:

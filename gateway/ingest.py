@@ -51,10 +51,11 @@ from gateway.adapters.mqtt import (
 from gateway.admission import OriginGuard, OriginLimits, Refusal, TimeWindow
 from gateway.config import ConfigError, Section, Settings, load_settings_as
 from gateway.health import HealthServer, Observation, SinkObservation, SourceObservation
-from gateway.outbox import Outbox, OutboxError, OutboxFullError, OutRecord, StoredRecord
+from gateway.outbox import Outbox, OutboxError, OutboxFullError, StoredRecord
 from gateway.points import PointTags, line_for
 from gateway.quiet import QuietLog
-from gateway.topics import GATEWAY_PUMP_ID, segment_problem
+from gateway.records import GATEWAY_PUMP_ID, OutRecord
+from gateway.topics import segment_problem
 from schemas.models import (
     AlertTransition,
     DeviceEvent,

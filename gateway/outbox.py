@@ -33,6 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from gateway.errors import PumpgwError
+from gateway.records import PRIORITY_KINDS, OutRecord
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -48,7 +51,6 @@ CREATE INDEX IF NOT EXISTS records_by_pump ON records (pump_id, seq);
 CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
-PRIORITY_KINDS = frozenset({"alert", "active_alerts", "gateway_status", "pump_status"})
 HEADROOM_ROWS = 10_000
 """Rows kept in reserve above max_pending for alerts and status."""
 COLUMNS = "seq, kind, record_id, pump_id, payload, line, retain, stored_at"
@@ -63,7 +65,7 @@ CURSOR_WRITE_EVERY_S = 1.0
 """Longest a moved cursor waits in memory for a commit to carry it (while acks keep coming)."""
 
 
-class OutboxError(Exception):
+class OutboxError(PumpgwError):
     """The outbox cannot do what was asked; the message says what to check."""
 
 
@@ -73,18 +75,6 @@ class OutboxFullError(OutboxError):
     def __init__(self, message: str, *, disk: bool = False) -> None:
         super().__init__(message)
         self.disk = disk
-
-
-@dataclass(frozen=True, slots=True)
-class OutRecord:
-    """A record to store: a validated message as JSON, and its line protocol if it is a point."""
-
-    kind: str
-    record_id: str
-    pump_id: str | None
-    payload: bytes
-    line: bytes | None = None
-    retain: bool = False
 
 
 @dataclass(frozen=True, slots=True)

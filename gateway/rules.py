@@ -57,7 +57,6 @@ FLOW_SAMPLES_PER_WINDOW: Final = 96
 BOOTS_REMEMBERED: Final = 8
 """Recent boot sessions per pump whose messages are recognised as replays."""
 MAX_TEXT_CHARS: Final = 500
-GATEWAY_PUMP_ID: Final = "_gateway"
 _KIND_PATTERN: Final = re.compile(r"[a-z0-9_]{1,40}")
 _PUMP_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_UNIT_CHARS: Final = 16

@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from gateway.records import GATEWAY_PUMP_ID, KINDS, RETAINED_KINDS
+
 DEFAULT_PREFIX: Final = "pumpgw"
-GATEWAY_PUMP_ID: Final = "_gateway"
-"""The pump id of the gateway's own technical alerts."""
 FORBIDDEN_CHARS: Final = frozenset("+#/\x00")
 MAX_SEGMENT_CHARS: Final = 128
 
@@ -42,9 +42,6 @@ GATEWAY_LEAVES: Final[dict[str, str]] = {
     "alert": "alerts",
     "active_alerts": "alerts/active",
 }
-RETAINED_KINDS: Final = frozenset({"info", "pump_status", "active_alerts", "gateway_status"})
-"""Kinds published retained: the current state a late subscriber needs."""
-KINDS: Final = frozenset({*PUMP_LEAVES, "gateway_status", "quarantine"})
 
 
 def segment_problem(value: str) -> str | None:

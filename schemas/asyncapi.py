@@ -23,9 +23,9 @@ from pydantic import BaseModel
 
 from gateway.adapters.mqtt import MAX_ACK_BYTES, QOS, MqttSettings
 from gateway.ingest import subscriptions
+from gateway.records import GATEWAY_PUMP_ID
 from gateway.topics import (
     DEFAULT_PREFIX,
-    GATEWAY_PUMP_ID,
     TopicBase,
     ack_refusal_topic,
     deadletter_topic,

@@ -29,6 +29,7 @@ from typing import Any, Final, Protocol
 
 from pydantic import ValidationError
 
+from gateway.errors import StoppedError
 from gateway.outbox import Outbox, OutboxError, StoredRecord
 from gateway.quiet import QuietLog
 from schemas.models import describe_errors
@@ -123,10 +124,6 @@ def unreadable(row: StoredRecord, exc: ValidationError) -> Outgoing:
 
 PoisonCallback = Callable[[str, StoredRecord, str, bytes], None]
 """(sink name, record, the receiver's reason, the refused message) -> None."""
-
-
-class StoppedError(Exception):
-    """The stop event was set while the sink was waiting to retry."""
 
 
 def backoff_s(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:

@@ -60,6 +60,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from gateway.errors import SinkError
 from gateway.outbox import Outbox, StoredRecord
 from gateway.quiet import QuietLog
 from gateway.topics import (
@@ -105,7 +106,7 @@ SESSION_TAKEN_OVER: Final = 0x8E
 SCHEMES: Final = {"mqtt": 1883, "mqtts": 8883}
 
 
-class MqttError(Exception):
+class MqttError(SinkError):
     """Something this adapter cannot do; the message says what to check."""
 
 

@@ -26,7 +26,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.adapters.mqtt import KICKED_WITHIN_S, MqttSettings, MqttSink, MqttTls, ReceivedAck
-from gateway.outbox import Outbox, OutRecord, StoredRecord
+from gateway.outbox import Outbox, StoredRecord
+from gateway.records import OutRecord
 from gateway.topics import TopicBase, ack_topic, status_topic, subscription_filter
 from schemas.models import GatewayStatus
 from tests.servers import LOOPBACK, Mosquitto, MosquittoFactory, MosquittoTls, Pki

@@ -13,8 +13,8 @@ import jsonschema
 import pytest
 
 from gateway.adapters.mqtt import QOS, MqttSettings
+from gateway.records import GATEWAY_PUMP_ID
 from gateway.topics import (
-    GATEWAY_PUMP_ID,
     PUMP_LEAVES,
     TopicBase,
     ack_refusal_topic,

@@ -21,7 +21,7 @@ from gateway.ingest import (
     record_for,
     subscriptions,
 )
-from gateway.outbox import OutRecord
+from gateway.records import OutRecord
 from schemas.models import (
     AlarmState,
     AlertTransition,

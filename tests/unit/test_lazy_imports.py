@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 CORE_MODULES = ("schemas.models", "schemas.codec", "schemas.mdc")
 OPTIONAL_CORE_MODULES = (
+    "gateway.records",
+    "gateway.errors",
+    "gateway.pipeline",
     "gateway.rules",
     "gateway.topics",
     "gateway.points",

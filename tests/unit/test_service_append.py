@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway.outbox import OutboxFullError, OutRecord
+from gateway.outbox import OutboxFullError
+from gateway.records import OutRecord
 from gateway.service import Gateway
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.records import GATEWAY_PUMP_ID, KINDS
 from gateway.topics import (
-    GATEWAY_PUMP_ID,
-    KINDS,
     AckOrigin,
     TopicBase,
     ack_filter,
