@@ -38,7 +38,7 @@ from pydantic_settings import (
 from gateway.adapters.fhir_rest import FhirSettings
 from gateway.adapters.influx import InfluxSettings
 from gateway.adapters.mllp import Hl7Settings
-from gateway.adapters.mqtt import MqttSettings
+from gateway.adapters.mqtt_client import MqttSettings
 from gateway.adapters.serial_port import SourceSettings
 from gateway.alert_settings import RulesConfig
 from gateway.errors import PumpgwError

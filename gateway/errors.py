@@ -8,7 +8,7 @@ Pure: no imports. Each class lives beside the code that raises it; this tree is 
     │   └── OutboxFullError              gateway.outbox      no room: readings wait (back-pressure)
     ├── SourceError                      gateway.adapters.serial_port   a line cannot be opened
     ├── SinkError                        gateway.errors      a sink cannot deliver
-    │   ├── MqttError                    gateway.adapters.mqtt
+    │   ├── MqttError                    gateway.adapters.mqtt_client
     │   │   ├── MqttConfigError          unreadable password file, bad TLS files
     │   │   └── MqttRefusedError         the broker refused a CONNECT or a PUBLISH
     │   └── InfluxError                  gateway.adapters.influx

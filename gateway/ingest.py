@@ -21,7 +21,6 @@ import hashlib
 import logging
 import queue
 import socket
-import ssl
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -33,28 +32,29 @@ from pathlib import Path
 from typing import Any, Final
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from gateway.adapters.influx import InfluxSink
-from gateway.adapters.mqtt import (
-    MqttConfigError,
+from gateway.adapters.mqtt_client import (
+    ClientEvent,
+    Connected,
+    Disconnected,
+    MqttClient,
     MqttSettings,
-    connect_refusal,
-    paho_errors,
-    reason,
+    Refused,
+    Subscribed,
+    Unreachable,
+    Unsubscribed,
+    session_properties,
 )
 from gateway.admission import OriginGuard, OriginLimits, Refusal, TimeWindow
 from gateway.config import ConfigError, Section, Settings, load_settings_as
 from gateway.health import HealthServer, Observation, SinkObservation, SourceObservation
-from gateway.outbox import Outbox, OutboxError, OutboxFullError, StoredRecord
+from gateway.outbox import Outbox, OutboxError, OutboxFullError
 from gateway.points import PointTags, line_for
 from gateway.quiet import QuietLog
-from gateway.records import GATEWAY_PUMP_ID, OutRecord
+from gateway.records import GATEWAY_PUMP_ID, OutRecord, StoredRecord
 from gateway.topics import segment_problem
 from schemas.models import (
     AlertTransition,
@@ -85,7 +85,6 @@ BATCH_MAX_ITEMS: Final = 500
 IDLE_WAIT_S: Final = 0.5
 RETRY_COMMIT_S: Final = 1.0
 COMPACT_EVERY_S: Final = 60.0
-RECONNECT_MIN_DELAY_S: Final = 1
 SOURCE_NAME: Final = "mqtt"
 RETIRE_IDLE_S: Final = 3.0
 """A retiring worker's session counts as drained after this long without a message."""
@@ -404,7 +403,7 @@ class MqttSubscription:
     def __init__(
         self,
         settings: IngestSettings,
-        events: queue.SimpleQueue[tuple[Any, ...]],
+        events: queue.SimpleQueue[ClientEvent | Delivery],
         *,
         retire: bool = False,
     ) -> None:
@@ -429,48 +428,23 @@ class MqttSubscription:
         self._closing = False
         self._client = self._make_client()
 
-    def _make_client(self) -> mqtt.Client:
-        s = self.mqtt
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv5,
+    def _make_client(self) -> MqttClient:
+        client = MqttClient(
+            self.mqtt,
+            self.client_id,
+            emit=self._emit,
+            on_message=self._on_message,
+            on_connect=self._on_connect,
             manual_ack=True,
+            subscribed_filters=tuple(self.filters),
         )
-        client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, s.reconnect_max_s)
-        if s.username is not None:
-            client.username_pw_set(s.username, s.password_value())
-        if s.uses_tls:
-            with paho_errors("mqtt.tls", MqttConfigError):
-                client.tls_set(
-                    ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
-                    certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
-                    keyfile=str(s.tls.key_file) if s.tls.key_file else None,
-                    cert_reqs=ssl.CERT_NONE if s.tls.insecure_skip_verify else ssl.CERT_REQUIRED,
-                )
-                client.tls_insecure_set(s.tls.insecure_skip_verify)
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
-        client.on_unsubscribe = self._on_unsubscribe
-        client.on_message = self._on_message
+        self._paho = client.paho
         return client
 
     def start(self) -> None:
         """Connect in the background (paho's thread), keeping the session of this client id."""
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self.ingest.session_expiry_s
-        props.ReceiveMaximum = self.ingest.receive_max
-        with paho_errors(f"cannot start MQTT to {self.mqtt.display_url()}"):
-            self._client.connect_async(
-                self.mqtt.host,
-                self.mqtt.port,
-                self.mqtt.keepalive_s,
-                clean_start=False,
-                properties=props,
-            )
-            self._client.loop_start()
+        props = session_properties(self.ingest.session_expiry_s, self.ingest.receive_max)
+        self._client.start(clean_start=False, properties=props)
 
     def close(self, *, end_session: bool = False) -> None:
         """Disconnect; the session and its unacknowledged messages stay unless `end_session`."""
@@ -479,12 +453,7 @@ class MqttSubscription:
             self._room.notify_all()
         with self._lock:
             self.generation += 1
-        props = None
-        if end_session:
-            props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = 0
-        self._client.disconnect(properties=props)
-        self._client.loop_stop()
+        self._client.stop(properties=session_properties(0) if end_session else None)
 
     def ack(self, deliveries: Sequence[Delivery]) -> tuple[int, int]:
         """Acknowledge committed messages in arrival order; return (acked, left to redelivery)."""
@@ -496,7 +465,7 @@ class MqttSubscription:
                 if d.generation != self.generation:
                     stale += 1
                     continue
-                self._client.ack(d.mid, d.qos)
+                self._paho.ack(d.mid, d.qos)
                 acked += 1
         return acked, stale
 
@@ -507,64 +476,22 @@ class MqttSubscription:
             self.generation += 1
             return self.generation
 
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
+    def _on_connect(self, client: mqtt.Client, event: Connected) -> None:
         self._bump()
-        if reason_code.is_failure:
-            self._events.put(("refused", *reason(reason_code)))
-            return
         if self.retire:
             client.unsubscribe(self.filters)
         else:
             client.subscribe([(f, SubscribeOptions(qos=QOS)) for f in self.filters])
-        self._events.put(("connected", bool(flags.session_present)))
 
-    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._events.put(("unreachable",))
-
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.DisconnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        self._bump()
-        self.subscribed = False
-        self._events.put(("disconnected", *reason(reason_code)))
-
-    def _on_subscribe(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        mid: int,
-        reason_codes: list[ReasonCode],
-        properties: Properties | None,
-    ) -> None:
-        refused = [
-            (f, rc.getName())
-            for f, rc in zip(self.filters, reason_codes, strict=False)
-            if rc.is_failure
-        ]
-        self.subscribed = not refused
-        self._events.put(("subscribed", refused))
-
-    def _on_unsubscribe(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        mid: int,
-        reason_codes: list[ReasonCode],
-        properties: Properties | None,
-    ) -> None:
-        self._events.put(("unsubscribed",))
+    def _emit(self, event: ClientEvent) -> None:
+        if isinstance(event, Refused):
+            self._bump()
+        elif isinstance(event, Disconnected):
+            self._bump()
+            self.subscribed = False
+        elif isinstance(event, Subscribed):
+            self.subscribed = not event.refused
+        self._events.put(event)
 
     def taken(self, delivery: Delivery) -> None:
         """The worker took a delivery off the queue: its room is free again."""
@@ -578,7 +505,7 @@ class MqttSubscription:
         with self._room:
             return self._queued_messages, self._queued_bytes
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, message: mqtt.MQTTMessage) -> None:
         size = len(message.payload)
         self.bytes_in += size
         if message.qos == 0:
@@ -592,7 +519,7 @@ class MqttSubscription:
         if not self._wait_for_room(len(payload)):
             return  # closing: not acknowledged, so the broker delivers it again
         delivery = Delivery(message.topic, payload, message.mid, message.qos, self.generation, size)
-        self._events.put(("message", delivery))
+        self._events.put(delivery)
 
     def _wait_for_room(self, payload_bytes: int) -> bool:
         """Reserve queue room for one delivery, waiting while the queue is full."""
@@ -636,7 +563,7 @@ class IngestWorker:
         self.stop_event = threading.Event()
         self.wake_influx = threading.Event()
         self.counts = IngestCounts()
-        self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[ClientEvent | Delivery] = queue.SimpleQueue()
         self._quiet = QuietLog(log)
         store = settings.store
         self.outbox = Outbox(
@@ -735,46 +662,49 @@ class IngestWorker:
             except queue.Empty:
                 break
             wait_s = None
-            if event[0] == "message":
-                self.subscription.taken(event[1])
-                deliveries.append(event[1])
+            if isinstance(event, Delivery):
+                self.subscription.taken(event)
+                deliveries.append(event)
             else:
-                self._connection_event(*event)
+                self._connection_event(event)
         return deliveries
 
-    def _connection_event(self, kind: str, *args: Any) -> None:
+    def _connection_event(self, event: ClientEvent) -> None:
         sub = self.subscription
         url = self.settings.mqtt.display_url()
-        if kind == "connected":
-            session = "resumed" if args[0] else "new"
-            log.info("MQTT connected to %s as %s (%s session)", url, sub.client_id, session)
-            sub.last_error = None
-            self._quiet.forget("unreachable")
-        elif kind == "subscribed":
-            for topic_filter, name in args[0]:
-                sub.last_error = f"broker refused the subscription to {topic_filter}: {name}"
-                self._quiet.error(
-                    f"sub:{topic_filter}",
-                    "%s; check the broker's ACL for %s",
-                    sub.last_error,
-                    self.settings.mqtt.username or "this client",
+        match event:
+            case Connected(session_present):
+                session = "resumed" if session_present else "new"
+                log.info("MQTT connected to %s as %s (%s session)", url, sub.client_id, session)
+                sub.last_error = None
+                self._quiet.forget("unreachable")
+            case Subscribed(refused):
+                for topic_filter, name in refused:
+                    sub.last_error = f"broker refused the subscription to {topic_filter}: {name}"
+                    self._quiet.error(
+                        f"sub:{topic_filter}",
+                        "%s; check the broker's ACL for %s",
+                        sub.last_error,
+                        self.settings.mqtt.username or "this client",
+                    )
+            case Unsubscribed():
+                self._unsubscribed = True
+                log.info(
+                    "unsubscribed from group %r; taking what the session still holds",
+                    self.settings.ingest.group,
                 )
-        elif kind == "unsubscribed":
-            self._unsubscribed = True
-            log.info(
-                "unsubscribed from group %r; taking what the session still holds",
-                self.settings.ingest.group,
-            )
-        elif kind == "refused":
-            sub.last_error = str(connect_refusal(args[0], args[1], url))
-            self._quiet.error(f"refused:{args[0]}", "%s", sub.last_error)
-        elif kind == "unreachable":
-            sub.last_error = f"cannot reach the broker at {url}; retrying"
-            self._quiet.warning("unreachable", "%s", sub.last_error)
-        elif kind == "disconnected":
-            sub.reconnects += 1
-            sub.last_error = f"connection to {url} lost: {args[1]}"
-            log.warning("%s; unacknowledged messages will be delivered again", sub.last_error)
+            case Refused(code):
+                sub.last_error = str(event.error)
+                self._quiet.error(f"refused:{code}", "%s", sub.last_error)
+            case Unreachable():
+                sub.last_error = f"cannot reach the broker at {url}; retrying"
+                self._quiet.warning("unreachable", "%s", sub.last_error)
+            case Disconnected(_code, name):
+                sub.reconnects += 1
+                sub.last_error = f"connection to {url} lost: {name}"
+                log.warning("%s; unacknowledged messages will be delivered again", sub.last_error)
+            case _:
+                pass  # PUBACKs: the worker publishes nothing
 
     def _ingest(self, deliveries: list[Delivery], stop: threading.Event) -> None:
         """Validate, commit, then acknowledge: nothing is acked that is not stored."""

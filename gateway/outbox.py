@@ -29,12 +29,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from gateway.errors import PumpgwError
-from gateway.records import PRIORITY_KINDS, OutRecord
+from gateway.records import PRIORITY_KINDS, OutRecord, StoredRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -75,20 +74,6 @@ class OutboxFullError(OutboxError):
     def __init__(self, message: str, *, disk: bool = False) -> None:
         super().__init__(message)
         self.disk = disk
-
-
-@dataclass(frozen=True, slots=True)
-class StoredRecord:
-    """A committed row of the outbox."""
-
-    seq: int
-    kind: str
-    record_id: str
-    pump_id: str | None
-    payload: bytes
-    line: bytes | None
-    retain: bool
-    stored_at_s: float
 
 
 def _owner_only(path: Path, *, create: bool = True) -> None:

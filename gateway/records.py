@@ -33,3 +33,17 @@ class OutRecord:
     payload: bytes
     line: bytes | None = None
     retain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """A committed row of the outbox."""
+
+    seq: int
+    kind: str
+    record_id: str
+    pump_id: str | None
+    payload: bytes
+    line: bytes | None
+    retain: bool
+    stored_at_s: float

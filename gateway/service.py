@@ -29,11 +29,11 @@ from gateway.adapters.mqtt import MqttSink, ReceivedAck
 from gateway.adapters.serial_port import SerialSource
 from gateway.config import Settings, pseudonymize_key
 from gateway.health import HealthServer, Observation, SinkObservation, SourceObservation
-from gateway.outbox import Outbox, OutboxError, OutboxFullError, StoredRecord
+from gateway.outbox import Outbox, OutboxError, OutboxFullError
 from gateway.pipeline import AckKey, Batch, Pipeline, ack_runs
 from gateway.points import PointTags
 from gateway.quiet import CountedLog, QuietLog
-from gateway.records import OutRecord
+from gateway.records import OutRecord, StoredRecord
 from gateway.rules import AlertEngine
 from gateway.topics import TopicBase, ack_filter, ack_origin
 from schemas.codec import Frame, FrameDecoder, FrameError, encode_ack

@@ -21,7 +21,8 @@ from typing import Any, Final
 
 from pydantic import BaseModel
 
-from gateway.adapters.mqtt import MAX_ACK_BYTES, QOS, MqttSettings
+from gateway.adapters.mqtt import MAX_ACK_BYTES, QOS
+from gateway.adapters.mqtt_client import MqttSettings
 from gateway.ingest import subscriptions
 from gateway.records import GATEWAY_PUMP_ID
 from gateway.topics import (

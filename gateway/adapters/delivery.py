@@ -30,8 +30,9 @@ from typing import Any, Final, Protocol
 from pydantic import ValidationError
 
 from gateway.errors import StoppedError
-from gateway.outbox import Outbox, OutboxError, StoredRecord
+from gateway.outbox import Outbox, OutboxError
 from gateway.quiet import QuietLog
+from gateway.records import StoredRecord
 from schemas.models import describe_errors
 
 log = logging.getLogger(__name__)

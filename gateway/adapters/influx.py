@@ -38,8 +38,9 @@ import urllib3
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from gateway.errors import SinkError, StoppedError
-from gateway.outbox import Outbox, OutboxError, StoredRecord
+from gateway.outbox import Outbox, OutboxError
 from gateway.quiet import QuietLog
+from gateway.records import StoredRecord
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from gateway.adapters.mqtt import QOS, MqttSettings
+from gateway.adapters.mqtt import QOS
+from gateway.adapters.mqtt_client import MqttSettings
 from gateway.records import GATEWAY_PUMP_ID
 from gateway.topics import (
     PUMP_LEAVES,
