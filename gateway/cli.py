@@ -23,6 +23,7 @@ from typing import Any
 from gateway import __version__
 from gateway.config import (
     ConfigError,
+    ProcessSettings,
     Settings,
     environment_keys,
     inline_secrets_warning,
@@ -95,7 +96,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if _is_ingest_config(args.file):
             from gateway.ingest import load_ingest_settings
 
-            settings: Settings = load_ingest_settings(args.file)
+            settings: ProcessSettings = load_ingest_settings(args.file)
         else:
             settings = load_settings(args.file)
     except ConfigError as exc:
@@ -106,13 +107,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     lines = [
         f"{args.file}: OK",
         f"  site/station: {settings.gateway.site}/{settings.gateway.station}",
-        f"  sources: {', '.join(s.label for s in settings.sources) or 'none'}",
         f"  mqtt: {settings.mqtt.display_url()}{_tls_note(settings)}",
         f"  influx: {_influx_note(settings)}",
-        f"  hl7: {settings.hl7.display_url() if settings.hl7 else 'not configured'}",
-        f"  fhir: {settings.fhir.display_url() if settings.fhir else 'not configured'}",
         f"  store: {settings.store.path} (durability {settings.store.durability})",
     ]
+    if isinstance(settings, Settings):  # the station's own sections
+        lines[2:2] = [f"  sources: {', '.join(s.label for s in settings.sources) or 'none'}"]
+        lines[-1:-1] = [
+            f"  hl7: {settings.hl7.display_url() if settings.hl7 else 'not configured'}",
+            f"  fhir: {settings.fhir.display_url() if settings.fhir else 'not configured'}",
+        ]
     keys = environment_keys()
     if keys:
         lines.append(f"  overridden from the environment: {', '.join(keys)}")
@@ -123,7 +127,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _influx_note(settings: Settings) -> str:
+def _influx_note(settings: ProcessSettings) -> str:
     if settings.influx is None:
         return "not configured"
     note = settings.influx.display_url()
@@ -132,7 +136,7 @@ def _influx_note(settings: Settings) -> str:
     return note
 
 
-def _tls_note(settings: Settings) -> str:
+def _tls_note(settings: ProcessSettings) -> str:
     """How the broker's certificate is checked, for check-config (never a secret)."""
     if not settings.mqtt.uses_tls:
         return " (no TLS)"

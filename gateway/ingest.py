@@ -35,7 +35,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from gateway.adapters.influx import InfluxSink
+from gateway import store_shell
+from gateway.adapters.influx import InfluxSettings, InfluxSink
 from gateway.adapters.mqtt_client import (
     ClientEvent,
     Connected,
@@ -49,13 +50,21 @@ from gateway.adapters.mqtt_client import (
     session_properties,
 )
 from gateway.admission import OriginGuard, OriginLimits, Refusal, TimeWindow
-from gateway.config import ConfigError, Section, Settings, load_settings_as
-from gateway.health import HealthServer, Observation, SinkObservation, SourceObservation
-from gateway.outbox import Outbox, OutboxError, OutboxFullError
+from gateway.config import (
+    ConfigError,
+    GatewaySection,
+    HealthSection,
+    ProcessSettings,
+    Section,
+    StoreSection,
+    load_settings_as,
+)
+from gateway.health import Observation, SourceObservation
+from gateway.outbox import OutboxError
 from gateway.points import PointTags, line_for
 from gateway.quiet import QuietLog
-from gateway.records import GATEWAY_PUMP_ID, OutRecord, StoredRecord
-from gateway.topics import segment_problem
+from gateway.records import OutRecord, StoredRecord
+from gateway.topics import LEAF_KINDS, TopicParts, parse_topic, segment_problem
 from schemas.models import (
     AlertTransition,
     DeviceEvent,
@@ -67,8 +76,6 @@ from schemas.models import (
 
 log = logging.getLogger(__name__)
 
-LEAF_KINDS: Final[dict[str, str]] = {"telemetry": "reading", "events": "event", "alerts": "alert"}
-"""Pump topic leaves the workers take, and the record kind each carries (docs/topics.md)."""
 MODELS: Final[dict[str, type[Frozen]]] = {
     "reading": Reading,
     "event": DeviceEvent,
@@ -186,8 +193,14 @@ class IngestSection(Section):
         return value
 
 
-class IngestSettings(Settings):
-    """The gateway's configuration plus [ingest]; [[sources]] and [alerts] are not used."""
+class IngestSettings(ProcessSettings):
+    """[mqtt], [influx], [store], [health] and [ingest]: what a worker runs, nothing more."""
+
+    gateway: GatewaySection = GatewaySection()
+    mqtt: MqttSettings = MqttSettings()
+    influx: InfluxSettings | None = None
+    store: StoreSection = StoreSection()
+    health: HealthSection = HealthSection()
 
     ingest: IngestSection = IngestSection()
 
@@ -218,16 +231,6 @@ def client_id_for(settings: IngestSettings) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class TopicParts:
-    """What a topic says: the station it came from, the pump and the record kind."""
-
-    site: str
-    station: str
-    pump_id: str
-    kind: str
-
-
-@dataclass(frozen=True, slots=True)
 class Rejected:
     """Why a message cannot be stored as a point."""
 
@@ -240,19 +243,6 @@ def subscriptions(group: str, prefix: str) -> list[str]:
     """The shared subscription filters of a worker group under a topic prefix."""
     base = f"$share/{group}/{prefix}/+/+"
     return [*(f"{base}/pumps/+/{leaf}" for leaf in LEAF_KINDS), f"{base}/gateway/alerts"]
-
-
-def parse_topic(topic: str, prefix: str) -> TopicParts | None:
-    """Site, station, pump and kind of a telemetry, event or alert topic; None for others."""
-    levels = topic.split("/")
-    if len(levels) == 6 and levels[0] == prefix and levels[3] == "pumps":
-        kind = LEAF_KINDS.get(levels[5])
-        if kind is None:
-            return None
-        return TopicParts(levels[1], levels[2], levels[4], kind)
-    if len(levels) == 5 and levels[0] == prefix and levels[3:] == ["gateway", "alerts"]:
-        return TopicParts(levels[1], levels[2], GATEWAY_PUMP_ID, "alert")
-    return None
 
 
 @lru_cache(maxsize=1024)
@@ -565,15 +555,7 @@ class IngestWorker:
         self.counts = IngestCounts()
         self._events: queue.SimpleQueue[ClientEvent | Delivery] = queue.SimpleQueue()
         self._quiet = QuietLog(log)
-        store = settings.store
-        self.outbox = Outbox(
-            store.path,
-            ["influx"],
-            durability=store.durability,
-            max_pending=store.max_pending_records,
-            retention_s=store.retention_days * 86400,
-            min_free_bytes=store.min_free_disk_kb * 1024,
-        )
+        self.outbox = store_shell.open_outbox(settings.store, ["influx"])
         self._recent = RecentIds()
         self._recent.extend(self.outbox.recent_record_ids(RECENT_IDS))
         self.origin = OriginGuard(settings.ingest.origin_limits())
@@ -745,22 +727,24 @@ class IngestWorker:
 
     def _commit(self, records: list[OutRecord], stop: threading.Event) -> bool:
         """Store the records, retrying while the outbox is full or failing; False if stopped."""
-        while True:
-            try:
-                self.outbox.append(records)
-                self._quiet.forget("outbox")
-                return True
-            except OutboxFullError as exc:
-                self._quiet.error(
-                    "outbox",
-                    "outbox full, not acknowledging until InfluxDB "
-                    "catches up (the broker keeps the messages): %s",
-                    exc,
-                )
-            except OutboxError as exc:
-                self._quiet.error("outbox", "outbox write failed, retrying: %s", exc)
-            if stop.wait(RETRY_COMMIT_S):
-                return False
+        stored = store_shell.commit(
+            self.outbox,
+            list(records),
+            None,
+            on_full=lambda exc: self._quiet.error(
+                "outbox",
+                "outbox full, not acknowledging until InfluxDB "
+                "catches up (the broker keeps the messages): %s",
+                exc,
+            ),
+            on_error=lambda exc: self._quiet.error(
+                "outbox", "outbox write failed, retrying: %s", exc
+            ),
+            wait_to_retry=lambda: stop.wait(RETRY_COMMIT_S),
+        )
+        if stored:
+            self._quiet.forget("outbox")
+        return stored
 
     def _on_poison(self, record: StoredRecord, why: str) -> None:
         """Called on the sink's thread: keep a point InfluxDB refused for good, with the reason."""
@@ -784,53 +768,42 @@ class IngestWorker:
     def observe(self) -> Observation:
         """Counters and backlog in the gateway's shape, so /metrics has the same names."""
         now_s = time.time()
-        backlog, oldest_s = self.outbox.backlog("influx")
         health = self.sink.health()
         sub = self.subscription
         counts = self.counts
-        return Observation(
-            uptime_s=now_s - self.started_s,
+        intake = store_shell.Intake(
             frames_in=counts.received,
             accepted_by_kind=dict(counts.accepted_by_kind),
             quarantined_by_reason=dict(counts.quarantined),
             duplicates=counts.duplicates,
             alert_transitions=counts.accepted_by_kind.get("alert", 0),
-            acks_in=0,
-            acks_rejected=0,
-            outbox_pending=self.outbox.pending(),
-            outbox_max_pending=self.outbox.max_pending,
+        )
+        source = SourceObservation(
+            f"{SOURCE_NAME} {self.settings.ingest.group}",
+            sub.subscribed,
+            sub.reconnects,
+            sub.bytes_in,
+            sub.last_error,
+        )
+        sink = store_shell.sink_observation(
+            "influx",
+            health,
+            self.outbox.backlog("influx"),
+            now_s,
+            {
+                "mqtt_acked": counts.acked,
+                "mqtt_stale_acks": counts.stale_acks,
+                "mqtt_qos0_dropped": sub.qos0_dropped,
+                "mqtt_queue_full_waits": sub.queue_full_waits,
+            },
+        )
+        return store_shell.observation(
+            self.outbox,
+            intake,
             outbox_full=False,
-            outbox_free_disk_bytes=self.outbox.free_disk_bytes(),
-            outbox_history_freed=self.outbox.freed_rows,
-            sources=(
-                SourceObservation(
-                    f"{SOURCE_NAME} {self.settings.ingest.group}",
-                    sub.subscribed,
-                    sub.reconnects,
-                    sub.bytes_in,
-                    sub.last_error,
-                ),
-            ),
-            sinks=(
-                SinkObservation(
-                    name="influx",
-                    connected=bool(health["connected"]),
-                    backlog_records=backlog,
-                    oldest_age_s=None if oldest_s is None else max(0.0, now_s - oldest_s),
-                    delivered=int(health["written"]),
-                    last_error=health["last_error"],
-                    extra={
-                        "retries": int(health["retries"]),
-                        "poisoned": int(health["poisoned"]),
-                        "mqtt_acked": counts.acked,
-                        "mqtt_stale_acks": counts.stale_acks,
-                        "mqtt_qos0_dropped": sub.qos0_dropped,
-                        "mqtt_queue_full_waits": sub.queue_full_waits,
-                    },
-                ),
-            ),
-            pumps_total=0,
-            pumps_telemetry_lost=0,
+            uptime_s=now_s - self.started_s,
+            sources=(source,),
+            sinks=(sink,),
             max_backlog_age_s=self.settings.health.max_backlog_age_s,
         )
 
@@ -838,13 +811,5 @@ class IngestWorker:
 def run_ingest(settings: IngestSettings, stop: threading.Event, *, retire: bool = False) -> bool:
     """Run one worker until `stop` is set (or it has left its group): `pumpgw ingest`."""
     worker = IngestWorker(settings, retire=retire)
-    listen = settings.health.listen
-    health = HealthServer(listen, worker.observe) if listen else None
-    if health is not None:
-        health.start()
-        log.info("health on http://%s/healthz and /metrics", listen)
-    try:
+    with store_shell.serving_health(settings.health, worker.observe):
         return worker.run(stop)
-    finally:
-        if health is not None:
-            health.stop()

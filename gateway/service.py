@@ -28,13 +28,21 @@ from gateway.adapters.mllp import make_hl7_sink
 from gateway.adapters.mqtt import MqttSink, ReceivedAck
 from gateway.adapters.serial_port import SerialSource
 from gateway.config import Settings, pseudonymize_key
-from gateway.health import HealthServer, Observation, SinkObservation, SourceObservation
-from gateway.outbox import Outbox, OutboxError, OutboxFullError
+from gateway.health import Observation, SourceObservation
+from gateway.outbox import OutboxError, OutboxFullError
 from gateway.pipeline import AckKey, Batch, Pipeline, ack_runs
 from gateway.points import PointTags
 from gateway.quiet import CountedLog, QuietLog
 from gateway.records import OutRecord, StoredRecord
 from gateway.rules import AlertEngine
+from gateway.store_shell import (
+    Intake,
+    commit,
+    observation,
+    open_outbox,
+    serving_health,
+    sink_observation,
+)
 from gateway.topics import TopicBase, ack_filter, ack_origin
 from schemas.codec import Frame, FrameDecoder, FrameError, encode_ack
 from schemas.models import AckRefusal, GatewayStatus
@@ -135,15 +143,7 @@ class Gateway:
         sink_names = ["mqtt"] + (["influx"] if settings.influx is not None else [])
         sink_names += [n for n in ("hl7", "fhir") if getattr(settings, n) is not None]
         self.wake_messages = {name: threading.Event() for name in ("hl7", "fhir")}
-        store = settings.store
-        self.outbox = Outbox(
-            store.path,
-            sink_names,
-            durability=store.durability,
-            max_pending=store.max_pending_records,
-            retention_s=store.retention_days * 86400,
-            min_free_bytes=store.min_free_disk_kb * 1024,
-        )
+        self.outbox = open_outbox(settings.store, sink_names)
         self.topics = TopicBase(
             prefix=settings.mqtt.topic_prefix,
             site=settings.gateway.site,
@@ -356,47 +356,37 @@ class Gateway:
         if not batch.records and not snapshot:
             return
         state = {ENGINE_STATE_KEY: self.pipeline.engine.snapshot()} if snapshot else None
-        while True:
-            try:
-                self._append(batch.records, state)
-                break
-            except OutboxFullError as exc:
-                self._on_full(str(exc))
-                log.debug("outbox still full: %s", exc)
-                self._report_freed()
-            except OutboxError as exc:
-                self._quiet.error("outbox", "outbox write failed, retrying: %s", exc)
-            self._apply_acks()  # acknowledgements never wait behind a full outbox
-            if self.stop_event.wait(RETRY_COMMIT_S) and self._queue.empty():
-                log.error(
-                    "stopping with %d records not stored; the device will resend them",
-                    len(batch.records),
-                )
-                return
+        stored = commit(
+            self.outbox,
+            batch.records,
+            state,
+            on_full=self._still_full,
+            on_error=lambda exc: self._quiet.error(
+                "outbox", "outbox write failed, retrying: %s", exc
+            ),
+            wait_to_retry=self._wait_to_retry,
+        )
+        if not stored:
+            log.error(
+                "stopping with %d records not stored; the device will resend them",
+                len(batch.records),
+            )
+            return
         self._set_full(False)
         self._report_freed()
         self._wake_sinks()
         self._send_acks(batch.acks)
 
-    def _append(self, records: list[OutRecord], state: dict[str, bytes] | None) -> None:
-        """Store the records, oldest first, removing each part from `records` once stored:
-        on a nearly full disk, or with fewer rows left under max_pending_records than the
-        batch holds, a part that fits goes in while the whole batch would not (a batch larger
-        than the limit itself would otherwise wait forever). The engine state goes with the
-        last part, so it is never ahead of the stored records."""
-        size = len(records)
-        while True:
-            last = size >= len(records)
-            try:
-                self.outbox.append(records[:size], state if last else None)
-            except OutboxFullError:
-                if size <= 1:
-                    raise
-                size //= 2
-                continue
-            del records[:size]
-            if last:
-                return
+    def _still_full(self, exc: OutboxFullError) -> None:
+        self._on_full(str(exc))
+        log.debug("outbox still full: %s", exc)
+        self._report_freed()
+
+    def _wait_to_retry(self) -> bool:
+        """Between commit attempts: apply operator acks (they never wait behind a full
+        outbox), then wait; give up only when stopping with nothing more queued."""
+        self._apply_acks()
+        return self.stop_event.wait(RETRY_COMMIT_S) and self._queue.empty()
 
     def _wake_sinks(self) -> None:
         self.wake_mqtt.set()
@@ -583,28 +573,9 @@ class Gateway:
         for name in self.sinks.names():
             sink = self.sinks.by_name(name)
             assert sink is not None
-            backlog, oldest_s = self.outbox.backlog(name)
-            health = sink.health()
-            sinks.append(
-                SinkObservation(
-                    name=name,
-                    connected=bool(health.get("connected")),
-                    backlog_records=backlog,
-                    oldest_age_s=None if oldest_s is None else max(0.0, now_s - oldest_s),
-                    delivered=int(health.get("published", health.get("written", 0)) or 0),
-                    last_error=health.get("last_error"),
-                    extra={
-                        k: int(v)
-                        for k, v in health.items()
-                        if isinstance(v, int)
-                        and not isinstance(v, bool)
-                        and k not in ("published", "written")
-                    },
-                )
-            )
+            sinks.append(sink_observation(name, sink.health(), self.outbox.backlog(name), now_s))
         lost = sum(1 for p in list(self.pipeline.pumps.values()) if p.telemetry != "ok")
-        return Observation(
-            uptime_s=now_s - self.started_s,
+        intake = Intake(
             frames_in=counts.frames_in,
             accepted_by_kind=dict(counts.accepted_by_kind),
             quarantined_by_reason=dict(counts.quarantined),
@@ -613,18 +584,20 @@ class Gateway:
             acks_in=counts.acks_in,
             acks_rejected=counts.acks_rejected,
             acks_refused_by_reason=dict(counts.acks_refused),
-            outbox_pending=self.outbox.pending(),
-            outbox_max_pending=self.outbox.max_pending,
-            outbox_full=self._full,
-            outbox_free_disk_bytes=self.outbox.free_disk_bytes(),
-            outbox_history_freed=self.outbox.freed_rows,
-            sources=tuple(
-                SourceObservation(s.label, s.connected, s.reconnects, s.bytes_in, s.last_error)
-                for s in self.sources
-            ),
-            sinks=tuple(sinks),
             pumps_total=len(self.pipeline.pumps),
             pumps_telemetry_lost=lost,
+        )
+        sources = tuple(
+            SourceObservation(s.label, s.connected, s.reconnects, s.bytes_in, s.last_error)
+            for s in self.sources
+        )
+        return observation(
+            self.outbox,
+            intake,
+            outbox_full=self._full,
+            uptime_s=now_s - self.started_s,
+            sources=sources,
+            sinks=tuple(sinks),
             max_backlog_age_s=self.settings.health.max_backlog_age_s,
         )
 
@@ -658,19 +631,12 @@ class Gateway:
 def run_gateway(settings: Settings, stop: threading.Event) -> None:
     """Run until `stop` is set: the body of `pumpgw run`."""
     gateway = Gateway(settings)
-    health = (
-        HealthServer(settings.health.listen, gateway.observe) if settings.health.listen else None
-    )
-    if health is not None:
-        health.start()
-        log.info("health on http://%s/healthz and /metrics", settings.health.listen)
-    gateway.start()
-    try:
-        stop.wait()
-    finally:
-        gateway.stop()
-        if health is not None:
-            health.stop()
+    with serving_health(settings.health, gateway.observe):
+        gateway.start()
+        try:
+            stop.wait()
+        finally:
+            gateway.stop()
 
 
 def replay_capture(settings: Settings, capture: Path) -> dict[str, int]:
