@@ -61,6 +61,8 @@ RETRY_COMMIT_S = 1.0
 RECENT_IDS_ON_START = 50_000
 ENGINE_STATE_KEY = "alert_engine"
 ACK_QUEUE_ITEMS = 1000
+ACK_QUEUE_WAIT_S = 0.5
+"""paho's thread re-checks this often for room in a full ack queue (and for a stop)."""
 """Operator acknowledgements waiting for the ingest thread; they have their own queue so that
 a full ingest queue or a full outbox never holds them back."""
 STATUS_SEQ_BLOCK = 2**20
@@ -129,7 +131,7 @@ class Gateway:
         self._status_seq = StatusSequence()
         self._state_epoch = -1
         self._refresh_due_m = float("-inf")
-        self.acks_dropped = 0
+        self.ack_queue_full_waits = 0
         self._acks_unsaved = False
         """Acknowledgements changed the engine since its state was last given to a commit."""
         self._quiet = QuietLog(log)
@@ -252,18 +254,25 @@ class Gateway:
         return False
 
     def _on_operator_ack(self, received: ReceivedAck) -> None:
-        """Called on paho's thread: hand the message over and wake the ingest thread."""
-        try:
-            self._acks.put_nowait(received)
-        except queue.Full:
-            self.acks_dropped += 1
-            self._refusal_log.warning(
-                "ack-queue-full",
-                "acknowledgement on %s dropped: %d acknowledgements wait already; resend it",
-                received.topic[:200],
-                ACK_QUEUE_ITEMS,
-            )
-            return
+        """Called on paho's thread: hand the message over and wake the ingest thread.
+
+        While ACK_QUEUE_ITEMS acks wait, this waits too: paho reads nothing more and the
+        broker holds the rest (back-pressure), since nothing is PUBACKed before it is stored.
+        """
+        while True:
+            try:
+                self._acks.put(received, timeout=ACK_QUEUE_WAIT_S)
+                break
+            except queue.Full:
+                self.ack_queue_full_waits += 1
+                self._refusal_log.warning(
+                    "ack-queue-full",
+                    "%d acknowledgements wait to be applied: holding the next ones back at "
+                    "the broker (nothing is lost; look for a client flooding the ack topics)",
+                    ACK_QUEUE_ITEMS,
+                )
+            if self.stop_event.is_set():
+                return  # not PUBACKed: the broker delivers it again to the next connection
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(("acks",))
 
@@ -413,11 +422,13 @@ class Gateway:
         through the outbox's reserve for alerts: they do not wait for the batch being read
         nor for room in a full outbox. The engine state follows with the next commit."""
         batch = Batch()
+        taken: list[ReceivedAck] = []
         while True:
             try:
                 received = self._acks.get_nowait()
             except queue.Empty:
                 break
+            taken.append(received)
             origin = ack_origin(self.topics, received.topic)
             username = origin.username if origin is not None else None
             refusal = self.pipeline.operator_ack(
@@ -431,8 +442,17 @@ class Gateway:
             try:
                 self.outbox.append(batch.records)
             except OutboxError as exc:
-                log.error("cannot store an acknowledgement: %s; the operator must resend it", exc)
-            self._wake_sinks()
+                log.error(
+                    "cannot store an acknowledgement: %s; it is not confirmed to the broker, "
+                    "which delivers it again when the gateway reconnects",
+                    exc,
+                )
+                return
+            finally:
+                self._wake_sinks()
+        if self.sinks.mqtt is not None:
+            for received in taken:
+                self.sinks.mqtt.confirm(received)
 
     def _refused(self, refusal: AckRefusal) -> None:
         """Log a refused acknowledgement (WARNING, rate-limited with a count) and tell the

@@ -38,7 +38,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import paho.mqtt.client as mqtt
@@ -126,6 +126,10 @@ class ReceivedAck:
     user_properties: tuple[tuple[str, str], ...] = ()
     retained: bool = False
     """The broker sent it with the retain flag (a stored message, or a retained publish)."""
+    mid: int = field(default=0, compare=False)
+    qos: int = field(default=0, compare=False)
+    connection: int = field(default=0, compare=False)
+    """The connection it arrived on: its PUBACK is sent on that connection only."""
 
 
 OnAck = Callable[[ReceivedAck], None]
@@ -194,10 +198,13 @@ class MqttSink:
         """Kinds of record the broker denied, and when (monotonic) to offer them again."""
         self._denial: str | None = None
         self._denied_at_m = self._connected_at_m = float("-inf")
+        self._connection = 0
+        self._connection_lock = threading.Lock()
         self._client = MqttClient(
             settings,
             self.client_id,
-            emit=self._hand_over,
+            emit=self._from_client,
+            manual_ack=True,
             on_message=self._on_message,
             on_connect=self._on_connect,
             before_connect=self._before_connect,
@@ -230,6 +237,7 @@ class MqttSink:
         client.will_set(self._status_topic, self._will, qos=QOS, retain=True)
 
     def _on_connect(self, client: mqtt.Client, event: Connected) -> None:
+        self._new_connection()
         # paho's own copies of unacknowledged messages are dropped here, before paho
         # re-sends them after this callback returns; the sink thread re-publishes them from
         # its window, so nothing is lost and each record goes out once per connection rather
@@ -256,22 +264,50 @@ class MqttSink:
             # A session resumed after someone else used our client id may carry their
             # subscriptions: nothing but the ack topics is ever taken as an acknowledgement.
             self.acks_dropped += 1
+            self._puback(message.mid, message.qos)
             self._quiet.warning("not-ack", "ignored a message on %r: not an ack topic of this "
                                 "station (a subscription left in the session by another client "
                                 "that used this client id?)", message.topic[:200])
             return
         if len(message.payload) > MAX_ACK_BYTES:
             self.acks_dropped += 1
+            self._puback(message.mid, message.qos)
             self._quiet.warning("ack-size", "dropped a %d-byte message on %s (limit %d)",
                                 len(message.payload), message.topic, MAX_ACK_BYTES)
             return
         self.acks_received += 1
         props = user_properties(message.properties)
-        ack = ReceivedAck(message.topic, bytes(message.payload), props, bool(message.retain))
+        ack = ReceivedAck(message.topic, bytes(message.payload), props, bool(message.retain),
+                          message.mid, message.qos, self._connection)
         try:
-            self._on_ack(ack)
+            self._on_ack(ack)  # may wait for room: the broker then holds the rest back
         except Exception as exc:  # noqa: BLE001 - a service bug must not stop paho's thread
             self._quiet.error("on-ack", "the acknowledgement handler failed: %r", exc)
+
+    def confirm(self, ack: ReceivedAck) -> None:
+        """The service applied and stored `ack`: send the broker its PUBACK now; any thread.
+
+        Acknowledgements are received with paho's manual_ack, so a broker (and, through it,
+        the operator's console) never hears "received" for an ack the gateway could still
+        lose. An ack from an earlier connection is not confirmed: the broker delivers it
+        again, and the packet id may name another message by now.
+        """
+        with self._connection_lock:
+            if ack.connection == self._connection:
+                self._puback(ack.mid, ack.qos)
+
+    def _puback(self, mid: int, qos: int) -> None:
+        if qos > 0:
+            self._paho.ack(mid, qos)
+
+    def _new_connection(self) -> None:
+        with self._connection_lock:
+            self._connection += 1
+
+    def _from_client(self, event: ClientEvent) -> None:
+        if isinstance(event, Disconnected):
+            self._new_connection()
+        self._hand_over(event)
 
     def _hand_over(self, event: ClientEvent | _SendRefusal) -> None:
         self._events.put(event)
