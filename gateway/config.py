@@ -41,6 +41,7 @@ from gateway.adapters.mllp import Hl7Settings
 from gateway.adapters.mqtt_client import MqttSettings
 from gateway.adapters.serial_port import SourceSettings
 from gateway.alert_settings import RulesConfig
+from gateway.dashboard.settings import DashboardSettings
 from gateway.errors import PumpgwError
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,7 @@ class Settings(ProcessSettings):
     store: StoreSection = StoreSection()
     health: HealthSection = HealthSection()
     alerts: RulesConfig = RulesConfig()
+    dashboard: DashboardSettings = DashboardSettings()
 
 
 def _format_errors(exc: ValidationError) -> list[str]:

@@ -1,7 +1,9 @@
 """`pumpgw demo`: a simulated ward, the gateway, a broker and a live view on one machine.
 
 The broker is a private Mosquitto on a free loopback port when the `mosquitto`
-binary is installed, otherwise the embedded broker (gateway.broker). A demo
+binary is installed, otherwise the embedded broker (gateway.broker). With Mosquitto the
+broker also listens for MQTT over WebSockets and the ward dashboard is served on
+http://127.0.0.1:8090/ (or a free port when that one is taken). A demo
 operator acknowledges each alert a few seconds after it starts, so the whole
 lifecycle (start, acknowledged, end) is visible.
 """
@@ -19,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -26,6 +29,7 @@ import paho.mqtt.client as mqtt
 from gateway.adapters.mqtt_client import Connected, MqttClient, MqttSettings
 from gateway.adapters.serial_port import SourceSettings
 from gateway.config import GatewaySection, HealthSection, Settings, StoreSection
+from gateway.dashboard.server import DashboardError, DashboardServer, page_config
 from gateway.health import HealthServer
 from gateway.service import Gateway
 from gateway.topics import ack_topic
@@ -56,9 +60,20 @@ def _wait_port(port: int, timeout_s: float) -> bool:
     return False
 
 
+DASHBOARD_PORT = 8090
+
+
+@dataclass(frozen=True)
+class DemoBroker:
+    port: int
+    description: str
+    ws_port: int | None
+    """MQTT over WebSockets for the dashboard; None with the embedded broker."""
+
+
 @contextlib.contextmanager
-def demo_broker(workdir: Path) -> Iterator[tuple[int, str]]:
-    """A private broker for the demo: (port, description)."""
+def demo_broker(workdir: Path) -> Iterator[DemoBroker]:
+    """A private broker for the demo."""
     binary = shutil.which("mosquitto") or (
         "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
     )
@@ -68,19 +83,25 @@ def demo_broker(workdir: Path) -> Iterator[tuple[int, str]]:
         broker = EmbeddedBroker()
         broker.start()
         try:
-            yield broker.port, "embedded broker (install the 'mosquitto' package for the real one)"
+            yield DemoBroker(
+                broker.port, "embedded broker (install the 'mosquitto' package for the real one)",
+                None,
+            )
         finally:
             broker.stop()
         return
-    port = free_port()
+    port, ws_port = free_port(), free_port()
     conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nlistener {ws_port} 127.0.0.1\nprotocol websockets\n"
+        "allow_anonymous true\n"
+    )
     with open(workdir / "mosquitto.log", "wb") as logfile:
         proc = subprocess.Popen([binary, "-c", str(conf)], stdout=logfile, stderr=logfile)
     try:
-        if not _wait_port(port, 10):
+        if not (_wait_port(port, 10) and _wait_port(ws_port, 10)):
             raise RuntimeError(f"mosquitto did not start; see {workdir / 'mosquitto.log'}")
-        yield port, f"Mosquitto ({binary}) on 127.0.0.1:{port}"
+        yield DemoBroker(port, f"Mosquitto ({binary}) on 127.0.0.1:{port}", ws_port)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -190,6 +211,28 @@ class DemoOperator:
         self._client.stop()
 
 
+def start_dashboard(settings: Settings, ws_port: int | None) -> DashboardServer | None:
+    """The ward page on 127.0.0.1:8090 (or a free port); None without a WebSocket listener."""
+    if ws_port is None:
+        return None
+    config = page_config(
+        settings.dashboard,
+        topic_prefix=settings.mqtt.topic_prefix,
+        site=settings.gateway.site,
+        station=settings.gateway.station,
+    )
+    config = replace(config, broker_url=f"ws://127.0.0.1:{ws_port}")
+    for port in (DASHBOARD_PORT, 0):
+        with contextlib.suppress(DashboardError):
+            server = DashboardServer(f"127.0.0.1:{port}", config).start()
+            log.info(
+                "demo: dashboard on %s (sign in with any user name and password: the demo "
+                "broker is open)", server.url,
+            )
+            return server
+    return None
+
+
 def demo_settings(workdir: Path, broker_port: int, sim_port: int) -> Settings:
     return Settings(
         gateway=GatewaySection(
@@ -259,7 +302,8 @@ def run_demo(
     until = time.monotonic() + (duration_s if duration_s is not None else float("inf"))
     try:
         ward = SimulatedWard(workdir, pumps, speed, seed)
-        with demo_broker(workdir) as (broker_port, broker_desc):
+        with demo_broker(workdir) as broker, contextlib.ExitStack() as cleanup:
+            broker_port, broker_desc = broker.port, broker.description
             ward.start()
             sim_port = ward.port
             settings = demo_settings(workdir, broker_port, sim_port)
@@ -270,8 +314,12 @@ def run_demo(
             operator = DemoOperator(
                 broker_port, f"{gateway.topics.prefix}/#", ack_topic(gateway.topics, DEMO_OPERATOR)
             )
+            dashboard = start_dashboard(settings, broker.ws_port)
+            if dashboard is not None:
+                cleanup.callback(dashboard.stop)
+            shown = "none (needs Mosquitto)" if dashboard is None else dashboard.url
             header = (
-                f"broker: {broker_desc}   store: {settings.store.path}   "
+                f"dashboard: {shown}   broker: {broker_desc}   store: {settings.store.path}   "
                 f"health: http://{settings.health.listen}/healthz   "
                 f"{pumps} pumps at {speed:g}x   Ctrl-C to stop"
             )
