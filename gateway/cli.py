@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import threading
 import time
 import tomllib
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from gateway import __version__
@@ -31,6 +29,7 @@ from gateway.config import (
 )
 from gateway.errors import PumpgwError
 from gateway.history import printable
+from gateway.store_shell import stop_on_signals
 
 log = logging.getLogger("pumpgw")
 
@@ -64,21 +63,12 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _stop_on_signals(stop: threading.Event) -> None:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %s: stopping cleanly", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway.service import run_gateway
 
     settings = load_settings(args.config)
     stop = threading.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
     run_gateway(settings, stop)
     return 0
 
@@ -156,7 +146,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
     stop = threading.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
     return run_demo(
         pumps=args.pumps,
         speed=args.speed,
@@ -182,7 +172,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         )
         options = connection_options(settings.mqtt)  # the gateway's user, password and TLS
     stop = threading.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
     return run_tail(
         url or "mqtt://127.0.0.1:1883", topic_filter or "pumpgw/#", stop=stop, **options
     )
@@ -203,7 +193,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     broker = config.broker_url or "ws://<the page's host>:9001"
     print(f"dashboard: {server.url} (browsers connect to the broker at {broker})", flush=True)
     stop = threading.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
     try:
         stop.wait()
     finally:
@@ -234,7 +224,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     settings = load_ingest_settings(args.config)
     stop = threading.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
     retired = run_ingest(settings, stop, retire=args.retire)
     if args.retire and not retired:
         print("stopped before the worker left its group; run --retire again", file=sys.stderr)

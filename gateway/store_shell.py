@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 from gateway.config import HealthSection, StoreSection
@@ -23,8 +26,22 @@ from gateway.records import OutRecord
 log = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86_400
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Ctrl-C, systemd's stop, and the controlling terminal closing: each stops cleanly."""
 DELIVERED_KEYS = ("published", "written")
 """The health counter that says how many records a sink delivered (MQTT, InfluxDB)."""
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """Set `stop` on SIGINT, SIGTERM or SIGHUP (main thread only): the process then commits
+    what it read, says `offline` and exits, and every command stops the children it started."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s: stopping cleanly", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
 
 
 def open_outbox(store: StoreSection, sink_names: Sequence[str]) -> Outbox:
