@@ -25,8 +25,9 @@ import urllib3
 
 from bench.common import print_table, write_results
 from gateway.adapters.influx import InfluxSettings, InfluxSink
-from gateway.outbox import Outbox, OutRecord, StoredRecord
+from gateway.outbox import Outbox
 from gateway.points import PointTags, line_for
+from gateway.records import OutRecord, StoredRecord
 from schemas.models import Reading
 from tests.servers import Influx1, VictoriaMetrics
 

@@ -31,10 +31,12 @@ from bench.rig import BenchMosquitto, Subscriber, cpu_s, load_avg
 from gateway.adapters.delivery import MessageSink
 from gateway.adapters.fhir_rest import FhirSettings, make_fhir_sink
 from gateway.adapters.mllp import Hl7Settings, make_hl7_sink
-from gateway.adapters.mqtt import MqttSettings, MqttSink
+from gateway.adapters.mqtt import MqttSink
+from gateway.adapters.mqtt_client import MqttSettings
 from gateway.fhir_bundles import transaction_bundle
 from gateway.hl7_messages import Envelope, pcd01_message
-from gateway.outbox import Outbox, OutRecord
+from gateway.outbox import Outbox
+from gateway.records import OutRecord
 from gateway.topics import TopicBase
 from tests.interop_servers import FhirEndpoint, MllpReceiver, ScriptServer
 

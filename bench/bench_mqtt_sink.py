@@ -23,8 +23,10 @@ from typing import Any
 from bench.bench_drain import reading
 from bench.common import print_table, write_results
 from bench.rig import BenchMosquitto, Subscriber, load_avg
-from gateway.adapters.mqtt import MqttSettings, MqttSink
-from gateway.outbox import Outbox, OutRecord
+from gateway.adapters.mqtt import MqttSink
+from gateway.adapters.mqtt_client import MqttSettings
+from gateway.outbox import Outbox
+from gateway.records import OutRecord
 from gateway.topics import TopicBase
 
 APPEND_ROWS = 5000

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Literal
 
 from bench.common import print_table, write_results
-from gateway.outbox import Outbox, OutRecord
+from gateway.outbox import Outbox
+from gateway.records import OutRecord
 
 PAYLOAD_BYTES = 420  # a typical reading's JSON
 SECONDS_PER_CASE = 2.0

@@ -24,6 +24,8 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Final
 
+from gateway.errors import PumpgwError
+
 log = logging.getLogger(__name__)
 
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
@@ -54,7 +56,7 @@ PROPERTY_TYPES: Final[dict[int, int | str]] = {
 }  # fmt: skip
 
 
-class ProtocolError(Exception):
+class ProtocolError(PumpgwError):
     """A malformed or unexpected packet: the client that sent it is dropped."""
 
 

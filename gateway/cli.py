@@ -1,6 +1,9 @@
 """`pumpgw`: the command line. The only module that prints or configures logging.
 
-Exit codes: 0 success, 1 runtime failure, 2 configuration or usage error.
+Exit codes: 0 success, 1 runtime failure, 2 configuration or usage error. Each branch of
+the error tree (gateway.errors) maps to one: ConfigError to 2 with every problem on its own
+line, any other PumpgwError or an OSError to 1 with one line. Anything else is a bug: Python
+prints its traceback and exits with 1.
 """
 
 from __future__ import annotations
@@ -8,26 +11,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import threading
 import time
 import tomllib
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from gateway import __version__
 from gateway.config import (
     ConfigError,
+    ProcessSettings,
     Settings,
     environment_keys,
     inline_secrets_warning,
     load_settings,
 )
+from gateway.errors import PumpgwError
 from gateway.history import printable
+from gateway.store_shell import stop_on_signals
 
 log = logging.getLogger("pumpgw")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
 
 INTENDED_USE_BANNER = (
     "pumpgw is a secondary, informational notification system. It is not a primary alarm "
@@ -55,21 +63,12 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _stop_on_signals(stop: threading.Event) -> None:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %s: stopping cleanly", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway.service import run_gateway
 
     settings = load_settings(args.config)
     stop = threading.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
     run_gateway(settings, stop)
     return 0
 
@@ -87,7 +86,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if _is_ingest_config(args.file):
             from gateway.ingest import load_ingest_settings
 
-            settings: Settings = load_ingest_settings(args.file)
+            settings: ProcessSettings = load_ingest_settings(args.file)
         else:
             settings = load_settings(args.file)
     except ConfigError as exc:
@@ -98,13 +97,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     lines = [
         f"{args.file}: OK",
         f"  site/station: {settings.gateway.site}/{settings.gateway.station}",
-        f"  sources: {', '.join(s.label for s in settings.sources) or 'none'}",
         f"  mqtt: {settings.mqtt.display_url()}{_tls_note(settings)}",
         f"  influx: {_influx_note(settings)}",
-        f"  hl7: {settings.hl7.display_url() if settings.hl7 else 'not configured'}",
-        f"  fhir: {settings.fhir.display_url() if settings.fhir else 'not configured'}",
         f"  store: {settings.store.path} (durability {settings.store.durability})",
     ]
+    if isinstance(settings, Settings):  # the station's own sections
+        lines[2:2] = [f"  sources: {', '.join(s.label for s in settings.sources) or 'none'}"]
+        lines[-1:-1] = [
+            f"  hl7: {settings.hl7.display_url() if settings.hl7 else 'not configured'}",
+            f"  fhir: {settings.fhir.display_url() if settings.fhir else 'not configured'}",
+        ]
     keys = environment_keys()
     if keys:
         lines.append(f"  overridden from the environment: {', '.join(keys)}")
@@ -112,14 +114,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if warning is not None:
         lines.append(f"  WARNING: {warning}")
     print("\n".join(printable(line) for line in lines))
-    pseudonymising = settings.gateway.pseudonymize_key is not None or bool(
-        settings.gateway.pseudonymize_key_file)
-    for override_warning in settings.alerts.override_warnings(pseudonymising):
-        print(printable(f"  warning: {override_warning}"), file=sys.stderr)
+    if isinstance(settings, Settings):  # alert rules run on the station only
+        pseudonymising = settings.gateway.pseudonymize_key is not None or bool(
+            settings.gateway.pseudonymize_key_file)
+        for override_warning in settings.alerts.override_warnings(pseudonymising):
+            print(printable(f"  warning: {override_warning}"), file=sys.stderr)
     return 0
 
 
-def _influx_note(settings: Settings) -> str:
+def _influx_note(settings: ProcessSettings) -> str:
     if settings.influx is None:
         return "not configured"
     note = settings.influx.display_url()
@@ -128,7 +131,7 @@ def _influx_note(settings: Settings) -> str:
     return note
 
 
-def _tls_note(settings: Settings) -> str:
+def _tls_note(settings: ProcessSettings) -> str:
     """How the broker's certificate is checked, for check-config (never a secret)."""
     if not settings.mqtt.uses_tls:
         return " (no TLS)"
@@ -143,7 +146,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
     stop = threading.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
     return run_demo(
         pumps=args.pumps,
         speed=args.speed,
@@ -169,7 +172,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         )
         options = connection_options(settings.mqtt)  # the gateway's user, password and TLS
     stop = threading.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
     return run_tail(
         url or "mqtt://127.0.0.1:1883", topic_filter or "pumpgw/#", stop=stop, **options
     )
@@ -190,7 +193,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     broker = config.broker_url or "ws://<the page's host>:9001"
     print(f"dashboard: {server.url} (browsers connect to the broker at {broker})", flush=True)
     stop = threading.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
     try:
         stop.wait()
     finally:
@@ -221,7 +224,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     settings = load_ingest_settings(args.config)
     stop = threading.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
     retired = run_ingest(settings, stop, retire=args.retire)
     if args.retire and not retired:
         print("stopped before the worker left its group; run --retire again", file=sys.stderr)
@@ -332,17 +335,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         code: int = args.func(args)
+    except KeyboardInterrupt:
+        return EXIT_OK
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"configuration error: {printable(problem)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
-    except Exception as exc:
+        return EXIT_CONFIG
+    except (PumpgwError, OSError) as exc:  # ours, or the system's (a file, a socket)
         if args.verbose:
             raise
         print(f"pumpgw {args.command} failed: {exc} (run with -v for details)", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     log.debug("%s finished in %.1f s", args.command, time.monotonic() - started)
     return code
 

@@ -16,7 +16,7 @@ import stat
 import tomllib
 import urllib.parse
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -38,14 +38,15 @@ from pydantic_settings import (
 from gateway.adapters.fhir_rest import FhirSettings
 from gateway.adapters.influx import InfluxSettings
 from gateway.adapters.mllp import Hl7Settings
-from gateway.adapters.mqtt import MqttSettings
+from gateway.adapters.mqtt_client import MqttSettings
 from gateway.adapters.serial_port import SourceSettings
 from gateway.alert_settings import RulesConfig
 from gateway.dashboard.settings import DashboardSettings
+from gateway.errors import PumpgwError
 
 log = logging.getLogger(__name__)
 
-S = TypeVar("S", bound="Settings")
+S = TypeVar("S", bound="ProcessSettings")
 INLINE_SECRET_KEYS = (
     ("mqtt", "password"),
     ("influx", "token"),
@@ -59,7 +60,7 @@ MIN_PSEUDONYM_KEY_CHARS = 16
 KEY_HINT = f"use at least {MIN_PSEUDONYM_KEY_CHARS} random characters, e.g. openssl rand -hex 32"
 
 
-class ConfigError(Exception):
+class ConfigError(PumpgwError):
     """The configuration is invalid; `problems` lists `key.path: what is wrong` lines."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -170,8 +171,19 @@ class HealthSection(Section):
         return value
 
 
-class Settings(BaseSettings):
-    """The whole configuration. Load it with `load_settings(path)`."""
+class ProcessSettings(BaseSettings):
+    """How every pumpgw process reads its file and the environment; each process lists its
+    own sections: `Settings` (the station gateway, `pumpgw run`) and `IngestSettings`
+    (gateway.ingest), which has no `[[sources]]`, `[alerts]`, `[hl7]` or `[fhir]`, so a
+    worker's file holding them is refused, not silently ignored.
+    """
+
+    if TYPE_CHECKING:  # declared by each process in its own order (the order problems are listed)
+        gateway: GatewaySection
+        mqtt: MqttSettings
+        influx: InfluxSettings | None
+        store: StoreSection
+        health: HealthSection
 
     model_config = SettingsConfigDict(
         env_prefix="PUMPGW_",
@@ -186,16 +198,6 @@ class Settings(BaseSettings):
         "gateway.pseudonymize_key written in this file (warns at every start; prefer "
         "PUMPGW_* variables or the *_file keys)",
     )
-    gateway: GatewaySection = GatewaySection()
-    sources: list[SourceSettings] = Field(default_factory=list)
-    mqtt: MqttSettings = MqttSettings()
-    influx: InfluxSettings | None = None
-    hl7: Hl7Settings | None = None
-    fhir: FhirSettings | None = None
-    store: StoreSection = StoreSection()
-    health: HealthSection = HealthSection()
-    alerts: RulesConfig = RulesConfig()
-    dashboard: DashboardSettings = DashboardSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -211,6 +213,21 @@ class Settings(BaseSettings):
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
+
+
+class Settings(ProcessSettings):
+    """The station gateway's whole configuration. Load it with `load_settings(path)`."""
+
+    gateway: GatewaySection = GatewaySection()
+    sources: list[SourceSettings] = Field(default_factory=list)
+    mqtt: MqttSettings = MqttSettings()
+    influx: InfluxSettings | None = None
+    hl7: Hl7Settings | None = None
+    fhir: FhirSettings | None = None
+    store: StoreSection = StoreSection()
+    health: HealthSection = HealthSection()
+    alerts: RulesConfig = RulesConfig()
+    dashboard: DashboardSettings = DashboardSettings()
 
 
 def _format_errors(exc: ValidationError) -> list[str]:
@@ -263,7 +280,7 @@ def _environment_problem(exc: SettingsError, path: Path | None) -> str:
     return f"{key}: {variable}... cannot be read ({exc.__cause__ or exc})"
 
 
-def _url_problems(settings: Settings) -> list[str]:
+def _url_problems(settings: ProcessSettings) -> list[str]:
     """Secrets must not ride in a URL (logs, screens and proxies show URLs)."""
     problems = []
     if settings.influx is not None:
@@ -292,7 +309,7 @@ def inline_secret_keys(path: Path | None) -> list[str]:
     return found
 
 
-def _inline_secret_problems(settings: Settings, path: Path | None) -> list[str]:
+def _inline_secret_problems(settings: ProcessSettings, path: Path | None) -> list[str]:
     if settings.allow_inline_secrets:
         return []
     return [
@@ -302,7 +319,7 @@ def _inline_secret_problems(settings: Settings, path: Path | None) -> list[str]:
     ]
 
 
-def inline_secrets_warning(settings: Settings, path: Path | None) -> str | None:
+def inline_secrets_warning(settings: ProcessSettings, path: Path | None) -> str | None:
     """The warning every start gives while allow_inline_secrets lets a secret sit in the file."""
     keys = inline_secret_keys(path) if settings.allow_inline_secrets else []
     if not keys:

@@ -16,7 +16,7 @@ from pydantic_core import PydanticUndefined
 from gateway.adapters.fhir_rest import FhirSettings
 from gateway.adapters.influx import InfluxSettings
 from gateway.adapters.mllp import Hl7Settings
-from gateway.adapters.mqtt import MqttSettings, MqttTls
+from gateway.adapters.mqtt_client import MqttSettings, MqttTls
 from gateway.adapters.serial_port import SourceSettings
 from gateway.alert_settings import RuleSettings
 from gateway.config import GatewaySection, HealthSection, StoreSection

@@ -25,9 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.adapters.mqtt import MqttSettings
+from gateway.adapters.mqtt_client import Connected, MqttClient, MqttSettings
 from gateway.adapters.serial_port import SourceSettings
 from gateway.config import GatewaySection, HealthSection, Settings, StoreSection
 from gateway.dashboard.server import DashboardError, DashboardServer, page_config
@@ -178,15 +177,20 @@ class DemoOperator:
         self._ack_to = ack_to
         self._due: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id="pumpgw-demo-operator", protocol=mqtt.MQTTv5
+        self._alerts_filter = alerts_filter
+        self._client = MqttClient(
+            MqttSettings(url=f"mqtt://127.0.0.1:{broker_port}", session_expiry_s=0),
+            "pumpgw-demo-operator",
+            emit=lambda _event: None,  # the demo's own view shows the broker's state
+            on_message=self._on_message,
+            on_connect=self._subscribe,
         )
-        self._client.on_message = self._on_message
-        self._client.on_connect = lambda c, u, f, rc, p: c.subscribe(alerts_filter, qos=1)
-        self._client.connect_async("127.0.0.1", broker_port)
-        self._client.loop_start()
+        self._client.start()
 
-    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+    def _subscribe(self, client: mqtt.Client, _connected: Connected) -> None:
+        client.subscribe(self._alerts_filter, qos=1)
+
+    def _on_message(self, message: mqtt.MQTTMessage) -> None:
         with contextlib.suppress(ValueError, KeyError):
             alert = json.loads(message.payload)
             if alert.get("phase") == "start":
@@ -201,11 +205,10 @@ class DemoOperator:
                 del self._due[alert_id]
         for alert_id in due:
             ack = {"alert_id": alert_id, "by": DEMO_OPERATOR, "note": "seen on the demo dashboard"}
-            self._client.publish(self._ack_to, json.dumps(ack), qos=1)
+            self._client.paho.publish(self._ack_to, json.dumps(ack), qos=1)
 
     def close(self) -> None:
-        self._client.loop_stop()
-        self._client.disconnect()
+        self._client.stop()
 
 
 def start_dashboard(settings: Settings, ws_port: int | None) -> DashboardServer | None:

@@ -23,6 +23,7 @@ from urllib.parse import quote
 from pydantic_core import to_json
 
 from gateway.hl7_messages import NO_LINK, READING_METRICS, READING_STATES, DeviceLink
+from gateway.records import GATEWAY_PUMP_ID
 from schemas.mdc import DEVICE_MDC, MDC_CODE_SYSTEM, UCUM_SYSTEM, alert_code_for, mdc_for
 from schemas.models import AlertTransition, Priority, Reading
 
@@ -39,7 +40,6 @@ ACM_SYSTEMS: Final = {
 }
 """IHE PCD ACM facet values (DOMAIN.md 4.2); FHIR R4 has no code system of its own for them."""
 PATIENT_ID_SYSTEM_DEFAULT: Final = "urn:pumpgw:patient-id"
-GATEWAY_PUMP_ID: Final = "_gateway"
 _NAMESPACE: Final = uuid.UUID("5f0d3c56-8a0e-4a59-9d59-7b2d0c4a9e11")
 """Namespace of the bundle-internal urn:uuid ids (uuid5: the same record, the same id)."""
 SEVERITY: Final = {Priority.HIGH: "high", Priority.MEDIUM: "moderate", Priority.LOW: "low"}

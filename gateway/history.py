@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from gateway.outbox import Outbox, StoredRecord
+from gateway.outbox import Outbox
+from gateway.records import StoredRecord
 
 SHOWN_KINDS = ("reading", "event", "alert", "info")
 

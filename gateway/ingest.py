@@ -21,7 +21,6 @@ import hashlib
 import logging
 import queue
 import socket
-import ssl
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -33,28 +32,39 @@ from pathlib import Path
 from typing import Any, Final
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from gateway.adapters.influx import InfluxSink
-from gateway.adapters.mqtt import (
-    MqttConfigError,
+from gateway import store_shell
+from gateway.adapters.influx import InfluxSettings, InfluxSink
+from gateway.adapters.mqtt_client import (
+    ClientEvent,
+    Connected,
+    Disconnected,
+    MqttClient,
     MqttSettings,
-    connect_refusal,
-    paho_errors,
-    reason,
+    Refused,
+    Subscribed,
+    Unreachable,
+    Unsubscribed,
+    session_properties,
 )
 from gateway.admission import OriginGuard, OriginLimits, Refusal, TimeWindow
-from gateway.config import ConfigError, Section, Settings, load_settings_as
-from gateway.health import HealthServer, Observation, SinkObservation, SourceObservation
-from gateway.outbox import Outbox, OutboxError, OutboxFullError, OutRecord, StoredRecord
+from gateway.config import (
+    ConfigError,
+    GatewaySection,
+    HealthSection,
+    ProcessSettings,
+    Section,
+    StoreSection,
+    load_settings_as,
+)
+from gateway.health import Observation, SourceObservation
+from gateway.outbox import OutboxError
 from gateway.points import PointTags, line_for
 from gateway.quiet import QuietLog
-from gateway.topics import GATEWAY_PUMP_ID, segment_problem
+from gateway.records import OutRecord, StoredRecord
+from gateway.topics import LEAF_KINDS, TopicParts, parse_topic, segment_problem
 from schemas.models import (
     AlertTransition,
     DeviceEvent,
@@ -66,8 +76,6 @@ from schemas.models import (
 
 log = logging.getLogger(__name__)
 
-LEAF_KINDS: Final[dict[str, str]] = {"telemetry": "reading", "events": "event", "alerts": "alert"}
-"""Pump topic leaves the workers take, and the record kind each carries (docs/topics.md)."""
 MODELS: Final[dict[str, type[Frozen]]] = {
     "reading": Reading,
     "event": DeviceEvent,
@@ -84,7 +92,6 @@ BATCH_MAX_ITEMS: Final = 500
 IDLE_WAIT_S: Final = 0.5
 RETRY_COMMIT_S: Final = 1.0
 COMPACT_EVERY_S: Final = 60.0
-RECONNECT_MIN_DELAY_S: Final = 1
 SOURCE_NAME: Final = "mqtt"
 RETIRE_IDLE_S: Final = 3.0
 """A retiring worker's session counts as drained after this long without a message."""
@@ -186,8 +193,14 @@ class IngestSection(Section):
         return value
 
 
-class IngestSettings(Settings):
-    """The gateway's configuration plus [ingest]; [[sources]] and [alerts] are not used."""
+class IngestSettings(ProcessSettings):
+    """[mqtt], [influx], [store], [health] and [ingest]: what a worker runs, nothing more."""
+
+    gateway: GatewaySection = GatewaySection()
+    mqtt: MqttSettings = MqttSettings()
+    influx: InfluxSettings | None = None
+    store: StoreSection = StoreSection()
+    health: HealthSection = HealthSection()
 
     ingest: IngestSection = IngestSection()
 
@@ -218,16 +231,6 @@ def client_id_for(settings: IngestSettings) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class TopicParts:
-    """What a topic says: the station it came from, the pump and the record kind."""
-
-    site: str
-    station: str
-    pump_id: str
-    kind: str
-
-
-@dataclass(frozen=True, slots=True)
 class Rejected:
     """Why a message cannot be stored as a point."""
 
@@ -240,19 +243,6 @@ def subscriptions(group: str, prefix: str) -> list[str]:
     """The shared subscription filters of a worker group under a topic prefix."""
     base = f"$share/{group}/{prefix}/+/+"
     return [*(f"{base}/pumps/+/{leaf}" for leaf in LEAF_KINDS), f"{base}/gateway/alerts"]
-
-
-def parse_topic(topic: str, prefix: str) -> TopicParts | None:
-    """Site, station, pump and kind of a telemetry, event or alert topic; None for others."""
-    levels = topic.split("/")
-    if len(levels) == 6 and levels[0] == prefix and levels[3] == "pumps":
-        kind = LEAF_KINDS.get(levels[5])
-        if kind is None:
-            return None
-        return TopicParts(levels[1], levels[2], levels[4], kind)
-    if len(levels) == 5 and levels[0] == prefix and levels[3:] == ["gateway", "alerts"]:
-        return TopicParts(levels[1], levels[2], GATEWAY_PUMP_ID, "alert")
-    return None
 
 
 @lru_cache(maxsize=1024)
@@ -403,7 +393,7 @@ class MqttSubscription:
     def __init__(
         self,
         settings: IngestSettings,
-        events: queue.SimpleQueue[tuple[Any, ...]],
+        events: queue.SimpleQueue[ClientEvent | Delivery],
         *,
         retire: bool = False,
     ) -> None:
@@ -428,48 +418,23 @@ class MqttSubscription:
         self._closing = False
         self._client = self._make_client()
 
-    def _make_client(self) -> mqtt.Client:
-        s = self.mqtt
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv5,
+    def _make_client(self) -> MqttClient:
+        client = MqttClient(
+            self.mqtt,
+            self.client_id,
+            emit=self._emit,
+            on_message=self._on_message,
+            on_connect=self._on_connect,
             manual_ack=True,
+            subscribed_filters=tuple(self.filters),
         )
-        client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, s.reconnect_max_s)
-        if s.username is not None:
-            client.username_pw_set(s.username, s.password_value())
-        if s.uses_tls:
-            with paho_errors("mqtt.tls", MqttConfigError):
-                client.tls_set(
-                    ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
-                    certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
-                    keyfile=str(s.tls.key_file) if s.tls.key_file else None,
-                    cert_reqs=ssl.CERT_NONE if s.tls.insecure_skip_verify else ssl.CERT_REQUIRED,
-                )
-                client.tls_insecure_set(s.tls.insecure_skip_verify)
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
-        client.on_unsubscribe = self._on_unsubscribe
-        client.on_message = self._on_message
+        self._paho = client.paho
         return client
 
     def start(self) -> None:
         """Connect in the background (paho's thread), keeping the session of this client id."""
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self.ingest.session_expiry_s
-        props.ReceiveMaximum = self.ingest.receive_max
-        with paho_errors(f"cannot start MQTT to {self.mqtt.display_url()}"):
-            self._client.connect_async(
-                self.mqtt.host,
-                self.mqtt.port,
-                self.mqtt.keepalive_s,
-                clean_start=False,
-                properties=props,
-            )
-            self._client.loop_start()
+        props = session_properties(self.ingest.session_expiry_s, self.ingest.receive_max)
+        self._client.start(clean_start=False, properties=props)
 
     def close(self, *, end_session: bool = False) -> None:
         """Disconnect; the session and its unacknowledged messages stay unless `end_session`."""
@@ -478,12 +443,7 @@ class MqttSubscription:
             self._room.notify_all()
         with self._lock:
             self.generation += 1
-        props = None
-        if end_session:
-            props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = 0
-        self._client.disconnect(properties=props)
-        self._client.loop_stop()
+        self._client.stop(properties=session_properties(0) if end_session else None)
 
     def ack(self, deliveries: Sequence[Delivery]) -> tuple[int, int]:
         """Acknowledge committed messages in arrival order; return (acked, left to redelivery)."""
@@ -495,7 +455,7 @@ class MqttSubscription:
                 if d.generation != self.generation:
                     stale += 1
                     continue
-                self._client.ack(d.mid, d.qos)
+                self._paho.ack(d.mid, d.qos)
                 acked += 1
         return acked, stale
 
@@ -506,64 +466,22 @@ class MqttSubscription:
             self.generation += 1
             return self.generation
 
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
+    def _on_connect(self, client: mqtt.Client, event: Connected) -> None:
         self._bump()
-        if reason_code.is_failure:
-            self._events.put(("refused", *reason(reason_code)))
-            return
         if self.retire:
             client.unsubscribe(self.filters)
         else:
             client.subscribe([(f, SubscribeOptions(qos=QOS)) for f in self.filters])
-        self._events.put(("connected", bool(flags.session_present)))
 
-    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._events.put(("unreachable",))
-
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.DisconnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        self._bump()
-        self.subscribed = False
-        self._events.put(("disconnected", *reason(reason_code)))
-
-    def _on_subscribe(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        mid: int,
-        reason_codes: list[ReasonCode],
-        properties: Properties | None,
-    ) -> None:
-        refused = [
-            (f, rc.getName())
-            for f, rc in zip(self.filters, reason_codes, strict=False)
-            if rc.is_failure
-        ]
-        self.subscribed = not refused
-        self._events.put(("subscribed", refused))
-
-    def _on_unsubscribe(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        mid: int,
-        reason_codes: list[ReasonCode],
-        properties: Properties | None,
-    ) -> None:
-        self._events.put(("unsubscribed",))
+    def _emit(self, event: ClientEvent) -> None:
+        if isinstance(event, Refused):
+            self._bump()
+        elif isinstance(event, Disconnected):
+            self._bump()
+            self.subscribed = False
+        elif isinstance(event, Subscribed):
+            self.subscribed = not event.refused
+        self._events.put(event)
 
     def taken(self, delivery: Delivery) -> None:
         """The worker took a delivery off the queue: its room is free again."""
@@ -577,7 +495,7 @@ class MqttSubscription:
         with self._room:
             return self._queued_messages, self._queued_bytes
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, message: mqtt.MQTTMessage) -> None:
         size = len(message.payload)
         self.bytes_in += size
         if message.qos == 0:
@@ -591,7 +509,7 @@ class MqttSubscription:
         if not self._wait_for_room(len(payload)):
             return  # closing: not acknowledged, so the broker delivers it again
         delivery = Delivery(message.topic, payload, message.mid, message.qos, self.generation, size)
-        self._events.put(("message", delivery))
+        self._events.put(delivery)
 
     def _wait_for_room(self, payload_bytes: int) -> bool:
         """Reserve queue room for one delivery, waiting while the queue is full."""
@@ -635,17 +553,9 @@ class IngestWorker:
         self.stop_event = threading.Event()
         self.wake_influx = threading.Event()
         self.counts = IngestCounts()
-        self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[ClientEvent | Delivery] = queue.SimpleQueue()
         self._quiet = QuietLog(log)
-        store = settings.store
-        self.outbox = Outbox(
-            store.path,
-            ["influx"],
-            durability=store.durability,
-            max_pending=store.max_pending_records,
-            retention_s=store.retention_days * 86400,
-            min_free_bytes=store.min_free_disk_kb * 1024,
-        )
+        self.outbox = store_shell.open_outbox(settings.store, ["influx"])
         self._recent = RecentIds()
         self._recent.extend(self.outbox.recent_record_ids(RECENT_IDS))
         self.origin = OriginGuard(settings.ingest.origin_limits())
@@ -734,46 +644,49 @@ class IngestWorker:
             except queue.Empty:
                 break
             wait_s = None
-            if event[0] == "message":
-                self.subscription.taken(event[1])
-                deliveries.append(event[1])
+            if isinstance(event, Delivery):
+                self.subscription.taken(event)
+                deliveries.append(event)
             else:
-                self._connection_event(*event)
+                self._connection_event(event)
         return deliveries
 
-    def _connection_event(self, kind: str, *args: Any) -> None:
+    def _connection_event(self, event: ClientEvent) -> None:
         sub = self.subscription
         url = self.settings.mqtt.display_url()
-        if kind == "connected":
-            session = "resumed" if args[0] else "new"
-            log.info("MQTT connected to %s as %s (%s session)", url, sub.client_id, session)
-            sub.last_error = None
-            self._quiet.forget("unreachable")
-        elif kind == "subscribed":
-            for topic_filter, name in args[0]:
-                sub.last_error = f"broker refused the subscription to {topic_filter}: {name}"
-                self._quiet.error(
-                    f"sub:{topic_filter}",
-                    "%s; check the broker's ACL for %s",
-                    sub.last_error,
-                    self.settings.mqtt.username or "this client",
+        match event:
+            case Connected(session_present):
+                session = "resumed" if session_present else "new"
+                log.info("MQTT connected to %s as %s (%s session)", url, sub.client_id, session)
+                sub.last_error = None
+                self._quiet.forget("unreachable")
+            case Subscribed(refused):
+                for topic_filter, name in refused:
+                    sub.last_error = f"broker refused the subscription to {topic_filter}: {name}"
+                    self._quiet.error(
+                        f"sub:{topic_filter}",
+                        "%s; check the broker's ACL for %s",
+                        sub.last_error,
+                        self.settings.mqtt.username or "this client",
+                    )
+            case Unsubscribed():
+                self._unsubscribed = True
+                log.info(
+                    "unsubscribed from group %r; taking what the session still holds",
+                    self.settings.ingest.group,
                 )
-        elif kind == "unsubscribed":
-            self._unsubscribed = True
-            log.info(
-                "unsubscribed from group %r; taking what the session still holds",
-                self.settings.ingest.group,
-            )
-        elif kind == "refused":
-            sub.last_error = str(connect_refusal(args[0], args[1], url))
-            self._quiet.error(f"refused:{args[0]}", "%s", sub.last_error)
-        elif kind == "unreachable":
-            sub.last_error = f"cannot reach the broker at {url}; retrying"
-            self._quiet.warning("unreachable", "%s", sub.last_error)
-        elif kind == "disconnected":
-            sub.reconnects += 1
-            sub.last_error = f"connection to {url} lost: {args[1]}"
-            log.warning("%s; unacknowledged messages will be delivered again", sub.last_error)
+            case Refused(code):
+                sub.last_error = str(event.error)
+                self._quiet.error(f"refused:{code}", "%s", sub.last_error)
+            case Unreachable():
+                sub.last_error = f"cannot reach the broker at {url}; retrying"
+                self._quiet.warning("unreachable", "%s", sub.last_error)
+            case Disconnected(_code, name):
+                sub.reconnects += 1
+                sub.last_error = f"connection to {url} lost: {name}"
+                log.warning("%s; unacknowledged messages will be delivered again", sub.last_error)
+            case _:
+                pass  # PUBACKs: the worker publishes nothing
 
     def _ingest(self, deliveries: list[Delivery], stop: threading.Event) -> None:
         """Validate, commit, then acknowledge: nothing is acked that is not stored."""
@@ -814,22 +727,24 @@ class IngestWorker:
 
     def _commit(self, records: list[OutRecord], stop: threading.Event) -> bool:
         """Store the records, retrying while the outbox is full or failing; False if stopped."""
-        while True:
-            try:
-                self.outbox.append(records)
-                self._quiet.forget("outbox")
-                return True
-            except OutboxFullError as exc:
-                self._quiet.error(
-                    "outbox",
-                    "outbox full, not acknowledging until InfluxDB "
-                    "catches up (the broker keeps the messages): %s",
-                    exc,
-                )
-            except OutboxError as exc:
-                self._quiet.error("outbox", "outbox write failed, retrying: %s", exc)
-            if stop.wait(RETRY_COMMIT_S):
-                return False
+        stored = store_shell.commit(
+            self.outbox,
+            list(records),
+            None,
+            on_full=lambda exc: self._quiet.error(
+                "outbox",
+                "outbox full, not acknowledging until InfluxDB "
+                "catches up (the broker keeps the messages): %s",
+                exc,
+            ),
+            on_error=lambda exc: self._quiet.error(
+                "outbox", "outbox write failed, retrying: %s", exc
+            ),
+            wait_to_retry=lambda: stop.wait(RETRY_COMMIT_S),
+        )
+        if stored:
+            self._quiet.forget("outbox")
+        return stored
 
     def _on_poison(self, record: StoredRecord, why: str) -> None:
         """Called on the sink's thread: keep a point InfluxDB refused for good, with the reason."""
@@ -853,53 +768,42 @@ class IngestWorker:
     def observe(self) -> Observation:
         """Counters and backlog in the gateway's shape, so /metrics has the same names."""
         now_s = time.time()
-        backlog, oldest_s = self.outbox.backlog("influx")
         health = self.sink.health()
         sub = self.subscription
         counts = self.counts
-        return Observation(
-            uptime_s=now_s - self.started_s,
+        intake = store_shell.Intake(
             frames_in=counts.received,
             accepted_by_kind=dict(counts.accepted_by_kind),
             quarantined_by_reason=dict(counts.quarantined),
             duplicates=counts.duplicates,
             alert_transitions=counts.accepted_by_kind.get("alert", 0),
-            acks_in=0,
-            acks_rejected=0,
-            outbox_pending=self.outbox.pending(),
-            outbox_max_pending=self.outbox.max_pending,
+        )
+        source = SourceObservation(
+            f"{SOURCE_NAME} {self.settings.ingest.group}",
+            sub.subscribed,
+            sub.reconnects,
+            sub.bytes_in,
+            sub.last_error,
+        )
+        sink = store_shell.sink_observation(
+            "influx",
+            health,
+            self.outbox.backlog("influx"),
+            now_s,
+            {
+                "mqtt_acked": counts.acked,
+                "mqtt_stale_acks": counts.stale_acks,
+                "mqtt_qos0_dropped": sub.qos0_dropped,
+                "mqtt_queue_full_waits": sub.queue_full_waits,
+            },
+        )
+        return store_shell.observation(
+            self.outbox,
+            intake,
             outbox_full=False,
-            outbox_free_disk_bytes=self.outbox.free_disk_bytes(),
-            outbox_history_freed=self.outbox.freed_rows,
-            sources=(
-                SourceObservation(
-                    f"{SOURCE_NAME} {self.settings.ingest.group}",
-                    sub.subscribed,
-                    sub.reconnects,
-                    sub.bytes_in,
-                    sub.last_error,
-                ),
-            ),
-            sinks=(
-                SinkObservation(
-                    name="influx",
-                    connected=bool(health["connected"]),
-                    backlog_records=backlog,
-                    oldest_age_s=None if oldest_s is None else max(0.0, now_s - oldest_s),
-                    delivered=int(health["written"]),
-                    last_error=health["last_error"],
-                    extra={
-                        "retries": int(health["retries"]),
-                        "poisoned": int(health["poisoned"]),
-                        "mqtt_acked": counts.acked,
-                        "mqtt_stale_acks": counts.stale_acks,
-                        "mqtt_qos0_dropped": sub.qos0_dropped,
-                        "mqtt_queue_full_waits": sub.queue_full_waits,
-                    },
-                ),
-            ),
-            pumps_total=0,
-            pumps_telemetry_lost=0,
+            uptime_s=now_s - self.started_s,
+            sources=(source,),
+            sinks=(sink,),
             max_backlog_age_s=self.settings.health.max_backlog_age_s,
         )
 
@@ -907,13 +811,5 @@ class IngestWorker:
 def run_ingest(settings: IngestSettings, stop: threading.Event, *, retire: bool = False) -> bool:
     """Run one worker until `stop` is set (or it has left its group): `pumpgw ingest`."""
     worker = IngestWorker(settings, retire=retire)
-    listen = settings.health.listen
-    health = HealthServer(listen, worker.observe) if listen else None
-    if health is not None:
-        health.start()
-        log.info("health on http://%s/healthz and /metrics", listen)
-    try:
+    with store_shell.serving_health(settings.health, worker.observe):
         return worker.run(stop)
-    finally:
-        if health is not None:
-            health.stop()

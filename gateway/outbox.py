@@ -29,9 +29,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from gateway.errors import PumpgwError
+from gateway.records import PRIORITY_KINDS, OutRecord, StoredRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -48,7 +50,6 @@ CREATE INDEX IF NOT EXISTS records_by_pump ON records (pump_id, seq);
 CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
-PRIORITY_KINDS = frozenset({"alert", "active_alerts", "gateway_status", "pump_status"})
 HEADROOM_ROWS = 10_000
 """Rows kept in reserve above max_pending for alerts and status."""
 COLUMNS = "seq, kind, record_id, pump_id, payload, line, retain, stored_at"
@@ -63,7 +64,7 @@ CURSOR_WRITE_EVERY_S = 1.0
 """Longest a moved cursor waits in memory for a commit to carry it (while acks keep coming)."""
 
 
-class OutboxError(Exception):
+class OutboxError(PumpgwError):
     """The outbox cannot do what was asked; the message says what to check."""
 
 
@@ -73,32 +74,6 @@ class OutboxFullError(OutboxError):
     def __init__(self, message: str, *, disk: bool = False) -> None:
         super().__init__(message)
         self.disk = disk
-
-
-@dataclass(frozen=True, slots=True)
-class OutRecord:
-    """A record to store: a validated message as JSON, and its line protocol if it is a point."""
-
-    kind: str
-    record_id: str
-    pump_id: str | None
-    payload: bytes
-    line: bytes | None = None
-    retain: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class StoredRecord:
-    """A committed row of the outbox."""
-
-    seq: int
-    kind: str
-    record_id: str
-    pump_id: str | None
-    payload: bytes
-    line: bytes | None
-    retain: bool
-    stored_at_s: float
 
 
 def _owner_only(path: Path, *, create: bool = True) -> None:

@@ -18,10 +18,9 @@ from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
-from gateway.outbox import OutRecord
 from gateway.points import PointTags, line_for
+from gateway.records import GATEWAY_PUMP_ID, RETAINED_KINDS, OutRecord
 from gateway.rules import AlertEngine
-from gateway.topics import GATEWAY_PUMP_ID
 from schemas.codec import Frame, FrameError, MessageError, message_from_frame
 from schemas.models import (
     OPERATOR_PATTERN,
@@ -48,7 +47,6 @@ gateway itself (pump id `_gateway`: outbox_full, outbox_near_full), only the tec
 (gateway.ack_technical) may acknowledge them."""
 SEQS_REMEMBERED = 20_000
 """Per pump boot, sequence numbers kept for duplicate detection above the gap-free floor."""
-RETAINED_KINDS = frozenset({"info", "pump_status", "active_alerts", "gateway_status"})
 SINK_SOURCES = frozenset({"influx", "hl7", "fhir"})
 """Quarantine sources that are sinks: their raw bytes hold only ids as they left the station."""
 QUARANTINE_RECORDS_PER_S = 50.0

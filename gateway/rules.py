@@ -76,7 +76,6 @@ other side of a reading, and a bolus counted as lost must really be missing."""
 SALT_BYTES: Final = 16
 ALERT_TOKEN_HEX: Final = 16
 MAX_TEXT_CHARS: Final = 500
-GATEWAY_PUMP_ID: Final = "_gateway"
 _KIND_PATTERN: Final = re.compile(r"[a-z0-9_]{1,40}")
 _PUMP_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_UNIT_CHARS: Final = 16

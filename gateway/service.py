@@ -30,12 +30,21 @@ from gateway.adapters.mllp import make_hl7_sink
 from gateway.adapters.mqtt import MqttSink, ReceivedAck
 from gateway.adapters.serial_port import SerialSource
 from gateway.config import Settings, pseudonymize_key
-from gateway.health import HealthServer, Observation, SinkObservation, SourceObservation
-from gateway.outbox import Outbox, OutboxError, OutboxFullError, OutRecord, StoredRecord
+from gateway.health import Observation, SourceObservation
+from gateway.outbox import OutboxError, OutboxFullError
 from gateway.pipeline import AckKey, Batch, Pipeline, ack_runs, pseudonym
 from gateway.points import PointTags
 from gateway.quiet import CountedLog, QuietLog
+from gateway.records import OutRecord, StoredRecord
 from gateway.rules import AlertEngine
+from gateway.store_shell import (
+    Intake,
+    commit,
+    observation,
+    open_outbox,
+    serving_health,
+    sink_observation,
+)
 from gateway.topics import TopicBase, ack_filter, ack_origin
 from schemas.codec import Frame, FrameDecoder, FrameError, encode_ack
 from schemas.models import AckRefusal, GatewayStatus
@@ -54,6 +63,8 @@ RETRY_COMMIT_S = 1.0
 RECENT_IDS_ON_START = 50_000
 ENGINE_STATE_KEY = "alert_engine"
 ACK_QUEUE_ITEMS = 1000
+ACK_QUEUE_WAIT_S = 0.5
+"""paho's thread re-checks this often for room in a full ack queue (and for a stop)."""
 """Operator acknowledgements waiting for the ingest thread; they have their own queue so that
 a full ingest queue or a full outbox never holds them back."""
 STATUS_SEQ_BLOCK = 2**20
@@ -123,7 +134,7 @@ class Gateway:
         self._status_seq = StatusSequence()
         self._state_epoch = -1
         self._refresh_due_m = float("-inf")
-        self.acks_dropped = 0
+        self.ack_queue_full_waits = 0
         self._acks_unsaved = False
         """Acknowledgements changed the engine since its state was last given to a commit."""
         self._quiet = QuietLog(log)
@@ -137,15 +148,7 @@ class Gateway:
         sink_names = ["mqtt"] + (["influx"] if settings.influx is not None else [])
         sink_names += [n for n in ("hl7", "fhir") if getattr(settings, n) is not None]
         self.wake_messages = {name: threading.Event() for name in ("hl7", "fhir")}
-        store = settings.store
-        self.outbox = Outbox(
-            store.path,
-            sink_names,
-            durability=store.durability,
-            max_pending=store.max_pending_records,
-            retention_s=store.retention_days * 86400,
-            min_free_bytes=store.min_free_disk_kb * 1024,
-        )
+        self.outbox = open_outbox(settings.store, sink_names)
         self.topics = TopicBase(
             prefix=settings.mqtt.topic_prefix,
             site=settings.gateway.site,
@@ -258,18 +261,25 @@ class Gateway:
         return False
 
     def _on_operator_ack(self, received: ReceivedAck) -> None:
-        """Called on paho's thread: hand the message over and wake the ingest thread."""
-        try:
-            self._acks.put_nowait(received)
-        except queue.Full:
-            self.acks_dropped += 1
-            self._refusal_log.warning(
-                "ack-queue-full",
-                "acknowledgement on %s dropped: %d acknowledgements wait already; resend it",
-                received.topic[:200],
-                ACK_QUEUE_ITEMS,
-            )
-            return
+        """Called on paho's thread: hand the message over and wake the ingest thread.
+
+        While ACK_QUEUE_ITEMS acks wait, this waits too: paho reads nothing more and the
+        broker holds the rest (back-pressure), since nothing is PUBACKed before it is stored.
+        """
+        while True:
+            try:
+                self._acks.put(received, timeout=ACK_QUEUE_WAIT_S)
+                break
+            except queue.Full:
+                self.ack_queue_full_waits += 1
+                self._refusal_log.warning(
+                    "ack-queue-full",
+                    "%d acknowledgements wait to be applied: holding the next ones back at "
+                    "the broker (nothing is lost; look for a client flooding the ack topics)",
+                    ACK_QUEUE_ITEMS,
+                )
+            if self.stop_event.is_set():
+                return  # not PUBACKed: the broker delivers it again to the next connection
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(("acks",))
 
@@ -362,47 +372,37 @@ class Gateway:
         if not batch.records and not snapshot:
             return
         state = {ENGINE_STATE_KEY: self.pipeline.engine.snapshot()} if snapshot else None
-        while True:
-            try:
-                self._append(batch.records, state)
-                break
-            except OutboxFullError as exc:
-                self._on_full(str(exc))
-                log.debug("outbox still full: %s", exc)
-                self._report_freed()
-            except OutboxError as exc:
-                self._quiet.error("outbox", "outbox write failed, retrying: %s", exc)
-            self._apply_acks()  # acknowledgements never wait behind a full outbox
-            if self.stop_event.wait(RETRY_COMMIT_S) and self._queue.empty():
-                log.error(
-                    "stopping with %d records not stored; the device will resend them",
-                    len(batch.records),
-                )
-                return
+        stored = commit(
+            self.outbox,
+            batch.records,
+            state,
+            on_full=self._still_full,
+            on_error=lambda exc: self._quiet.error(
+                "outbox", "outbox write failed, retrying: %s", exc
+            ),
+            wait_to_retry=self._wait_to_retry,
+        )
+        if not stored:
+            log.error(
+                "stopping with %d records not stored; the device will resend them",
+                len(batch.records),
+            )
+            return
         self._set_full(False)
         self._report_freed()
         self._wake_sinks()
         self._send_acks(batch.acks)
 
-    def _append(self, records: list[OutRecord], state: dict[str, bytes] | None) -> None:
-        """Store the records, oldest first, removing each part from `records` once stored:
-        on a nearly full disk, or with fewer rows left under max_pending_records than the
-        batch holds, a part that fits goes in while the whole batch would not (a batch larger
-        than the limit itself would otherwise wait forever). The engine state goes with the
-        last part, so it is never ahead of the stored records."""
-        size = len(records)
-        while True:
-            last = size >= len(records)
-            try:
-                self.outbox.append(records[:size], state if last else None)
-            except OutboxFullError:
-                if size <= 1:
-                    raise
-                size //= 2
-                continue
-            del records[:size]
-            if last:
-                return
+    def _still_full(self, exc: OutboxFullError) -> None:
+        self._on_full(str(exc))
+        log.debug("outbox still full: %s", exc)
+        self._report_freed()
+
+    def _wait_to_retry(self) -> bool:
+        """Between commit attempts: apply operator acks (they never wait behind a full
+        outbox), then wait; give up only when stopping with nothing more queued."""
+        self._apply_acks()
+        return self.stop_event.wait(RETRY_COMMIT_S) and self._queue.empty()
 
     def _wake_sinks(self) -> None:
         self.wake_mqtt.set()
@@ -429,11 +429,13 @@ class Gateway:
         through the outbox's reserve for alerts: they do not wait for the batch being read
         nor for room in a full outbox. The engine state follows with the next commit."""
         batch = Batch()
+        taken: list[ReceivedAck] = []
         while True:
             try:
                 received = self._acks.get_nowait()
             except queue.Empty:
                 break
+            taken.append(received)
             origin = ack_origin(self.topics, received.topic)
             username = origin.username if origin is not None else None
             refusal = self.pipeline.operator_ack(
@@ -447,8 +449,17 @@ class Gateway:
             try:
                 self.outbox.append(batch.records)
             except OutboxError as exc:
-                log.error("cannot store an acknowledgement: %s; the operator must resend it", exc)
-            self._wake_sinks()
+                log.error(
+                    "cannot store an acknowledgement: %s; it is not confirmed to the broker, "
+                    "which delivers it again when the gateway reconnects",
+                    exc,
+                )
+                return
+            finally:
+                self._wake_sinks()
+        if self.sinks.mqtt is not None:
+            for received in taken:
+                self.sinks.mqtt.confirm(received)
 
     def _refused(self, refusal: AckRefusal) -> None:
         """Log a refused acknowledgement (WARNING, rate-limited with a count) and tell the
@@ -589,28 +600,9 @@ class Gateway:
         for name in self.sinks.names():
             sink = self.sinks.by_name(name)
             assert sink is not None
-            backlog, oldest_s = self.outbox.backlog(name)
-            health = sink.health()
-            sinks.append(
-                SinkObservation(
-                    name=name,
-                    connected=bool(health.get("connected")),
-                    backlog_records=backlog,
-                    oldest_age_s=None if oldest_s is None else max(0.0, now_s - oldest_s),
-                    delivered=int(health.get("published", health.get("written", 0)) or 0),
-                    last_error=health.get("last_error"),
-                    extra={
-                        k: int(v)
-                        for k, v in health.items()
-                        if isinstance(v, int)
-                        and not isinstance(v, bool)
-                        and k not in ("published", "written")
-                    },
-                )
-            )
+            sinks.append(sink_observation(name, sink.health(), self.outbox.backlog(name), now_s))
         lost = sum(1 for p in list(self.pipeline.pumps.values()) if p.telemetry != "ok")
-        return Observation(
-            uptime_s=now_s - self.started_s,
+        intake = Intake(
             frames_in=counts.frames_in,
             accepted_by_kind=dict(counts.accepted_by_kind),
             quarantined_by_reason=dict(counts.quarantined),
@@ -623,18 +615,20 @@ class Gateway:
                 priority.value: delays
                 for priority, delays in self.pipeline.engine.acknowledgement_delays().items()
             },
-            outbox_pending=self.outbox.pending(),
-            outbox_max_pending=self.outbox.max_pending,
-            outbox_full=self._full,
-            outbox_free_disk_bytes=self.outbox.free_disk_bytes(),
-            outbox_history_freed=self.outbox.freed_rows,
-            sources=tuple(
-                SourceObservation(s.label, s.connected, s.reconnects, s.bytes_in, s.last_error)
-                for s in self.sources
-            ),
-            sinks=tuple(sinks),
             pumps_total=len(self.pipeline.pumps),
             pumps_telemetry_lost=lost,
+        )
+        sources = tuple(
+            SourceObservation(s.label, s.connected, s.reconnects, s.bytes_in, s.last_error)
+            for s in self.sources
+        )
+        return observation(
+            self.outbox,
+            intake,
+            outbox_full=self._full,
+            uptime_s=now_s - self.started_s,
+            sources=sources,
+            sinks=tuple(sinks),
             max_backlog_age_s=self.settings.health.max_backlog_age_s,
         )
 
@@ -668,19 +662,12 @@ class Gateway:
 def run_gateway(settings: Settings, stop: threading.Event) -> None:
     """Run until `stop` is set: the body of `pumpgw run`."""
     gateway = Gateway(settings)
-    health = (
-        HealthServer(settings.health.listen, gateway.observe) if settings.health.listen else None
-    )
-    if health is not None:
-        health.start()
-        log.info("health on http://%s/healthz and /metrics", settings.health.listen)
-    gateway.start()
-    try:
-        stop.wait()
-    finally:
-        gateway.stop()
-        if health is not None:
-            health.stop()
+    with serving_health(settings.health, gateway.observe):
+        gateway.start()
+        try:
+            stop.wait()
+        finally:
+            gateway.stop()
 
 
 def replay_capture(settings: Settings, capture: Path) -> dict[str, int]:

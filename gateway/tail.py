@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import queue
-import ssl
 import sys
 import threading
 import urllib.parse
@@ -21,15 +20,25 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Final, TextIO
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
-from gateway.adapters.mqtt import MqttSettings
+from gateway.adapters.mqtt_client import (
+    ClientEvent,
+    Connected,
+    Disconnected,
+    MqttClient,
+    MqttSettings,
+    MqttTls,
+    Refused,
+    Subscribed,
+    Unreachable,
+)
 from schemas.models import (
     MODELS_BY_KIND,
     Acknowledgement,
@@ -372,22 +381,34 @@ def run_tail(
     if version is None:
         print(f"pumpgw tail: protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}", file=err)
         return 2
+    tls = address.tls or ca_file is not None
+    try:
+        settings = MqttSettings(
+            url=f"{'mqtts' if tls else 'mqtt'}://{address.host}:{address.port}",
+            protocol="5" if version == MQTTProtocolVersion.MQTTv5 else "3.1.1",
+            username=username,
+            password=None if password is None else SecretStr(password),
+            tls=MqttTls(
+                ca_file=None if ca_file is None else Path(ca_file),
+                cert_file=None if cert_file is None else Path(cert_file),
+                key_file=None if key_file is None else Path(key_file),
+                insecure_skip_verify=tls_insecure,
+            ),
+            keepalive_s=KEEPALIVE_S,
+            reconnect_max_s=RECONNECT_MAX_S,
+            session_expiry_s=0,
+        )
+    except ValidationError as exc:
+        print(f"pumpgw tail: {describe_errors(exc.errors())}", file=err)
+        return 2
     events: queue.Queue[_Received | _Status] = queue.Queue()
     dropped = _Dropped()
-    client = _client(version, events, dropped, topic_filter, url)
-    if username is not None:
-        client.username_pw_set(username, password)
-    if address.tls or ca_file is not None:
-        required = ssl.CERT_NONE if tls_insecure else ssl.CERT_REQUIRED
-        client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file, cert_reqs=required)
-        client.tls_insecure_set(tls_insecure)
-    client.connect_async(address.host, address.port, keepalive=KEEPALIVE_S)
-    client.loop_start()
+    client = _client(settings, events, dropped, topic_filter, url)
+    client.start()
     try:
         return _print_events(events, dropped, _Printer(out), filter_base(topic_filter), stop)
     finally:
-        client.disconnect()
-        client.loop_stop()
+        client.stop()
 
 
 def _print_events(
@@ -424,44 +445,31 @@ def _print_events(
 
 
 def _client(
-    version: MQTTProtocolVersion,
+    settings: MqttSettings,
     events: queue.Queue[_Received | _Status],
     dropped: _Dropped,
     topic_filter: str,
     url: str,
-) -> mqtt.Client:
-    """A paho client whose callbacks only queue events (they run on paho's thread)."""
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"pumpgw-tail-{uuid.uuid4().hex[:8]}",
-        protocol=version,
-        clean_session=None if version == MQTTProtocolVersion.MQTTv5 else True,
-    )
-    client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+) -> MqttClient:
+    """An MQTT client whose events only queue lines to print (they come on paho's thread)."""
 
-    def on_connect(
-        c: mqtt.Client, _u: Any, _f: Any, code: ReasonCode, _p: Properties | None
-    ) -> None:
-        if code.is_failure:
-            events.put(_Status(f"{url} refused the connection: {code}", str(code) in FATAL_CONNACK))
-            return
-        events.put(_Status(f"connected to {url}"))
-        c.subscribe(topic_filter, qos=1)
+    def on_event(event: ClientEvent) -> None:
+        match event:
+            case Refused(_code, name):
+                events.put(_Status(f"{url} refused the connection: {name}", name in FATAL_CONNACK))
+            case Connected():
+                events.put(_Status(f"connected to {url}"))
+            case Subscribed(refused):
+                said = "the broker refused the subscription to" if refused else "subscribed to"
+                events.put(_Status(f"{said} {topic_filter}", bool(refused)))
+            case Disconnected(_code, name):
+                events.put(_Status(f"disconnected from {url} ({name}); reconnecting"))
+            case Unreachable():
+                events.put(_Status(f"cannot reach {url}; retrying"))
+            case _:
+                pass
 
-    def on_subscribe(
-        _c: mqtt.Client, _u: Any, _mid: int, codes: list[ReasonCode], _p: Properties | None
-    ) -> None:
-        if any(code.is_failure for code in codes):
-            events.put(_Status(f"the broker refused the subscription to {topic_filter}", True))
-        else:
-            events.put(_Status(f"subscribed to {topic_filter}"))
-
-    def on_disconnect(
-        _c: mqtt.Client, _u: Any, _f: Any, code: ReasonCode, _p: Properties | None
-    ) -> None:
-        events.put(_Status(f"disconnected from {url} ({code}); reconnecting"))
-
-    def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+    def on_message(msg: mqtt.MQTTMessage) -> None:
         historical = is_historical(getattr(msg, "properties", None))
         at = datetime.now().astimezone()
         if events.qsize() >= MAX_QUEUED_MESSAGES:
@@ -470,10 +478,18 @@ def _client(
         payload = bytes(msg.payload[:MAX_PAYLOAD_BYTES])
         events.put(_Received(msg.topic, payload, historical, bool(msg.retain), at))
 
-    client.on_connect, client.on_subscribe = on_connect, on_subscribe
-    client.on_disconnect, client.on_message = on_disconnect, on_message
-    client.on_connect_fail = lambda _c, _u: events.put(_Status(f"cannot reach {url}; retrying"))
-    return client
+    def subscribe(paho: mqtt.Client, _connected: Connected) -> None:
+        paho.subscribe(topic_filter, qos=1)
+
+    return MqttClient(
+        settings,
+        f"pumpgw-tail-{uuid.uuid4().hex[:8]}",
+        emit=on_event,
+        on_message=on_message,
+        on_connect=subscribe,
+        subscribed_filters=(topic_filter,),
+        fresh_session=True,
+    )
 
 
 class _Printer:

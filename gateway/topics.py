@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from gateway.records import GATEWAY_PUMP_ID, KINDS, RETAINED_KINDS
+
 DEFAULT_PREFIX: Final = "pumpgw"
-GATEWAY_PUMP_ID: Final = "_gateway"
-"""The pump id of the gateway's own technical alerts."""
 FORBIDDEN_CHARS: Final = frozenset("+#/\x00")
 MAX_SEGMENT_CHARS: Final = 128
 
@@ -42,9 +42,9 @@ GATEWAY_LEAVES: Final[dict[str, str]] = {
     "alert": "alerts",
     "active_alerts": "alerts/active",
 }
-RETAINED_KINDS: Final = frozenset({"info", "pump_status", "active_alerts", "gateway_status"})
-"""Kinds published retained: the current state a late subscriber needs."""
-KINDS: Final = frozenset({*PUMP_LEAVES, "gateway_status", "quarantine"})
+
+LEAF_KINDS: Final[dict[str, str]] = {"telemetry": "reading", "events": "event", "alerts": "alert"}
+"""Pump topic leaves the workers take, and the record kind each carries (docs/topics.md)."""
 
 
 def segment_problem(value: str) -> str | None:
@@ -176,3 +176,26 @@ def pump_filter(base: TopicBase, pump_id: str) -> str:
 def subscription_filter(base: TopicBase) -> str:
     """Everything of this station (a dashboard's subscription)."""
     return f"{base.root}/#"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicParts:
+    """What a topic says: the station it came from, the pump and the record kind."""
+
+    site: str
+    station: str
+    pump_id: str
+    kind: str
+
+
+def parse_topic(topic: str, prefix: str) -> TopicParts | None:
+    """Site, station, pump and kind of a telemetry, event or alert topic; None for others."""
+    levels = topic.split("/")
+    if len(levels) == 6 and levels[0] == prefix and levels[3] == "pumps":
+        kind = LEAF_KINDS.get(levels[5])
+        if kind is None:
+            return None
+        return TopicParts(levels[1], levels[2], levels[4], kind)
+    if len(levels) == 5 and levels[0] == prefix and levels[3:] == ["gateway", "alerts"]:
+        return TopicParts(levels[1], levels[2], GATEWAY_PUMP_ID, "alert")
+    return None

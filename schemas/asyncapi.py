@@ -21,11 +21,12 @@ from typing import Any, Final
 
 from pydantic import BaseModel
 
-from gateway.adapters.mqtt import MAX_ACK_BYTES, QOS, MqttSettings
+from gateway.adapters.mqtt import MAX_ACK_BYTES, QOS
+from gateway.adapters.mqtt_client import MqttSettings
 from gateway.ingest import subscriptions
+from gateway.records import GATEWAY_PUMP_ID
 from gateway.topics import (
     DEFAULT_PREFIX,
-    GATEWAY_PUMP_ID,
     TopicBase,
     ack_refusal_topic,
     deadletter_topic,

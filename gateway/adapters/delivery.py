@@ -29,8 +29,10 @@ from typing import Any, Final, Protocol
 
 from pydantic import ValidationError
 
-from gateway.outbox import Outbox, OutboxError, StoredRecord
+from gateway.errors import StoppedError
+from gateway.outbox import Outbox, OutboxError
 from gateway.quiet import QuietLog
+from gateway.records import StoredRecord
 from schemas.models import describe_errors
 
 log = logging.getLogger(__name__)
@@ -123,10 +125,6 @@ def unreadable(row: StoredRecord, exc: ValidationError) -> Outgoing:
 
 PoisonCallback = Callable[[str, StoredRecord, str, bytes], None]
 """(sink name, record, the receiver's reason, the refused message) -> None."""
-
-
-class StoppedError(Exception):
-    """The stop event was set while the sink was waiting to retry."""
 
 
 def backoff_s(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:

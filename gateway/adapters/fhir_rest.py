@@ -41,7 +41,8 @@ from gateway.adapters.influx import _check_secret_file, read_secret, retry_after
 from gateway.adapters.mllp import load_device_map
 from gateway.fhir_bundles import PATIENT_ID_SYSTEM_DEFAULT, outcome_reason, transaction_bundle
 from gateway.hl7_messages import DeviceLink
-from gateway.outbox import Outbox, StoredRecord
+from gateway.outbox import Outbox
+from gateway.records import StoredRecord
 from schemas.models import AlertTransition, Reading
 
 SINK_NAME: Final = "fhir"

@@ -37,8 +37,10 @@ from urllib.parse import quote, urlsplit
 import urllib3
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from gateway.outbox import Outbox, OutboxError, StoredRecord
+from gateway.errors import SinkError, StoppedError
+from gateway.outbox import Outbox, OutboxError
 from gateway.quiet import QuietLog
+from gateway.records import StoredRecord
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ VICTORIA_METRICS_AHEAD_S: Final = 2 * 86_400
 # --- errors -------------------------------------------------------------------------------
 
 
-class InfluxError(Exception):
+class InfluxError(SinkError):
     """Root of the sink's errors; `status` is the HTTP status when there was an answer."""
 
     def __init__(self, reason: str, status: int | None = None) -> None:
@@ -360,10 +362,6 @@ def make_transport(settings: InfluxSettings) -> Transport:
 
 
 # --- the sink -----------------------------------------------------------------------------
-
-
-class StoppedError(Exception):
-    """The stop event was set while the sink was waiting to retry."""
 
 
 @dataclass(slots=True)

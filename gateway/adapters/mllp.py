@@ -43,7 +43,8 @@ from gateway.hl7_messages import (
     pcd01_message,
     pcd04_message,
 )
-from gateway.outbox import Outbox, StoredRecord
+from gateway.outbox import Outbox
+from gateway.records import StoredRecord
 from schemas.models import AlertTransition, Reading
 
 SINK_NAME: Final = "hl7"

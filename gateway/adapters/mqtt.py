@@ -26,11 +26,8 @@ names a topic leaf such as pumps/+/telemetry) are held for DENIED_RETRY_S, acros
 the disconnect Mosquitto 2.0 answers a denial with, so other kinds flow meanwhile;
 any other reconnect offers everything again at once.
 
-Errors (the paho seam below maps paho's codes and exceptions to these):
-
-    MqttError                  anything this adapter reports
-     ├── MqttConfigError       settings that cannot work (password file, TLS files)
-     └── MqttRefusedError           the broker said no: reason_code, topic (None: CONNECT)
+The connection itself (settings, TLS, credentials, paho's codes and errors, typed events) is
+gateway.adapters.mqtt_client's; this module is the delivery on top of it.
 """
 
 from __future__ import annotations
@@ -38,39 +35,44 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import socket
-import ssl
-import stat
-import sys
 import threading
 import time
-import urllib.parse
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Final, Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.exception import MQTTException
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from gateway.outbox import Outbox, StoredRecord
+from gateway.adapters.mqtt_client import (
+    ClientEvent,
+    Connected,
+    Disconnected,
+    MqttClient,
+    MqttError,
+    MqttRefusedError,
+    MqttSettings,
+    PackedProperties,
+    Published,
+    Refused,
+    Unreachable,
+    no_delay,
+    paho_errors,
+    publish_problem,
+    user_properties,
+)
+from gateway.delivery_window import Lane, RateBucket, Slot, held, next_retry_m
+from gateway.outbox import Outbox
 from gateway.quiet import QuietLog
+from gateway.records import StoredRecord
 from gateway.topics import (
-    DEFAULT_PREFIX,
     TopicBase,
     ack_filter,
     ack_origin,
     ack_refusal_topic,
     is_retained,
     legacy_ack_topic,
-    segment_problem,
     status_topic,
     topic_for,
 )
@@ -79,7 +81,6 @@ log = logging.getLogger(__name__)
 
 SINK_NAME: Final = "mqtt"
 QOS: Final = 1
-RECONNECT_MIN_DELAY_S: Final = 1
 DENIED_RETRY_S: Final = 30.0
 """A record the broker refused (PUBACK >= 0x80) is offered again after this long."""
 KICKED_WITHIN_S: Final = 2.0
@@ -92,200 +93,13 @@ READ_AHEAD_ROWS: Final = 256
 """Outbox rows read at once per lane; one query per PUBACK round cost ~12 % of the sink's CPU."""
 TOPIC_CACHE_MAX: Final = 10_000
 """While waiting for PUBACKs, new outbox rows are looked for at least this often."""
-REPLAY_BURST_S: Final = 0.1
-"""The replay rate limiter lets this many seconds' worth of rows out at once."""
 SHUTDOWN_DRAIN_S: Final = 2.0
 MAX_ACK_BYTES: Final = 16_384
 """A larger message on the ack topic is dropped unread (an Acknowledgement is < 1 KiB)."""
-SERVER_RECEIVE_MAX: Final = 65_535
 DISCONNECT_WITH_WILL: Final = 0x04
 """MQTT 5 DISCONNECT reason: the broker publishes the will (`offline`) on a clean stop too."""
 SESSION_TAKEN_OVER: Final = 0x8E
 """MQTT 5 DISCONNECT reason: another client connected with this client id."""
-SCHEMES: Final = {"mqtt": 1883, "mqtts": 8883}
-
-
-class MqttError(Exception):
-    """Something this adapter cannot do; the message says what to check."""
-
-
-class MqttConfigError(MqttError):
-    """The settings cannot work (unreadable password file, bad TLS files)."""
-
-
-class MqttRefusedError(MqttError):
-    """The broker refused a CONNECT (topic None) or a PUBLISH to `topic`."""
-
-    def __init__(self, message: str, reason_code: int, topic: str | None = None) -> None:
-        super().__init__(message)
-        self.reason_code = reason_code
-        self.topic = topic
-
-
-# --- settings ---------------------------------------------------------------------------
-
-
-class MqttTls(BaseModel):
-    """`[mqtt.tls]`: files for an mqtts:// broker; the system CAs are used without ca_file."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    ca_file: Path | None = Field(None, description="PEM CA bundle that signed the broker")
-    cert_file: Path | None = Field(None, description="PEM client certificate (mutual TLS)")
-    key_file: Path | None = Field(None, description="PEM key of cert_file")
-    insecure_skip_verify: bool = Field(
-        False, description="do not verify the broker's certificate (tests only; warns at start)"
-    )
-
-    @model_validator(mode="after")
-    def _key_needs_cert(self) -> MqttTls:
-        if self.key_file is not None and self.cert_file is None:
-            raise ValueError("key_file needs cert_file")
-        return self
-
-    @property
-    def configured(self) -> bool:
-        return self != MqttTls()
-
-
-class MqttSettings(BaseModel):
-    """`[mqtt]`: the broker, credentials, TLS, the delivery window and the topic prefix."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    url: str = Field("mqtt://localhost:1883", description="mqtt://host:port or mqtts://host:port")
-    protocol: Literal["5", "3.1.1"] = Field("5", description='"5" (default) or "3.1.1"')
-    client_id: str | None = Field(None, description="default: pumpgw-{site}-{station}")
-    username: str | None = None
-    password: SecretStr | None = Field(None, description="or env PUMPGW_MQTT__PASSWORD")
-    password_file: Path | None = Field(None, description="file holding the password, mode 600")
-    tls: MqttTls = MqttTls()
-    keepalive_s: int = Field(30, ge=5, le=65_535)
-    inflight_max: int = Field(
-        1000, ge=1, le=65_535, description="records published and not yet acknowledged"
-    )
-    replay_rate_per_s: float = Field(2000.0, gt=0, description="publish rate of a backlog")
-    historical_after_s: float = Field(
-        5.0, ge=0, description="rows older than this when published are flagged historical"
-    )
-    reconnect_max_s: int = Field(30, ge=1, le=3600, description="reconnect backoff ceiling")
-    session_expiry_s: int = Field(
-        86_400,
-        ge=0,
-        le=4_294_967_294,
-        description="how long the broker keeps this gateway's session while it is away, so "
-        "acknowledgements published meanwhile are applied when it returns; 0: a fresh session "
-        "at each connect (MQTT 3.1.1 keeps a session without expiry when this is above 0)",
-    )
-    topic_prefix: str = Field(DEFAULT_PREFIX, description="first topic level")
-
-    @field_validator("protocol", mode="before")
-    @classmethod
-    def _protocol_as_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int) else value
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        parts = urllib.parse.urlsplit(value)
-        if parts.scheme not in SCHEMES:
-            raise ValueError("use mqtt://host:port or mqtts://host:port")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("put credentials in mqtt.username and mqtt.password, not in the url")
-        if not parts.hostname or parts.path not in ("", "/") or parts.query:
-            raise ValueError("use mqtt://host:port (a host, an optional port, nothing else)")
-        try:
-            parts.port  # noqa: B018 - urlsplit checks the port only when it is read
-        except ValueError as exc:
-            raise ValueError(f"bad port: {exc}") from exc
-        return value
-
-    @field_validator("topic_prefix")
-    @classmethod
-    def _prefix(cls, value: str) -> str:
-        problem = segment_problem(value)
-        if problem is not None:
-            raise ValueError(problem)
-        return value
-
-    @field_validator("password_file")
-    @classmethod
-    def _private_file(cls, value: Path | None) -> Path | None:
-        problem = None if value is None else _private_file_problem(value)
-        if problem is not None:
-            raise ValueError(problem)
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> MqttSettings:
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("set mqtt.password or mqtt.password_file, not both")
-        if self.tls.configured and not self.uses_tls:
-            raise ValueError("mqtt.tls is set but the url is mqtt://; use mqtts://")
-        return self
-
-    @property
-    def uses_tls(self) -> bool:
-        return self.url.startswith("mqtts://")
-
-    @property
-    def host(self) -> str:
-        return urllib.parse.urlsplit(self.url).hostname or ""
-
-    @property
-    def port(self) -> int:
-        parts = urllib.parse.urlsplit(self.url)
-        return parts.port or SCHEMES[parts.scheme]
-
-    def display_url(self) -> str:
-        """The broker address for logs and screens (never credentials)."""
-        return f"{'mqtts' if self.uses_tls else 'mqtt'}://{self.host}:{self.port}"
-
-    def password_value(self) -> str | None:
-        """The password from the setting, the environment or password_file."""
-        if self.password is not None:
-            return self.password.get_secret_value()
-        if self.password_file is None:
-            return None
-        problem = _private_file_problem(self.password_file)
-        if problem is not None:
-            raise MqttConfigError(f"mqtt.password_file: {problem}")
-        try:
-            return self.password_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise MqttConfigError(f"mqtt.password_file: cannot read it: {exc.strerror}") from exc
-
-
-def _private_file_problem(path: Path) -> str | None:
-    """Why a secret file must not be used (missing, or open to group/others), or None."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        return f"cannot read {path}: {exc.strerror}"
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        return f"{path} is readable by group or others; run: chmod 600 {path}"
-    return None
-
-
-# --- the paho seam: paho's return codes, reason codes and exceptions become ours here ---
-
-CONNECT_HINTS: Final = {
-    0x84: 'the broker does not speak this MQTT version; try mqtt.protocol = "3.1.1"',
-    0x85: "the broker rejected the client id; set mqtt.client_id",
-    0x86: "check mqtt.username and the password (PUMPGW_MQTT__PASSWORD or mqtt.password_file)",
-    0x87: "check mqtt.username, the password and the broker's ACL for this user",
-    0x88: "the broker is unavailable; retrying",
-    0x89: "the broker is busy; retrying",
-    0x8A: "this client is banned by the broker; ask its administrator",
-    0x8C: "the broker wants another authentication method",
-}
-
-
-def connect_refusal(code: int, name: str, url: str) -> MqttRefusedError:
-    """A refused CONNACK as our error, with what to do about it."""
-    hint = CONNECT_HINTS.get(code, "see the broker's log")
-    message = f"broker {url} refused the connection: {name} (0x{code:02X}); {hint}"
-    return MqttRefusedError(message, code)
 
 
 def publish_denial(code: int, name: str, topic: str) -> MqttRefusedError:
@@ -298,111 +112,6 @@ def publish_denial(code: int, name: str, topic: str) -> MqttRefusedError:
     )
 
 
-def publish_problem(rc: MQTTErrorCode) -> str | None:
-    """Why publish() did not take a message for sending (None: it did; still not delivered)."""
-    if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-        return None
-    if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
-        return "not connected"
-    if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-        return "paho's queue is full"
-    return mqtt.error_string(rc)
-
-
-def reason(code: ReasonCode) -> tuple[int, str]:
-    """The numeric value and name of a paho reason code (3.1.1 codes arrive converted)."""
-    return code.value, code.getName()
-
-
-@contextlib.contextmanager
-def paho_errors(what: str, error: type[MqttError] = MqttError) -> Iterator[None]:
-    """Raise paho's and ssl's exceptions during `what` as `error`."""
-    try:
-        yield
-    except (ValueError, OSError, RuntimeError, ssl.SSLError, MQTTException) as exc:
-        raise error(f"{what}: {exc}") from exc
-
-
-def no_delay(client: mqtt.Client) -> None:
-    """Turn Nagle's algorithm off on paho's socket (paho leaves it on).
-
-    With it on, a small PUBLISH waits while earlier bytes are unacknowledged: at 1,000
-    records/s that added tens of milliseconds per record (docs/performance.md).
-    """
-    sock = client.socket()
-    setsockopt = getattr(sock, "setsockopt", None)
-    if setsockopt is not None:
-        with contextlib.suppress(OSError):
-            setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def user_properties(props: Properties | None) -> tuple[tuple[str, str], ...]:
-    """MQTT 5 user properties of a received message (empty for 3.1.1)."""
-    pairs = getattr(props, "UserProperty", None) or []
-    return tuple((str(k), str(v)) for k, v in pairs)
-
-
-PUBLISH_PROPERTIES_HEAD: Final = (
-    b"\x01\x01"  # payload format indicator: UTF-8
-    + b"\x03" + len(b"application/json").to_bytes(2, "big") + b"application/json"
-)
-"""The PUBLISH properties every record carries, encoded once (MQTT 5.0, 2.2.2.2)."""
-USER_PROPERTY_ID: Final = 0x26
-
-
-def _utf8(text: str) -> bytes:
-    data = text.encode()
-    return len(data).to_bytes(2, "big") + data
-
-
-def _variable_byte_integer(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        value, digit = divmod(value, 128)
-        out.append(digit | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-class PackedProperties(Properties):
-    """PUBLISH properties encoded once, here: JSON content type and user properties.
-
-    paho's own Properties validates every attribute through linear scans and builds two
-    dicts per instance: about half of paho's CPU per QoS 1 message (docs/performance.md).
-    paho only calls pack() on the properties of an outgoing PUBLISH; the bytes are the same
-    (tests/unit/test_mqtt_properties.py compares them).
-    """
-
-    PayloadFormatIndicator: int
-    ContentType: str
-    UserProperty: list[tuple[str, str]]
-    _packed: bytes
-
-    def __init__(self, user_properties: list[tuple[str, str]]) -> None:
-        # Properties.__init__ is skipped on purpose (it is the cost); so is its __setattr__.
-        body = PUBLISH_PROPERTIES_HEAD + b"".join(
-            bytes((USER_PROPERTY_ID,)) + _utf8(key) + _utf8(value)
-            for key, value in user_properties
-        )
-        for name, value in (
-            ("packetType", PacketTypes.PUBLISH),
-            ("PayloadFormatIndicator", 1),
-            ("ContentType", "application/json"),
-            ("UserProperty", list(user_properties)),
-            ("_packed", _variable_byte_integer(len(body)) + body),
-        ):
-            object.__setattr__(self, name, value)
-
-    def pack(self) -> bytes:
-        return self._packed
-
-    def __str__(self) -> str:
-        return (
-            f"[PayloadFormatIndicator : {self.PayloadFormatIndicator}, "
-            f"ContentType : {self.ContentType}, UserProperty : {self.UserProperty}]"
-        )
-
-    __repr__ = __str__
 
 
 # --- delivery window --------------------------------------------------------------------
@@ -417,6 +126,10 @@ class ReceivedAck:
     user_properties: tuple[tuple[str, str], ...] = ()
     retained: bool = False
     """The broker sent it with the retain flag (a stored message, or a retained publish)."""
+    mid: int = field(default=0, compare=False)
+    qos: int = field(default=0, compare=False)
+    connection: int = field(default=0, compare=False)
+    """The connection it arrived on: its PUBACK is sent on that connection only."""
 
 
 OnAck = Callable[[ReceivedAck], None]
@@ -424,86 +137,14 @@ StatusPair = Callable[[], tuple[bytes, bytes]]
 """Builds the GatewayStatus payloads of one connection: (birth `online`, will `offline`)."""
 
 
-@dataclass(slots=True)
-class _Slot:
-    record: StoredRecord
-    mid: int | None = None
-    acked: bool = False
-    retry_at_s: float = 0.0
-
-
-class _Lane:
-    """Rows of one outbox range (after_seq, upto_seq] in seq order until acknowledged."""
-
-    def __init__(self, after_seq: int, upto_seq: int | None = None) -> None:
-        self.read_to = after_seq
-        self.acked_to = after_seq
-        self.upto = upto_seq
-        self.read_all = upto_seq is not None and after_seq >= upto_seq
-        self.slots: OrderedDict[int, _Slot] = OrderedDict()
-        self.ahead: deque[StoredRecord] = deque()
-        """Rows read from the outbox after read_to and not yet taken."""
-
-    @property
-    def done(self) -> bool:
-        return self.read_all and not self.slots
-
-    def take(self, rows: list[StoredRecord], asked: int) -> list[_Slot]:
-        """Add rows read after read_to; rows past upto_seq are left for the next lane."""
-        if self.upto is not None:
-            kept = [r for r in rows if r.seq <= self.upto]
-            self.read_all = len(kept) < len(rows) or len(rows) < asked
-            rows = kept
-        new = [_Slot(r) for r in rows]
-        for slot in new:
-            self.slots[slot.record.seq] = slot
-        if rows:
-            self.read_to = rows[-1].seq
-        return new
-
-    def advance(self) -> bool:
-        """Drop the acknowledged prefix; return whether acked_to moved."""
-        moved = False
-        while self.slots:
-            seq, slot = next(iter(self.slots.items()))
-            if not slot.acked:
-                break
-            del self.slots[seq]
-            self.acked_to, moved = seq, True
-        if self.done and self.upto is not None and self.acked_to < self.upto:
-            self.acked_to, moved = self.upto, True
-        return moved
-
-    def unsend(self) -> None:
-        """The connection is gone: nothing unacknowledged is on its way any more."""
-        for slot in self.slots.values():
-            if not slot.acked:
-                slot.mid, slot.retry_at_s = None, 0.0
-
-    def due(self, now_m: float) -> Iterator[_Slot]:
-        return (s for s in self.slots.values() if s.mid is None and not s.acked
-                and s.retry_at_s <= now_m)
-
-
-class _Bucket:
-    """Token bucket for the replay rate."""
-
-    def __init__(self, rate_per_s: float) -> None:
-        self.rate = rate_per_s
-        self.burst = max(1.0, rate_per_s * REPLAY_BURST_S)
-        self.tokens = self.burst
-        self._at = time.monotonic()
-
-    def refill(self, now_m: float) -> int:
-        self.tokens = min(self.burst, self.tokens + (now_m - self._at) * self.rate)
-        self._at = now_m
-        return int(self.tokens)
-
-    def wait_s(self) -> float:
-        return max(0.0, (1.0 - self.tokens) / self.rate)
-
-
 # --- the sink ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _SendRefusal:
+    """From the service: publish this AckRefusal on the sink's thread."""
+
+    payload: bytes
 
 
 class MqttSink:
@@ -531,20 +172,19 @@ class MqttSink:
         self._status_topic = status_topic(topics)
         self._ack_filters = (ack_filter(topics), legacy_ack_topic(topics))
         self._refusal_topic = ack_refusal_topic(topics)
-        self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[ClientEvent | _SendRefusal] = queue.SimpleQueue()
         self._kick = threading.Event()
         self._quiet = QuietLog(log)
-        self._live = _Lane(outbox.cursor(SINK_NAME))
-        self._replay: _Lane | None = None
-        self._bucket = _Bucket(settings.replay_rate_per_s)
+        self._live = Lane(outbox.cursor(SINK_NAME))
+        self._replay: Lane | None = None
+        self._bucket = RateBucket(settings.replay_rate_per_s, time.monotonic())
         self._throttled = False
-        self._mids: dict[int, _Slot] = {}
+        self._mids: dict[int, Slot] = {}
         self._topic_cache: dict[tuple[str, str | None], str] = {}
         self._connected = False
         self._ever_connected = False
         self._window_wire = settings.inflight_max
         self._refused_key = "refused"
-        self._loop_running = False
         self._refused_pending = False
         """A CONNACK refused the last attempt; the disconnect that follows says no more."""
         self.last_error: str | None = None
@@ -558,47 +198,22 @@ class MqttSink:
         """Kinds of record the broker denied, and when (monotonic) to offer them again."""
         self._denial: str | None = None
         self._denied_at_m = self._connected_at_m = float("-inf")
-        self._client = self._make_client()
-
-    # -- client set-up ---------------------------------------------------------------
-
-    def _make_client(self) -> mqtt.Client:
-        s = self.settings
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
-            clean_session=None if self._v5 else s.session_expiry_s == 0,
+        self._connection = 0
+        self._connection_lock = threading.Lock()
+        self._client = MqttClient(
+            settings,
+            self.client_id,
+            emit=self._from_client,
+            manual_ack=True,
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            before_connect=self._before_connect,
         )
-        if log.isEnabledFor(logging.DEBUG):  # paho logs every lost connection as ERROR
-            client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        self._paho = self._client.paho
         # Our window is the only in-flight limit (paho's would count dropped messages);
         # the queue cap is a safety net: the window never holds more than inflight_max.
-        client.max_inflight_messages_set(0)
-        client.max_queued_messages_set(s.inflight_max + 64)
-        client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, s.reconnect_max_s)
-        if s.username is not None:
-            client.username_pw_set(s.username, s.password_value())
-        if s.uses_tls:
-            self._set_tls(client, s.tls)
-        client.on_pre_connect = self._on_pre_connect
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_message = self._on_message
-        return client
-
-    @staticmethod
-    def _set_tls(client: mqtt.Client, tls: MqttTls) -> None:
-        with paho_errors("mqtt.tls", MqttConfigError):
-            client.tls_set(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-                cert_reqs=ssl.CERT_NONE if tls.insecure_skip_verify else ssl.CERT_REQUIRED,
-            )
-            client.tls_insecure_set(tls.insecure_skip_verify)
+        self._paho.max_inflight_messages_set(0)
+        self._paho.max_queued_messages_set(settings.inflight_max + 64)
 
     @property
     def state_epoch(self) -> int:
@@ -608,11 +223,11 @@ class MqttSink:
 
     def send_refusal(self, payload: bytes) -> None:
         """Publish an AckRefusal (QoS 1, not retained) if connected; any thread."""
-        self._hand_over("refusal", payload)
+        self._hand_over(_SendRefusal(payload))
 
     # -- paho callbacks: paho's thread; they only hand data over ---------------------
 
-    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+    def _before_connect(self, client: mqtt.Client) -> None:
         # Birth and will are built for each connection: the birth's seq is above the last
         # connection's will, so a consumer ordering by seq never keeps an old `offline`.
         try:
@@ -621,11 +236,8 @@ class MqttSink:
             self._quiet.error("status", "cannot build the birth and will: %r", exc)
         client.will_set(self._status_topic, self._will, qos=QOS, retain=True)
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
-                    reason_code: ReasonCode, properties: Properties | None) -> None:
-        if reason_code.is_failure:
-            self._hand_over("refused", *reason(reason_code))
-            return
+    def _on_connect(self, client: mqtt.Client, event: Connected) -> None:
+        self._new_connection()
         # paho's own copies of unacknowledged messages are dropped here, before paho
         # re-sends them after this callback returns; the sink thread re-publishes them from
         # its window, so nothing is lost and each record goes out once per connection rather
@@ -638,8 +250,6 @@ class MqttSink:
         else:
             client.subscribe([(f, QOS) for f in self._ack_filters])
         client.publish(self._status_topic, self._birth, qos=QOS, retain=True)
-        receive_max = getattr(properties, "ReceiveMaximum", SERVER_RECEIVE_MAX)
-        self._hand_over("connected", int(receive_max), bool(flags.session_present))
 
     @staticmethod
     def _ack_options() -> SubscribeOptions:
@@ -649,43 +259,57 @@ class MqttSink:
         return SubscribeOptions(qos=QOS, noLocal=True, retainAsPublished=True,
                                 retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
 
-    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        # paho calls this from inside its `except OSError:` without the exception; the one
-        # being handled says why (refused, timed out, certificate verify failed).
-        cause = sys.exc_info()[1]
-        self._hand_over("unreachable", None if cause is None else str(cause))
-
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
-                       reason_code: ReasonCode, properties: Properties | None) -> None:
-        self._hand_over("disconnected", *reason(reason_code))
-
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,
-                    reason_code: ReasonCode, properties: Properties | None) -> None:
-        self._hand_over("puback", mid, *reason(reason_code))
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, message: mqtt.MQTTMessage) -> None:
         if ack_origin(self._topics, message.topic) is None:
             # A session resumed after someone else used our client id may carry their
             # subscriptions: nothing but the ack topics is ever taken as an acknowledgement.
             self.acks_dropped += 1
+            self._puback(message.mid, message.qos)
             self._quiet.warning("not-ack", "ignored a message on %r: not an ack topic of this "
                                 "station (a subscription left in the session by another client "
                                 "that used this client id?)", message.topic[:200])
             return
         if len(message.payload) > MAX_ACK_BYTES:
             self.acks_dropped += 1
+            self._puback(message.mid, message.qos)
             self._quiet.warning("ack-size", "dropped a %d-byte message on %s (limit %d)",
                                 len(message.payload), message.topic, MAX_ACK_BYTES)
             return
         self.acks_received += 1
         props = user_properties(message.properties)
-        ack = ReceivedAck(message.topic, bytes(message.payload), props, bool(message.retain))
+        ack = ReceivedAck(message.topic, bytes(message.payload), props, bool(message.retain),
+                          message.mid, message.qos, self._connection)
         try:
-            self._on_ack(ack)
+            self._on_ack(ack)  # may wait for room: the broker then holds the rest back
         except Exception as exc:  # noqa: BLE001 - a service bug must not stop paho's thread
             self._quiet.error("on-ack", "the acknowledgement handler failed: %r", exc)
 
-    def _hand_over(self, *event: Any) -> None:
+    def confirm(self, ack: ReceivedAck) -> None:
+        """The service applied and stored `ack`: send the broker its PUBACK now; any thread.
+
+        Acknowledgements are received with paho's manual_ack, so a broker (and, through it,
+        the operator's console) never hears "received" for an ack the gateway could still
+        lose. An ack from an earlier connection is not confirmed: the broker delivers it
+        again, and the packet id may name another message by now.
+        """
+        with self._connection_lock:
+            if ack.connection == self._connection:
+                self._puback(ack.mid, ack.qos)
+
+    def _puback(self, mid: int, qos: int) -> None:
+        if qos > 0:
+            self._paho.ack(mid, qos)
+
+    def _new_connection(self) -> None:
+        with self._connection_lock:
+            self._connection += 1
+
+    def _from_client(self, event: ClientEvent) -> None:
+        if isinstance(event, Disconnected):
+            self._new_connection()
+        self._hand_over(event)
+
+    def _hand_over(self, event: ClientEvent | _SendRefusal) -> None:
         self._events.put(event)
         if not self._kick.is_set():  # the sink clears it before draining: nothing is missed
             self._kick.set()
@@ -698,11 +322,7 @@ class MqttSink:
             log.warning("mqtt.tls.insecure_skip_verify is on: the broker's certificate is NOT "
                         "verified, so anyone on the network path can pose as %s",
                         self.settings.display_url())
-        with paho_errors(f"cannot start MQTT to {self.settings.display_url()}"):
-            self._client.connect_async(self.settings.host, self.settings.port,
-                                       self.settings.keepalive_s, **self._clean_start())
-            self._client.loop_start()
-        self._loop_running = True
+        self._client.start()
         try:
             while not stop.is_set():
                 self._kick.clear()
@@ -711,17 +331,6 @@ class MqttSink:
                 self._wait(wake)
         finally:
             self._shutdown()
-
-    def _clean_start(self) -> dict[str, Any]:
-        """MQTT 5: resume the session (acknowledgements queued while away) unless expiry is 0."""
-        if not self._v5:
-            return {}
-        expiry_s = self.settings.session_expiry_s
-        if expiry_s == 0:
-            return {"clean_start": True}
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = expiry_s
-        return {"clean_start": False, "properties": props}
 
     def _step(self) -> None:
         self._drain_events()
@@ -741,14 +350,13 @@ class MqttSink:
 
     def _timer_s(self, now_m: float) -> float:
         """Time until a denied record may be retried or the replay earns a token."""
-        later = [s.retry_at_s for lane in self._lanes() for s in lane.slots.values()
-                 if s.mid is None and not s.acked and s.retry_at_s > now_m]
-        timer_s = min(later, default=now_m + IDLE_WAIT_S) - now_m
+        retry_m = next_retry_m(self._lanes(), now_m)
+        timer_s = IDLE_WAIT_S if retry_m is None else retry_m - now_m
         if self._throttled:
             timer_s = min(timer_s, self._bucket.wait_s())
         return max(0.0, min(timer_s, IDLE_WAIT_S))
 
-    def _lanes(self) -> list[_Lane]:
+    def _lanes(self) -> list[Lane]:
         return [self._live] if self._replay is None else [self._replay, self._live]
 
     # -- events from paho --------------------------------------------------------------
@@ -759,7 +367,24 @@ class MqttSink:
                 event = self._events.get_nowait()
             except queue.Empty:
                 return
-            getattr(self, f"_event_{event[0]}")(*event[1:])
+            self._dispatch(event)
+
+    def _dispatch(self, event: ClientEvent | _SendRefusal) -> None:
+        match event:
+            case Published(mid, code, name):
+                self._event_puback(mid, code, name)
+            case Connected(session_present, receive_max):
+                self._event_connected(receive_max, session_present)
+            case Disconnected(code, name):
+                self._event_disconnected(code, name)
+            case Refused():
+                self._event_refused(event.code, event.error)
+            case Unreachable(cause):
+                self._event_unreachable(cause)
+            case _SendRefusal(payload):
+                self._event_refusal(payload)
+            case _:
+                pass  # SUBACK of the ack filters: a refused one shows as acks never arriving
 
     def _event_connected(self, receive_max: int, session_present: bool = True) -> None:
         self._unsend_all()
@@ -779,8 +404,7 @@ class MqttSink:
         self._quiet.forget("closed-early")
         self._quiet.forget(self._refused_key)
 
-    def _event_refused(self, code: int, name: str) -> None:
-        error = connect_refusal(code, name, self.settings.display_url())
+    def _event_refused(self, code: int, error: MqttRefusedError) -> None:
         self.refusals += 1
         self.last_error = str(error)
         self._refused_key = f"refused:{code}"
@@ -811,7 +435,7 @@ class MqttSink:
             return  # the console is told nothing; it sees no receipt and may resend
         with contextlib.suppress(MqttError):
             with paho_errors("publish an acknowledgement refusal"):
-                info = self._client.publish(self._refusal_topic, payload, qos=QOS,
+                info = self._paho.publish(self._refusal_topic, payload, qos=QOS,
                                             properties=self._refusal_properties())
             if publish_problem(info.rc) is None:
                 self.refusals_sent += 1
@@ -921,7 +545,7 @@ class MqttSink:
             return
         tokens = self._bucket.refill(now_m)
         cap = max(1, self.settings.inflight_max // 2)
-        wire = min(self._window_wire - len(self._mids), cap - self._count_sent(lane))
+        wire = min(self._window_wire - len(self._mids), cap - lane.on_the_wire)
         budget = min(tokens, wire)
         spent, ok = self._publish_due(lane, now_m, budget)
         room = min(budget - spent, cap - len(lane.slots), self.settings.inflight_max - self._held())
@@ -934,7 +558,7 @@ class MqttSink:
         # Out of tokens before out of room: wake when the next token is earned.
         self._throttled = spent >= tokens and tokens < wire
 
-    def _read(self, lane: _Lane, limit: int) -> list[StoredRecord]:
+    def _read(self, lane: Lane, limit: int) -> list[StoredRecord]:
         """Up to `limit` rows after lane.read_to, through the lane's read-ahead buffer."""
         ahead = lane.ahead
         if len(ahead) < limit:
@@ -947,14 +571,14 @@ class MqttSink:
         """Bound the current lane at the last stored row; rows after it go out live."""
         count, _oldest = self._outbox.backlog(SINK_NAME)
         last_seq = max(self._outbox.cursor(SINK_NAME) + count, rows[-1].seq)
-        self._replay, self._live = self._live, _Lane(last_seq)
+        self._replay, self._live = self._live, Lane(last_seq)
         self._replay.upto = last_seq
         self._replay.take(rows, len(rows))
         self._replay.read_all = rows[-1].seq >= last_seq
         log.info("MQTT backlog of %d records: replaying at %.0f/s, flagged historical",
                  count, self.settings.replay_rate_per_s)
 
-    def _publish_due(self, lane: _Lane, now_m: float, budget: int) -> tuple[int, bool]:
+    def _publish_due(self, lane: Lane, now_m: float, budget: int) -> tuple[int, bool]:
         """Publish slots that wait to be (re)sent; return how many, and False if paho refused."""
         sent = 0
         for slot in list(lane.due(now_m)):
@@ -966,16 +590,12 @@ class MqttSink:
         return sent, True
 
     def _held(self) -> int:
-        return sum(len(lane.slots) for lane in self._lanes())
-
-    @staticmethod
-    def _count_sent(lane: _Lane) -> int:
-        return sum(1 for s in lane.slots.values() if s.mid is not None)
+        return held(self._lanes())
 
     def _is_historical(self, record: StoredRecord, now_s: float) -> bool:
         return now_s - record.stored_at_s > self.settings.historical_after_s
 
-    def _publish(self, slot: _Slot) -> bool:
+    def _publish(self, slot: Slot) -> bool:
         """Hand one record to paho; False means stop sending for now."""
         record = slot.record
         try:
@@ -991,7 +611,7 @@ class MqttSink:
         retain = record.retain or is_retained(record.kind)
         try:
             with paho_errors(f"publish to {topic}"):
-                info = self._client.publish(topic, record.payload, qos=QOS, retain=retain,
+                info = self._paho.publish(topic, record.payload, qos=QOS, retain=retain,
                                             properties=self._properties(record, historical))
         except MqttError as exc:
             self._skip_unroutable(slot, str(exc))
@@ -1016,7 +636,7 @@ class MqttSink:
             self._topic_cache[key] = topic
         return topic
 
-    def _skip_unroutable(self, slot: _Slot, why: str) -> None:
+    def _skip_unroutable(self, slot: Slot, why: str) -> None:
         # Retrying cannot help and would stop every later record; the row stays in the
         # outbox (and in InfluxDB), so it is counted and logged, not silently lost.
         slot.acked = True
@@ -1058,7 +678,7 @@ class MqttSink:
             self._kick.clear()
             self._drain_events()
             self._advance()
-        if not self._v5 and self._client.is_connected():
+        if not self._v5 and self._paho.is_connected():
             self._say_offline(deadline)
         self.close()
 
@@ -1066,7 +686,7 @@ class MqttSink:
         """MQTT 3.1.1 has no 'disconnect with will': publish the `offline` status ourselves."""
         try:
             with paho_errors("publish offline status"):
-                info = self._client.publish(self._status_topic, self._will, qos=QOS, retain=True)
+                info = self._paho.publish(self._status_topic, self._will, qos=QOS, retain=True)
                 info.wait_for_publish(max(0.1, deadline - time.monotonic()))
         except MqttError as exc:
             log.warning("could not publish the offline status: %s", exc)
@@ -1076,12 +696,7 @@ class MqttSink:
 
         Safe to call more than once.
         """
-        if not self._loop_running:
-            return
-        self._loop_running = False
-        with_will = ReasonCode(PacketTypes.DISCONNECT, identifier=DISCONNECT_WITH_WILL)
-        self._client.disconnect(reasoncode=with_will if self._v5 else None)
-        self._client.loop_stop()
+        self._client.stop(reason_code=DISCONNECT_WITH_WILL)
         self._connected = False
 
     # -- observation -------------------------------------------------------------------
@@ -1089,7 +704,7 @@ class MqttSink:
     def health(self) -> dict[str, Any]:
         """For /healthz and /metrics: state, last error and counters (plain ints)."""
         return {
-            "connected": self._client.is_connected(),
+            "connected": self._paho.is_connected(),
             "last_error": self.last_error,
             "published": self.published,
             "denied": self.denied,

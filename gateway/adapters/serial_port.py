@@ -17,6 +17,7 @@ from typing import Literal
 import serial
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.errors import PumpgwError
 from schemas.codec import Frame, FrameDecoder, FrameError
 from schemas.models import SourceStatus
 
@@ -53,7 +54,7 @@ class SourceSettings(BaseModel):
         return self.name or self.url
 
 
-class SourceError(Exception):
+class SourceError(PumpgwError):
     """The line cannot be opened or read; carries the source label."""
 
     def __init__(self, source: str, message: str) -> None:

@@ -19,6 +19,7 @@ from importlib import resources
 from urllib.parse import urlsplit
 
 from gateway.dashboard.settings import DEFAULT_BROKER_WS_PORT, DashboardSettings
+from gateway.errors import PumpgwError
 from schemas.models import INTENDED_USE
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ REQUIRED = ("index.html", "app.js", "app.css", "worker.js")
 served, read once at start."""
 
 
-class DashboardError(Exception):
+class DashboardError(PumpgwError):
     """The dashboard cannot be served (address in use, assets missing)."""
 
 

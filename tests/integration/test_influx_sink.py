@@ -23,8 +23,9 @@ import pytest
 import urllib3
 
 from gateway.adapters.influx import InfluxSettings, InfluxSink
-from gateway.outbox import Outbox, OutRecord, StoredRecord
+from gateway.outbox import Outbox
 from gateway.points import PointTags, epoch_ns, line_for, point_time_ns
+from gateway.records import OutRecord, StoredRecord
 from schemas.models import AlertTransition, DeviceEvent, Reading
 from tests.servers import Influx1, VictoriaMetrics
 

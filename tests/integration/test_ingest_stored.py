@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from gateway.adapters.influx import InfluxSettings, InfluxSink
-from gateway.outbox import Outbox, OutRecord, StoredRecord
+from gateway.outbox import Outbox
 from gateway.points import PointTags, line_for
+from gateway.records import OutRecord, StoredRecord
 from schemas.models import Reading
 from tests.e2e import wait_until
 from tests.servers import Influx1, VictoriaMetrics, http_request

@@ -25,8 +25,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.adapters.mqtt import KICKED_WITHIN_S, MqttSettings, MqttSink, MqttTls, ReceivedAck
-from gateway.outbox import Outbox, OutRecord, StoredRecord
+from gateway.adapters.mqtt import KICKED_WITHIN_S, MqttSink, ReceivedAck
+from gateway.adapters.mqtt_client import MqttSettings, MqttTls
+from gateway.outbox import Outbox
+from gateway.records import OutRecord, StoredRecord
 from gateway.topics import TopicBase, ack_topic, status_topic, subscription_filter
 from schemas.models import GatewayStatus
 from tests.servers import LOOPBACK, Mosquitto, MosquittoFactory, MosquittoTls, Pki
@@ -369,7 +371,7 @@ def test_birth_is_retained_and_a_lost_connection_publishes_the_last_will(
     states: list[str] = []
     with Subscriber(mosquitto.port, status_topic(base)) as sub, running(sink):
         states.append(json.loads(sub.next().payload)["state"])
-        sock = sink._client.socket()
+        sock = sink._paho.socket()
         assert isinstance(sock, socket.socket)
         sock.shutdown(socket.SHUT_RDWR)  # the network dies: no DISCONNECT packet
         states.append(json.loads(sub.next().payload)["state"])

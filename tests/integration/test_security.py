@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from gateway.adapters.mqtt import MqttSettings
+from gateway.adapters.mqtt_client import MqttSettings
 from gateway.pipeline import pseudonym
 from tests.e2e import GatewayProcess, expected_ids, gateway_config, sent_count, wait_until
 from tests.integration.test_faults import (

@@ -12,9 +12,10 @@ from typing import Any
 import jsonschema
 import pytest
 
-from gateway.adapters.mqtt import QOS, MqttSettings
+from gateway.adapters.mqtt import QOS
+from gateway.adapters.mqtt_client import MqttSettings
+from gateway.records import GATEWAY_PUMP_ID
 from gateway.topics import (
-    GATEWAY_PUMP_ID,
     PUMP_LEAVES,
     TopicBase,
     ack_refusal_topic,

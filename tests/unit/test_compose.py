@@ -21,7 +21,8 @@ import yaml
 from paho.mqtt.client import topic_matches_sub
 
 from gateway.adapters.influx import InfluxSettings, InfluxSink
-from gateway.adapters.mqtt import MqttSettings, MqttSink
+from gateway.adapters.mqtt import MqttSink
+from gateway.adapters.mqtt_client import MqttSettings
 from gateway.cli import build_parser as pumpgw_parser
 from gateway.config import load_settings
 from gateway.health import Observation, SinkObservation, SourceObservation, render_metrics

@@ -21,7 +21,8 @@ from gateway.cli import main
 from gateway.config import ConfigError, load_settings
 from gateway.health import HealthServer
 from gateway.history import render
-from gateway.outbox import Outbox, OutboxError, OutRecord, StoredRecord
+from gateway.outbox import Outbox, OutboxError
+from gateway.records import OutRecord, StoredRecord
 from tests.unit.test_health import observation
 
 

@@ -35,7 +35,8 @@ from gateway.adapters.influx import (
     retry_after_s,
     server_reason,
 )
-from gateway.outbox import Outbox, OutRecord, StoredRecord
+from gateway.outbox import Outbox
+from gateway.records import OutRecord, StoredRecord
 
 NOW_S = 1_800_000_000.0
 

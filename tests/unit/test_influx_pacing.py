@@ -11,7 +11,8 @@ import pytest
 
 from gateway.adapters import influx as influx_module
 from gateway.adapters.influx import InfluxSettings, InfluxSink
-from gateway.outbox import Outbox, OutRecord
+from gateway.outbox import Outbox
+from gateway.records import OutRecord
 
 WAIT_S = 10.0
 

@@ -13,15 +13,14 @@ from gateway.ingest import (
     MAX_PAYLOAD_BYTES,
     RecentIds,
     Rejected,
-    TopicParts,
     client_id_for,
     load_ingest_settings,
-    parse_topic,
     quarantine_record,
     record_for,
     subscriptions,
 )
-from gateway.outbox import OutRecord
+from gateway.records import OutRecord
+from gateway.topics import TopicParts, parse_topic
 from schemas.models import (
     AlarmState,
     AlertTransition,
@@ -269,6 +268,24 @@ def test_ingest_config_problems_name_the_key(
     with pytest.raises(ConfigError) as info:
         load_ingest_settings(write(tmp_path, INGEST_TOML.replace(*change)))
     assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ('[[sources]]\nurl = "/dev/ttyUSB0"\n', "sources"),
+        ("[alerts]\n", "alerts"),
+        ('[hl7]\nurl = "mllp://127.0.0.1:2575"\n', "hl7"),
+        ('[fhir]\nurl = "http://127.0.0.1:8080/fhir"\n', "fhir"),
+    ],
+)
+def test_ingest_config_refuses_the_station_sections_it_does_not_run(
+    tmp_path: Path, section: str, key: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_ingest_settings(write(tmp_path, INGEST_TOML + "\n" + section))
+    problems = info.value.problems
+    assert any(p.startswith(f"{key}: unknown key") for p in problems), problems
 
 
 def test_ingest_config_needs_influx(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from gateway.admission import OriginGuard, OriginLimits, TimeWindow
 from gateway.ingest import MAX_PAYLOAD_BYTES, IngestSection, Rejected, record_for
-from gateway.outbox import OutRecord
+from gateway.records import OutRecord
 from schemas.models import (
     MAX_ALARMS_PER_READING,
     AlarmState,

@@ -14,6 +14,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 CORE_MODULES = ("schemas.models", "schemas.codec", "schemas.mdc")
 OPTIONAL_CORE_MODULES = (
+    "gateway.records",
+    "gateway.delivery_window",
+    "gateway.errors",
+    "gateway.pipeline",
     "gateway.rules",
     "gateway.topics",
     "gateway.points",

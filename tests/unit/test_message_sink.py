@@ -18,7 +18,8 @@ from gateway.adapters.delivery import (
     Pacing,
     Verdict,
 )
-from gateway.outbox import Outbox, OutRecord, StoredRecord
+from gateway.outbox import Outbox
+from gateway.records import OutRecord, StoredRecord
 
 PACING = Pacing(batch_rows=100, send_every_s=0.0, retry_initial_s=0.001, retry_max_s=0.002)
 

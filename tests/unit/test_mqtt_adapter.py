@@ -8,17 +8,14 @@ import pytest
 from paho.mqtt.enums import MQTTErrorCode
 from pydantic import ValidationError
 
-from gateway.adapters.mqtt import (
+from gateway.adapters.mqtt import publish_denial
+from gateway.adapters.mqtt_client import (
     MqttConfigError,
     MqttSettings,
     MqttTls,
-    _Bucket,
-    _Lane,
     connect_refusal,
-    publish_denial,
     publish_problem,
 )
-from gateway.outbox import StoredRecord
 
 
 def problems(**values: object) -> str:
@@ -147,51 +144,3 @@ def test_publish_return_codes() -> None:
 
 
 # --- the delivery window ----------------------------------------------------------------------
-
-
-def rows(*seqs: int) -> list[StoredRecord]:
-    return [StoredRecord(s, "reading", f"P1:b:{s}", "P1", b"{}", None, False, 0.0) for s in seqs]
-
-
-def test_lane_acknowledges_only_the_contiguous_prefix() -> None:
-    lane = _Lane(after_seq=10)
-    slots = lane.take(rows(11, 12, 13), asked=3)
-    slots[1].acked = True
-    assert not lane.advance()
-    assert lane.acked_to == 10
-    slots[0].acked = True
-    assert lane.advance()
-    assert lane.acked_to == 12
-    assert list(lane.slots) == [13]
-
-
-def test_lost_connection_makes_unacknowledged_slots_due_again() -> None:
-    lane = _Lane(after_seq=0)
-    first, second = lane.take(rows(1, 2), asked=2)
-    first.mid, second.mid, second.acked = 7, 8, True
-    first.retry_at_s = 99.0
-    lane.unsend()
-    assert [s.record.seq for s in lane.due(now_m=0.0)] == [1]
-
-
-def test_bounded_lane_stops_at_its_upper_seq_and_jumps_gaps_when_done() -> None:
-    lane = _Lane(after_seq=0, upto_seq=5)
-    taken = lane.take(rows(1, 3, 6, 7), asked=4)
-    assert [s.record.seq for s in taken] == [1, 3]
-    assert lane.read_all
-    for slot in taken:
-        slot.acked = True
-    assert lane.advance()
-    assert lane.done
-    assert lane.acked_to == 5
-
-
-def test_replay_bucket_limits_the_rate() -> None:
-    bucket = _Bucket(rate_per_s=160.0)
-    now = 1024.0
-    bucket.refill(now)
-    bucket.tokens = 0.0
-    assert bucket.refill(now + 1 / 32) == 5
-    assert bucket.refill(now + 60.0) == 16, "a long pause earns at most 0.1 s worth"
-    bucket.tokens = 0.5
-    assert bucket.wait_s() == pytest.approx(0.5 / 160)

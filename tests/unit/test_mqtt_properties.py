@@ -6,7 +6,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.adapters.mqtt import PackedProperties
+from gateway.adapters.mqtt_client import PackedProperties
 
 
 def paho_properties(pairs: list[tuple[str, str]]) -> Properties:

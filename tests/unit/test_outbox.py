@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.outbox import HEADROOM_ROWS, Outbox, OutboxFullError, OutRecord
+from gateway.outbox import HEADROOM_ROWS, Outbox, OutboxFullError
+from gateway.records import OutRecord
 
 
 def rec(i: int, kind: str = "reading", pump: str = "P0001") -> OutRecord:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from gateway import outbox as outbox_module
-from gateway.outbox import Outbox, OutRecord
+from gateway.outbox import Outbox
+from gateway.records import OutRecord
 
 
 def rec(i: int) -> OutRecord:

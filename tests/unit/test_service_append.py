@@ -1,14 +1,14 @@
-"""Gateway._append: a batch that does not fit is stored in parts, the state with the last."""
+"""append_split: a batch that does not fit is stored in parts, the state with the last."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from types import SimpleNamespace
 
 import pytest
 
-from gateway.outbox import OutboxFullError, OutRecord
-from gateway.service import Gateway
+from gateway.outbox import OutboxFullError
+from gateway.records import OutRecord
+from gateway.store_shell import append_split
 
 
 class TightOutbox:
@@ -35,7 +35,7 @@ def records(n: int) -> list[OutRecord]:
 
 
 def append(outbox: TightOutbox, batch: list[OutRecord], state: dict[str, bytes] | None) -> None:
-    Gateway._append(SimpleNamespace(outbox=outbox), batch, state)  # type: ignore[arg-type]
+    append_split(outbox, batch, state)  # type: ignore[arg-type]
 
 
 def test_a_batch_too_big_for_the_disk_goes_in_parts_in_order_with_the_state_last() -> None:

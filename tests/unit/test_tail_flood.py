@@ -7,8 +7,8 @@ import queue
 import threading
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import MQTTProtocolVersion
 
+from gateway.adapters.mqtt_client import MqttSettings
 from gateway.tail import (
     MAX_PAYLOAD_BYTES,
     MAX_QUEUED_MESSAGES,
@@ -30,11 +30,12 @@ def message(payload: bytes) -> mqtt.MQTTMessage:
 def test_a_flood_is_counted_not_queued_and_a_huge_payload_is_cut() -> None:
     events: queue.Queue[_Received | _Status] = queue.Queue()
     dropped = _Dropped()
-    client = _client(MQTTProtocolVersion.MQTTv5, events, dropped, "pumpgw/#", "mqtt://x")
-    assert client.on_message is not None
-    client.on_message(client, None, message(b"x" * (10 * MAX_PAYLOAD_BYTES)))
+    settings = MqttSettings(url="mqtt://x:1883")
+    paho = _client(settings, events, dropped, "pumpgw/#", "mqtt://x").paho
+    assert paho.on_message is not None
+    paho.on_message(paho, None, message(b"x" * (10 * MAX_PAYLOAD_BYTES)))
     for _ in range(MAX_QUEUED_MESSAGES + 500):
-        client.on_message(client, None, message(b"{}"))
+        paho.on_message(paho, None, message(b"{}"))
     assert events.qsize() == MAX_QUEUED_MESSAGES
     assert dropped.count == 501
     first = events.get_nowait()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
+from gateway.records import GATEWAY_PUMP_ID, KINDS
 from gateway.topics import (
-    GATEWAY_PUMP_ID,
-    KINDS,
+    LEAF_KINDS,
     AckOrigin,
     TopicBase,
+    TopicParts,
     ack_filter,
     ack_origin,
     ack_refusal_topic,
@@ -16,6 +19,7 @@ from gateway.topics import (
     deadletter_topic,
     is_retained,
     legacy_ack_topic,
+    parse_topic,
     pump_filter,
     status_topic,
     subscription_filter,
@@ -126,3 +130,26 @@ def test_the_acknowledging_user_is_the_last_level_of_the_ack_topic() -> None:
 def test_an_ack_topic_cannot_be_built_for_a_name_that_is_not_one_topic_level() -> None:
     with pytest.raises(ValueError, match="username"):
         ack_topic(BASE, "a/b")
+
+
+SEGMENTS = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-",
+                   min_size=1, max_size=20)  # fmt: skip
+
+
+@given(site=SEGMENTS, station=SEGMENTS, pump_id=SEGMENTS, kind=st.sampled_from(sorted(
+    set(LEAF_KINDS.values()))), prefix=SEGMENTS)  # fmt: skip
+def test_parse_topic_reads_back_what_topic_for_wrote(
+    site: str, station: str, pump_id: str, kind: str, prefix: str
+) -> None:
+    assume(pump_id != GATEWAY_PUMP_ID)  # its topics are the gateway's: the next test
+    base = TopicBase(site=site, station=station, prefix=prefix)
+    topic = topic_for(kind, pump_id, base)
+    assert parse_topic(topic, prefix) == TopicParts(site, station, pump_id, kind)
+
+
+@given(site=SEGMENTS, station=SEGMENTS, prefix=SEGMENTS)
+def test_parse_topic_reads_the_gateway_alerts_topic(site: str, station: str, prefix: str) -> None:
+    base = TopicBase(site=site, station=station, prefix=prefix)
+    topic = topic_for("alert", GATEWAY_PUMP_ID, base)
+    assert parse_topic(topic, prefix) == TopicParts(site, station, GATEWAY_PUMP_ID, "alert")
+    assert parse_topic(topic, prefix + "x") is None
