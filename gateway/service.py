@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
-from gateway.adapters.delivery import MessageSink
+from gateway.adapters.delivery import MessageSink, Sink
 from gateway.adapters.fhir_rest import make_fhir_sink
 from gateway.adapters.influx import InfluxSink
 from gateway.adapters.mllp import make_hl7_sink
@@ -113,9 +113,10 @@ class SinkSet:
         fixed = [n for n, s in (("mqtt", self.mqtt), ("influx", self.influx)) if s is not None]
         return fixed + [s.name for s in self.messages]
 
-    def by_name(self, name: str) -> MqttSink | InfluxSink | MessageSink | None:
-        fixed = {"mqtt": self.mqtt, "influx": self.influx}
-        return fixed[name] if name in fixed else {s.name: s for s in self.messages}.get(name)
+    def all(self) -> list[Sink]:
+        """Every sink, behind the one Sink protocol (adapters/delivery.py), in outbox order."""
+        fixed: list[Sink] = [s for s in (self.mqtt, self.influx) if s is not None]
+        return fixed + list(self.messages)
 
 
 class Gateway:
@@ -597,10 +598,9 @@ class Gateway:
         counts = self.pipeline.counts
         now_s = time.time()
         sinks = []
-        for name in self.sinks.names():
-            sink = self.sinks.by_name(name)
-            assert sink is not None
-            sinks.append(sink_observation(name, sink.health(), self.outbox.backlog(name), now_s))
+        for sink in self.sinks.all():
+            backlog = self.outbox.backlog(sink.name)
+            sinks.append(sink_observation(sink.name, sink.health(), backlog, now_s))
         lost = sum(1 for p in list(self.pipeline.pumps.values()) if p.telemetry != "ok")
         intake = Intake(
             frames_in=counts.frames_in,
