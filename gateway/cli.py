@@ -26,6 +26,7 @@ from gateway.config import (
     load_settings,
 )
 from gateway.history import printable
+from gateway.logs import log_formatter
 
 log = logging.getLogger("pumpgw")
 
@@ -45,12 +46,10 @@ before `pumpgw run --config FILE` on a station.
 """
 
 
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(verbose: bool, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(log_formatter(log_format))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("urllib3", "paho"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -208,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pumpgw {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object per line for journald/Loki (text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the gateway on a station from a config file")
@@ -288,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, args.log_format)
     if args.command == "history" and args.store is None and args.config is None:
         parser.error("history needs --store PATH or --config FILE")
     started = time.monotonic()

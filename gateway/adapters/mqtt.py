@@ -60,6 +60,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from gateway.health import latency_histogram
 from gateway.outbox import Outbox, StoredRecord
 from gateway.quiet import QuietLog
 from gateway.topics import (
@@ -559,6 +560,9 @@ class MqttSink:
         self._denial: str | None = None
         self._denied_at_m = self._connected_at_m = float("-inf")
         self._client = self._make_client()
+        self.puback_latency = latency_histogram(
+            "pumpgw_commit_to_puback_seconds", "From a record's commit to the broker's PUBACK."
+        )
 
     # -- client set-up ---------------------------------------------------------------
 
@@ -867,6 +871,7 @@ class MqttSink:
         if code < 0x80:
             slot.acked = True
             self.published += 1
+            self.puback_latency.observe(max(0.0, time.time() - slot.record.stored_at_s))
             if self._denied_seqs:
                 self._accepted_after_denial(slot.record.seq)
             return

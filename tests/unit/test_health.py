@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.health import (
+    HealthServer,
     Observation,
     SinkObservation,
     SourceObservation,
     health_report,
+    latency_histogram,
     render_metrics,
 )
 
@@ -75,3 +82,58 @@ def test_metrics_expose_the_accounting_in_prometheus_text() -> None:
     assert 'pumpgw_source_reconnects_total{source="line-1"} 2' in text
     assert 'pumpgw_pumps{telemetry="lost"} 1' in text
     assert "# TYPE pumpgw_outbox_pending_records gauge" in text
+
+
+ALERT_RULES = Path(__file__).parents[2] / "deploy" / "prometheus" / "pumpgw-alerts.yml"
+
+
+def test_each_family_has_one_type_and_gauges_carry_no_total_suffix() -> None:
+    sink = SinkObservation("mqtt", True, 4, 1.5, 8, None, {"denied": 1, "inflight": 7})
+    families = {
+        f.name: f
+        for f in text_string_to_metric_families(render_metrics(observation(sinks=(sink,))))
+    }
+    assert families["pumpgw_sink_inflight"].type == "gauge"
+    assert families["pumpgw_sink_inflight"].samples[0].value == 7
+    assert "pumpgw_sink_inflight_total" not in render_metrics(observation(sinks=(sink,)))
+    assert families["pumpgw_sink_denied"].type == "counter"  # the parser strips `_total`
+    assert families["pumpgw_frames_in"].type == "counter"
+    assert families["pumpgw_outbox_full"].type == "gauge"
+
+
+def test_latency_histograms_are_exported_with_buckets_sum_and_count() -> None:
+    frame_to_commit = latency_histogram("pumpgw_frame_to_commit_seconds", "frame to commit")
+    frame_to_commit.observe(0.004)
+    frame_to_commit.observe(0.2)
+    text = render_metrics(observation(latencies=(frame_to_commit,)))
+    assert "# TYPE pumpgw_frame_to_commit_seconds histogram" in text
+    assert 'pumpgw_frame_to_commit_seconds_bucket{le="0.005"} 1.0' in text
+    assert 'pumpgw_frame_to_commit_seconds_bucket{le="+Inf"} 2.0' in text
+    assert "pumpgw_frame_to_commit_seconds_count 2.0" in text
+    assert "_created" not in text
+
+
+def test_every_metric_the_alert_rules_use_is_exported() -> None:
+    sink = SinkObservation("mqtt", True, 0, None, 0, None, {"denied": 0, "poisoned": 0})
+    exported = render_metrics(observation(sinks=(sink,)))
+    used = set(re.findall(r"pumpgw_[a-z_]+", ALERT_RULES.read_text()))
+    assert used
+    missing = sorted(name for name in used if f"\n{name}" not in exported)
+    assert missing == []
+
+
+def test_metrics_endpoint_serves_process_metrics_beside_the_gateways() -> None:
+    server = HealthServer("127.0.0.1:0", observation)
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            content_type = answer.headers["Content-Type"]
+            text = answer.read().decode()
+    finally:
+        server.stop()
+    assert content_type.startswith("text/plain; version=0.0.4")
+    assert "pumpgw_frames_in_total 10.0" in text
+    assert "# TYPE process_cpu_seconds_total counter" in text
+    assert "process_resident_memory_bytes " in text
+    assert "process_open_fds " in text
