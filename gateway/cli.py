@@ -54,13 +54,17 @@ def _configure_logging(verbose: bool, log_format: str = "text") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Each stops a command cleanly; SIGHUP is a closing terminal (there is no reload)."""
+
+
 def _stop_on_signals(stop: threading.Event) -> None:
     def handler(signum: int, frame: FrameType | None) -> None:
         log.info("signal %s: stopping cleanly", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -227,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="a simulated ward, the gateway, a broker and a live view, all on this machine",
         description="Starts simulated pumps whose scenarios raise alerts, the gateway, an MQTT "
-        "broker (Mosquitto if installed, otherwise an embedded one) and a local store, and shows "
-        "a live view. Ctrl-C stops everything.",
+        "broker (a private Mosquitto: install the Debian package 'mosquitto', or start with "
+        "scripts/demo) and a local store, and shows a live view. Ctrl-C, SIGTERM or closing "
+        "the terminal stops everything.",
     )
     demo.add_argument(
         "--pumps", type=int, default=13, help="simulated pumps; 13 shows every scenario once (13)"
