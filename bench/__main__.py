@@ -96,6 +96,7 @@ SUITES: tuple[Suite, ...] = (
     _one("codec", "bench.bench_codec", ["--frames", "50000", "--rounds", "5"],
          ["--frames", "2000", "--rounds", "1"]),
     _one("rules", "bench.bench_rules", [], []),
+    _one("alarms", "bench.bench_alarms", [], ["--quick"]),
     _one("outbox", "bench.bench_outbox", [], []),
     _one("simulator", "bench.bench_simulator",
          ["--pumps", "1", "10", "100", "--count", "1000", "--rounds", "3"],
@@ -120,6 +121,8 @@ SUITES: tuple[Suite, ...] = (
     )),
     _one("interop", "bench.bench_interop", ["--count", "100000", "--mqtt-count", "20000"],
          ["--count", "5000", "--mqtt-count", "2000", "--builder-readings", "50"]),
+    _one("dashboard", "bench.bench_dashboard", ["--pumps", "1000", "--soak", "180"],
+         ["--pumps", "100", "--soak", "20", "--warmup", "5"]),
 )  # fmt: skip
 """In run order. Full sizes: the 1,000,000-reading drain and the 100,000-reading interop
 drains are their issues'; the rest are cut
@@ -230,6 +233,10 @@ def _ingest_rate(case: dict[str, Any]) -> float | None:
     return points / seconds if points and seconds else None
 
 
+def _no_backlog(data: dict[str, Any]) -> str | None:
+    return "the page's backlog grew" if dig(data, "soak", "backlog_growing") else None
+
+
 MODULE = "module's own target"
 ISSUE_14 = "issue 14"
 
@@ -255,6 +262,9 @@ INTEROP_FIGURES: tuple[Figure, ...] = (
     Figure("interop", "MQTT drain throughput lost while HL7 and FHIR drain too",
            ("mqtt_cost", "mqtt_throughput_loss"), "fraction", 0.10, True, source=ISSUE_14),
 )  # fmt: skip
+
+
+ISSUE_10 = "issue 10"
 FIGURES: tuple[Figure, ...] = (
     Figure("gateway", "End to end, QoS 1, durability full, MQTT + VictoriaMetrics",
            ("saturation_influx", "sustained_per_s"), "readings/s", 10_000,
@@ -290,8 +300,26 @@ FIGURES: tuple[Figure, ...] = (
            "frames/s", 50_000, source=MODULE),
     Figure("rules", "Alert engine, nothing changes, one core",
            ("cases", "quiet_1_pump", "readings_per_s"), "readings/s", 200_000, source=MODULE),
+    Figure("alarms", "Alarm burden: normal ward with refills, PH + PM starts",
+           ("summary", "ward_ph_pm_starts"), "starts", 1, True, source=ISSUE_10),
+    Figure("alarms", "Alarm burden: false PH/PM starts over every fault scenario",
+           ("summary", "false_ph_pm_starts"), "starts", 1, True, source=ISSUE_10),
+    Figure("alarms", "Alarm burden: missed alerts over every scenario",
+           ("summary", "missed_alerts"), "alerts", 1, True, source=ISSUE_10),
+    Figure("alarms", "Alarm burden: cases meeting every target (ward and scenarios)",
+           ("summary", "met_share"), "share", 1.0, source=ISSUE_10),
     Figure("outbox", "Outbox append, synchronous FULL, 100 rows per commit",
            ("cases", "full/100", "rows_per_s"), "rows/s"),
+    Figure("dashboard", "Dashboard: first paint of 200 pumps from retained state",
+           ("first_paint_200", "first_paint_ms"), "ms", 1000, True, source="issue 11"),
+    Figure("dashboard", "Dashboard, 1,000 pumps at 1 Hz: long tasks > 50 ms",
+           ("soak", "long_tasks_per_min"), "per min", 1, True, source="issue 11"),
+    Figure("dashboard", "Dashboard, 1,000 pumps at 1 Hz: draw time per frame p95",
+           ("soak", "draw_ms_p95"), "ms", 16, True, source="issue 11"),
+    Figure("dashboard", "Dashboard, 1,000 pumps at 1 Hz: JS heap growth per 10 min",
+           ("soak", "heap_growth_mb_per_10_min"), "MB", 20, True, source="issue 11"),
+    Figure("dashboard", "Dashboard, 1,000 pumps at 1 Hz: reading age on arrival, last window",
+           ("soak", "age_ms_p50_last_window"), "ms", check=_no_backlog, source="issue 11"),
     Figure("simulator", "Simulator over TCP, 100 pumps, read back",
            ("cases", {"pumps": 100}, "reader_frames_per_s"), "frames/s", 10_000,
            source=MODULE),
@@ -440,7 +468,7 @@ def print_summary(runs: dict[str, Any], rows: list[dict[str, Any]]) -> None:
           r["load_avg"][1][0], "; ".join(r["problems"]) or "-"] for n, r in runs.items()],
     )  # fmt: skip
     print_table(
-        "Figures (targets: issue 6 unless marked *, a module's own)",
+        "Figures (targets: issue 6 unless marked *: a module's own, or issue 10's)",
         ["figure", "target", "measured", "verdict"],
         [[r["figure"], _target_text(r), _measured_text(r), r["verdict"]] for r in rows],
     )

@@ -5,11 +5,13 @@ docs/alerts.md explains each setting, its default and its source in DOMAIN.md.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Mapping
 from typing import Annotated, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.models import Drug
+from schemas.models import PUMP_ID_PATTERN, Drug
 
 SECONDS_PER_DAY: Final = 86_400.0
 
@@ -59,6 +61,11 @@ class RuleSettings(BaseModel):
         24.0,
         description="[D] Window over which delivered volume is compared with the programmed "
         "volume (rates are per day, DOMAIN 1.4).",
+    )
+    flow_min_window_h: WindowH = Field(
+        12.0,
+        description="[D] First flow verdict once this much of the window has readings: a "
+        "+25 % fault from the first reading then shows within 13 h, not 25 h.",
     )
     flow_min_expected_ml: VolumeMl = Field(
         0.04,
@@ -121,6 +128,54 @@ class RuleSettings(BaseModel):
     device_alarm_for_s: DurationS = Field(
         0.0, description="A pump-reported alarm must persist this long before it starts."
     )
+    reannounce_after_s: DurationS = Field(
+        900.0,
+        description="[D] An unacknowledged PH or PM alert is announced again, one escalation "
+        "level higher, after this long and every this long (gateway clock); 0 turns it off. "
+        "IEC 60601-1-8 escalation timing is not available (DOMAIN 4.1).",
+    )
+    telemetry_lost_escalate_after_s: DurationS = Field(
+        3_600.0,
+        description="[D] Telemetry lost escalates from PL to PM after this much silence; "
+        "during the gap the reservoir is projected from the programmed rate.",
+    )
+    clock_step_limit_s: Annotated[float, Field(gt=0.0, le=30 * SECONDS_PER_DAY)] = Field(
+        7_200.0,
+        description="[D] A device clock step beyond this is corrected out of every window "
+        "and raised as clock_step; a smaller one shifts a 24 h flow window by under 8.3 %, "
+        "inside the 14.5 % limit (DOMAIN 3 [S22]).",
+    )
+    refill_duplicate_within_s: DurationS = Field(
+        SECONDS_PER_DAY,
+        description="[D] A refill record repeating the last one's withdrawn and filled "
+        "volumes within this time is the same refill logged twice.",
+    )
+    rate_drop_pct: Percent = Field(
+        50.0,
+        description="[D] A programmed basal rate falling by more than this between two "
+        "readings, without a programming session, raises rate_drop; after a low battery "
+        "reset some pumps fall back to a very low rate (DOMAIN 2.2 [S1],[S26]).",
+    )
+    programming_session_s: DurationS = Field(
+        3_600.0,
+        description="[D] A rate change within this time after the pump restarted from "
+        "stopped counts as programmed (a session stops the pump, DOMAIN 1.1 [S28]).",
+    )
+    reset_recent_s: DurationS = Field(
+        SECONDS_PER_DAY,
+        description="[D] A rate drop within this time after a low battery reset or in "
+        "safe state is high priority (DOMAIN 2.2 [S27]).",
+    )
+    withdrawal_risk: bool = Field(
+        False,
+        description="Abrupt stop of this drug is dangerous: under-infusion, rate drop and "
+        "long telemetry loss are high priority (baclofen, DOMAIN 1.4 [S52],[S95]).",
+    )
+    delivered_count: bool = Field(
+        True,
+        description="The pump reports a motor-derived delivered_total_ml: the flow and "
+        "inferred-stall rules use it. False (per model): only the refill comparison runs.",
+    )
 
 
 class RuleOverrides(BaseModel):
@@ -136,6 +191,7 @@ class RuleOverrides(BaseModel):
     refill_due_days: Days | None = None
     refill_due_clear_margin_days: Days | None = None
     flow_window_h: WindowH | None = None
+    flow_min_window_h: WindowH | None = None
     flow_min_expected_ml: VolumeMl | None = None
     over_infusion_pct: Percent | None = None
     under_infusion_pct: Percent | None = None
@@ -151,6 +207,25 @@ class RuleOverrides(BaseModel):
     small_reservoir_max_ml: VolumeMl | None = None
     telemetry_lost_after_s: Annotated[float, Field(gt=0.0, le=30 * SECONDS_PER_DAY)] | None = None
     device_alarm_for_s: DurationS | None = None
+    reannounce_after_s: DurationS | None = None
+    telemetry_lost_escalate_after_s: DurationS | None = None
+    clock_step_limit_s: Annotated[float, Field(gt=0.0, le=30 * SECONDS_PER_DAY)] | None = None
+    refill_duplicate_within_s: DurationS | None = None
+    rate_drop_pct: Percent | None = None
+    programming_session_s: DurationS | None = None
+    reset_recent_s: DurationS | None = None
+    withdrawal_risk: bool | None = None
+    delivered_count: bool | None = None
+
+
+DRUG_PROFILES: Final[Mapping[Drug, RuleOverrides]] = {
+    # 24 % of patients had withdrawal before the 2 mL alarm; none once raised to 4 mL [S13];
+    # abrupt baclofen withdrawal can be fatal [S52],[S95].
+    Drug.BACLOFEN: RuleOverrides(low_reservoir_alarm_ml=4.0, withdrawal_risk=True),
+}
+"""Shipped per-drug profiles (DOMAIN 1.4, 2.1); `[alerts.per_drug]` fields override them.
+Ziconotide has no recognised withdrawal syndrome [S53]; the others have no sourced profile."""
+_PSEUDONYM_PATTERN: Final = re.compile(r"p[0-9a-f]{16}")
 
 
 class RulesConfig(BaseModel):
@@ -160,15 +235,50 @@ class RulesConfig(BaseModel):
 
     defaults: RuleSettings = RuleSettings()
     per_drug: dict[Drug, RuleOverrides] = Field(default_factory=dict)
+    per_model: dict[str, RuleOverrides] = Field(default_factory=dict)
     per_pump: dict[str, RuleOverrides] = Field(default_factory=dict)
+    drug_profiles: bool = Field(
+        True, description="Apply the shipped per-drug profiles under per_drug (docs/alerts.md)."
+    )
 
-    def settings_for(self, pump_id: str, drug: Drug | None) -> RuleSettings:
-        """Effective settings of one pump: pump over drug over defaults."""
+    def settings_for(
+        self, pump_id: str, drug: Drug | None, model: str | None = None
+    ) -> RuleSettings:
+        """Effective settings: pump over model over drug over shipped profile over defaults."""
         merged: dict[str, object] = {}
-        by_drug = self.per_drug.get(drug) if drug is not None else None
-        for overrides in (by_drug, self.per_pump.get(pump_id)):
+        layers = (
+            DRUG_PROFILES.get(drug) if drug is not None and self.drug_profiles else None,
+            self.per_drug.get(drug) if drug is not None else None,
+            self.per_model.get(model) if model is not None else None,
+            self.per_pump.get(pump_id),
+        )
+        for overrides in layers:
             if overrides is not None:
                 merged.update(overrides.model_dump(exclude_none=True))
         if not merged:
             return self.defaults
         return RuleSettings.model_validate({**self.defaults.model_dump(), **merged})
+
+    def with_pump_ids(self, station_id: Callable[[str], str]) -> RulesConfig:
+        """This configuration with each per-pump key replaced by the id the engine sees.
+
+        With pseudonymisation on, the engine sees keyed hashes; operators write real ids.
+        """
+        per_pump = {station_id(key): overrides for key, overrides in self.per_pump.items()}
+        return self.model_copy(update={"per_pump": per_pump})
+
+    def override_warnings(self, pseudonymising: bool) -> list[str]:
+        """One line per per-pump key that can never match a pump (for check-config)."""
+        warnings = []
+        for key in self.per_pump:
+            if not re.fullmatch(PUMP_ID_PATTERN, key):
+                warnings.append(
+                    f"alerts.per_pump.{key!r}: not a valid pump id ({PUMP_ID_PATTERN}); "
+                    "it can never match"
+                )
+            elif pseudonymising and _PSEUDONYM_PATTERN.fullmatch(key):
+                warnings.append(
+                    f"alerts.per_pump.{key!r}: looks like a pseudonym; write the pump's real "
+                    "id, the gateway matches it before hashing"
+                )
+        return warnings

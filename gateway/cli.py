@@ -115,6 +115,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if warning is not None:
         lines.append(f"  WARNING: {warning}")
     print("\n".join(printable(line) for line in lines))
+    pseudonymising = settings.gateway.pseudonymize_key is not None or bool(
+        settings.gateway.pseudonymize_key_file)
+    for override_warning in settings.alerts.override_warnings(pseudonymising):
+        print(printable(f"  warning: {override_warning}"), file=sys.stderr)
     return 0
 
 
@@ -172,6 +176,29 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return run_tail(
         url or "mqtt://127.0.0.1:1883", topic_filter or "pumpgw/#", stop=stop, **options
     )
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from gateway.dashboard.server import DashboardServer, page_config
+
+    settings = load_settings(args.config)
+    listen = args.listen or settings.dashboard.listen
+    config = page_config(
+        settings.dashboard,
+        topic_prefix=settings.mqtt.topic_prefix,
+        site=settings.gateway.site,
+        station=settings.gateway.station,
+    )
+    server = DashboardServer(listen, config).start()
+    broker = config.broker_url or "ws://<the page's host>:9001"
+    print(f"dashboard: {server.url} (browsers connect to the broker at {broker})", flush=True)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    try:
+        stop.wait()
+    finally:
+        server.stop()
+    return 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -260,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--topic", default=None, help="topic filter (default: the station's tree)")
     tail.add_argument("--config", type=Path, default=None, help="take broker and tree from here")
     tail.set_defaults(func=cmd_tail)
+
+    dashboard = sub.add_parser(
+        "dashboard",
+        help="serve the ward dashboard (a web page that reads the broker over WebSockets)",
+        description="Serves the ward page on [dashboard] listen (loopback by default). The page "
+        "signs in to the broker's WebSocket listener with the user's own broker account and "
+        "shows the station's pumps and alerts live (docs/dashboard.md).",
+    )
+    dashboard.add_argument("--config", type=Path, required=True, help="the gateway's TOML file")
+    dashboard.add_argument("--listen", default=None, help="host:port, overrides [dashboard]")
+    dashboard.set_defaults(func=cmd_dashboard)
 
     history = sub.add_parser("history", help="a pump's recent readings and alerts from the store")
     history.add_argument("--pump", required=True, help="pump id as published")

@@ -41,6 +41,7 @@ from gateway.adapters.mllp import Hl7Settings
 from gateway.adapters.mqtt import MqttSettings
 from gateway.adapters.serial_port import SourceSettings
 from gateway.alert_settings import RulesConfig
+from gateway.dashboard.settings import DashboardSettings
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ class Settings(BaseSettings):
     store: StoreSection = StoreSection()
     health: HealthSection = HealthSection()
     alerts: RulesConfig = RulesConfig()
+    dashboard: DashboardSettings = DashboardSettings()
 
     @classmethod
     def settings_customise_sources(

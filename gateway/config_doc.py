@@ -20,6 +20,7 @@ from gateway.adapters.mqtt import MqttSettings, MqttTls
 from gateway.adapters.serial_port import SourceSettings
 from gateway.alert_settings import RuleSettings
 from gateway.config import GatewaySection, HealthSection, StoreSection
+from gateway.dashboard.settings import DashboardSettings
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -55,6 +56,7 @@ SECTIONS: tuple[tuple[str, str, type[BaseModel]], ...] = (
      FhirSettings),
     ("store", "`[store]`: the outbox", StoreSection),
     ("health", "`[health]`: /healthz and /metrics", HealthSection),
+    ("dashboard", "`[dashboard]`: the ward page (`pumpgw dashboard`)", DashboardSettings),
     (
         "alerts.defaults",
         "`[alerts.defaults]`: alert rules (the same keys override per drug in "

@@ -2,9 +2,10 @@
 
 The broker is a private Mosquitto on free loopback ports (MQTT, and MQTT over
 WebSockets for the dashboard) with a temporary config; without the `mosquitto` package
-the demo stops with a message naming it. The simulator and the broker run in their own
-process group, so Ctrl-C, SIGTERM and a closing terminal (SIGHUP) reach the demo alone,
-which stops the gateway and then them. A demo
+the demo stops with a message naming it. The ward dashboard is served on
+http://127.0.0.1:8090/ (or a free port when that one is taken). The simulator and the
+broker run in their own process group, so Ctrl-C, SIGTERM and a closing terminal (SIGHUP)
+reach the demo alone, which stops the gateway and then them. A demo
 operator acknowledges each alert a few seconds after it starts, so the whole
 lifecycle (start, acknowledged, end) is visible.
 """
@@ -22,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -31,6 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from gateway.adapters.mqtt import MqttSettings
 from gateway.adapters.serial_port import SourceSettings
 from gateway.config import GatewaySection, HealthSection, Settings, StoreSection
+from gateway.dashboard.server import DashboardError, DashboardServer, page_config
 from gateway.health import HealthServer
 from gateway.service import Gateway
 from gateway.topics import ack_topic
@@ -96,6 +98,9 @@ def mosquitto_config(port: int, ws_port: int) -> str:
         f"listener {ws_port} 127.0.0.1\n"
         "protocol websockets\n"
     )
+
+
+DASHBOARD_PORT = 8090
 
 
 @dataclass(frozen=True)
@@ -242,6 +247,28 @@ class DemoOperator:
         self._client.loop_stop()
 
 
+def start_dashboard(settings: Settings, ws_port: int | None) -> DashboardServer | None:
+    """The ward page on 127.0.0.1:8090 (or a free port); None without a WebSocket listener."""
+    if ws_port is None:
+        return None
+    config = page_config(
+        settings.dashboard,
+        topic_prefix=settings.mqtt.topic_prefix,
+        site=settings.gateway.site,
+        station=settings.gateway.station,
+    )
+    config = replace(config, broker_url=f"ws://127.0.0.1:{ws_port}")
+    for port in (DASHBOARD_PORT, 0):
+        with contextlib.suppress(DashboardError):
+            server = DashboardServer(f"127.0.0.1:{port}", config).start()
+            log.info(
+                "demo: dashboard on %s (sign in with any user name and password: the demo "
+                "broker is open)", server.url,
+            )
+            return server
+    return None
+
+
 def demo_settings(workdir: Path, broker_port: int, sim_port: int) -> Settings:
     return Settings(
         gateway=GatewaySection(
@@ -326,8 +353,13 @@ def run_demo(
                 broker.port, f"{gateway.topics.prefix}/#", ack_topic(gateway.topics, DEMO_OPERATOR)
             )
             running.callback(operator.close)
+            dashboard = start_dashboard(settings, broker.ws_port)
+            if dashboard is not None:
+                running.callback(dashboard.stop)
+            shown = "none (port taken)" if dashboard is None else dashboard.url
             header = (
-                f"broker: {broker.description}   store: {settings.store.path}   "
+                f"dashboard: {shown}   broker: {broker.description}   "
+                f"store: {settings.store.path}   "
                 f"health: http://{settings.health.listen}/healthz   "
                 f"{pumps} pumps at {speed:g}x   Ctrl-C to stop"
             )

@@ -1,10 +1,12 @@
 """The alert engine: pump messages in, IHE PCD ACM alert transitions out.
 
 Pure: imports only the standard library, pydantic and `schemas`; no logging, no
-clock, no I/O. Time is passed in. For-durations, windows and rates run on the
-pump's own clock (`device_time`: the simulator accelerates it and it is the
-physics axis); telemetry loss compares the gateway clock `now` with the pump's
-last `received_at`. docs/alerts.md lists every rule, its default and its source.
+clock, no I/O (the one exception: an engine made without a salt or saved state draws
+its alert-id salt from `secrets`). Time is passed in. For-durations, windows and rates
+run on the pump's own clock (`device_time`: the simulator accelerates it and it is the
+physics axis) with its steps taken out; telemetry loss, its escalation and the reservoir
+projected meanwhile use the gateway clock `now` against the pump's last `received_at`.
+docs/alerts.md lists every rule, its default and its source.
 
 Lifecycle of one alert (`alert_id` is stable from start to end):
 
@@ -20,7 +22,11 @@ pump's own alarm.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
+import secrets
+from bisect import insort
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +62,15 @@ FLOW_SAMPLES_PER_WINDOW: Final = 96
 """[D] Flow-window resolution: memory per pump stays bounded whatever the reading rate."""
 BOOTS_REMEMBERED: Final = 8
 """Recent boot sessions per pump whose messages are recognised as replays."""
+GAPS_REMEMBERED: Final = 256
+"""Missing sequence numbers per pump whose late arrival (a resend) is still evaluated."""
+INTERVAL_DECAY: Final = 0.999
+"""[D] The learned device seconds per sequence number forget an old maximum slowly."""
+BOLUS_EDGE_S: Final = 600.0
+"""[D] A bolus stays counted this much past 24 h: the pump's own 24 h edge may fall on the
+other side of a reading, and a bolus counted as lost must really be missing."""
+SALT_BYTES: Final = 16
+ALERT_TOKEN_HEX: Final = 16
 MAX_TEXT_CHARS: Final = 500
 GATEWAY_PUMP_ID: Final = "_gateway"
 _KIND_PATTERN: Final = re.compile(r"[a-z0-9_]{1,40}")
@@ -85,6 +100,9 @@ class _Alert:
     acked_at: datetime | None = None
     transitions: int = 0
     last: AlertTransition | None = None
+    started_s: float | None = None
+    announced_s: float | None = None
+    level: int = 0
 
 
 @state_class(slots=True)
@@ -95,8 +113,15 @@ class _Pump:
     boots: dict[str, int] = Field(default_factory=dict)
     boot_id: str | None = None
     seq: int = -1
+    missing: set[int] = Field(default_factory=set)
     received_s: float | None = None
+    device_s: float | None = None
+    reading_received_s: float | None = None
+    reading_seq: int = -1
+    skew_s: float = 0.0
+    seq_interval_s: float = 0.0
     drug: Drug | None = None
+    model: str | None = None
     reservoir_ml: float | None = None
     capacity_ml: float | None = None
     alarm_ml: float = 2.0
@@ -117,7 +142,19 @@ class _Pump:
     flow_rate_ml_per_day: float = 0.0
     flow_running: bool = False
     expected_total_ml: float = 0.0
-    samples: deque[tuple[float, float, float]] = Field(default_factory=deque)
+    samples: deque[tuple[float, float, float, float]] = Field(default_factory=deque)
+    bolus_times: deque[float] = Field(default_factory=deque)
+    bolus_inferred: int = 0
+    bolus_seen_ml: float = 0.0
+    fill_ml: float | None = None
+    programmed_at_fill_ml: float | None = None
+    last_refill: tuple[float, float, float] | None = None
+    leak_factor: float = 1.0
+    flow_factor: float = 1.0
+    shown_ml: float | None = None
+    projected: bool = False
+    reset_s: float | None = None
+    restarted_s: float | None = None
     refill_withdrawn_ml: float = 0.0
     refill_expected_ml: float = 0.0
     on: set[str] = Field(default_factory=set)
@@ -129,6 +166,7 @@ class _Pump:
 
 class _Snapshot(BaseModel):
     version: Literal[1] = 1
+    salt: str | None = None
     pumps: dict[str, _Pump]
 
 
@@ -155,18 +193,34 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "unknown" if value is None else format(value, spec)
 
 
+def _basis(p: _Pump) -> str:
+    """Where a reservoir figure came from: the pump's estimate, or the gateway's projection."""
+    if p.projected:
+        return (
+            " Projected by the gateway from the last reading and the programmed rate: no "
+            "telemetry since; the pump itself may say otherwise."
+        )
+    if p.shown_ml is not None and p.reservoir_ml is not None and p.shown_ml < p.reservoir_ml:
+        return (
+            f" The gateway projects less than the pump's estimate {p.reservoir_ml:.1f} mL: it "
+            "has evidence of over-infusion or a leak (delivered count or refill)."
+        )
+    return ""
+
+
 def _low_text(p: _Pump, key: str, v: float | None, thr: float | None) -> str:
     return (
         f"reservoir {_fmt(v)} mL, alarm volume {_fmt(thr)} mL. The volume is the pump's "
         "estimate computed from the programmed rate, not a measurement; an over-infusing "
-        "pump can be emptier than it reports."
+        f"pump can be emptier than it reports.{_basis(p)}"
     )
 
 
 def _empty_text(p: _Pump, key: str, v: float | None, thr: float | None) -> str:
     return (
         f"reservoir {_fmt(v)} mL, empty level {_fmt(thr)} mL. The volume is the pump's "
-        "estimate computed from the programmed rate, not a measurement; therapy may stop."
+        f"estimate computed from the programmed rate, not a measurement; therapy may stop."
+        f"{_basis(p)}"
     )
 
 
@@ -232,7 +286,25 @@ def _device_alarm_text(p: _Pump, key: str, v: float | None, thr: float | None) -
 def _telemetry_text(p: _Pump, key: str, v: float | None, thr: float | None) -> str:
     return (
         f"no message from the pump for {_fmt(v, '.0f')} s (limit {_fmt(thr, '.0f')} s). "
-        "The pump's own alarms are unaffected but are not visible here."
+        "The pump's own alarms are unaffected but are not visible here; the reservoir is "
+        "projected from the programmed rate meanwhile."
+    )
+
+
+def _clock_text(p: _Pump, key: str, v: float | None, thr: float | None) -> str:
+    return (
+        f"the pump's clock has stepped {_fmt(v, '+.1f')} h against its own sequence and the "
+        f"gateway's receive time (limit {_fmt(thr, '.1f')} h). Windows and delays use the "
+        "corrected time; set the pump's clock at the next session."
+    )
+
+
+def _rate_drop_text(p: _Pump, key: str, v: float | None, thr: float | None) -> str:
+    reset = " right after a low battery reset or in safe state" if p.reset_s is not None else ""
+    return (
+        f"the programmed basal rate fell to {_fmt(v, '.3f')} mL/d{reset} without a "
+        f"programming session (more than {_fmt(thr, '.0f')} % lower). Some pumps fall back "
+        "to a minimal rate after a reset: check the prescription."
     )
 
 
@@ -298,6 +370,12 @@ SAFE_STATE = _Spec(
     _fixed("the pump reports safe state; drug delivery may be reduced or stopped."),
 )
 TELEMETRY_LOST = _Spec("telemetry_lost", "Telemetry lost", PL, ST, False, "s", _telemetry_text)
+CLOCK_STEP = _Spec("clock_step", "Pump clock step", PL, ST, False, "h", _clock_text)
+RATE_DROP = _Spec("rate_drop", "Rate drop", PM, ST, True, "mL/d", _rate_drop_text, one_shot=True)
+RATE_DROP_AFTER_RESET = _Spec(
+    "rate_drop", "Rate drop", PH, ST, True, "mL/d", _rate_drop_text, one_shot=True
+)
+UNDER_INFUSION_WITHDRAWAL = _Spec("under_infusion", "Under-infusion", PH, ST, True, "%", _flow_text)
 DEVICE_ALARM_KIND: Final = "device_alarm"
 _DEVICE_ALARM_SPECS: Final = {
     priority: _Spec(DEVICE_ALARM_KIND, "Pump alarm", priority, ST, False, None, _device_alarm_text)
@@ -315,9 +393,23 @@ _BATTERY_BY_EVENT: Final = {
     EventKind.LOW_BATTERY_RESET: BatteryState.LBR,
 }
 _BATTERY_KINDS: Final = frozenset(spec.kind for spec, _ in _BATTERY_RULES)
+_RESET_STATES: Final = frozenset((BatteryState.LBR, BatteryState.SAFE_STATE))
+_ESCALATED: Final = frozenset((Priority.HIGH, Priority.MEDIUM))
+_STOPS_BY_ITSELF: Final = frozenset((BatteryState.EOS, BatteryState.SAFE_STATE))
+_LOW_CODE: Final = "low_reservoir"
+EVIDENCE_CODES: Final = {
+    _LOW_CODE: LOW_RESERVOIR.kind,
+    "motor_stall": MOTOR_STALL.kind,
+    "eri": BATTERY_ERI.kind,
+    "eos": BATTERY_EOS.kind,
+}
+"""Pump alarm codes a gateway rule already covers: attached to that alert as evidence, never
+passed through as a second alert."""
+_EVIDENCE_BY_KIND: Final = {kind: code for code, kind in EVIDENCE_CODES.items()}
 _LOW, _EMPTY, _DUE = LOW_RESERVOIR.kind, EMPTY_RESERVOIR.kind, REFILL_DUE.kind
 _STALL, _STOPPED, _LOST = MOTOR_STALL.kind, PUMP_STOPPED.kind, TELEMETRY_LOST.kind
 _OVER, _UNDER = OVER_INFUSION.kind, UNDER_INFUSION.kind
+_CLOCK, _RATE_DROP = CLOCK_STEP.kind, RATE_DROP.kind
 _PUMP_STATE_BY_EVENT: Final = {
     EventKind.MOTOR_STALL_START: PumpState.STALLED,
     EventKind.MOTOR_STALL_END: PumpState.RUNNING,
@@ -337,7 +429,10 @@ _PHASE_WORDS: Final = {
 class AlertEngine:
     """Evaluates pump messages against the rules; single-threaded, clock passed in."""
 
-    def __init__(self, config: RulesConfig, state: bytes | None = None) -> None:
+    def __init__(
+        self, config: RulesConfig, state: bytes | None = None, *, salt: bytes | None = None
+    ) -> None:
+        """`salt` keys alert ids (kept in the snapshot); default: random, or the snapshot's."""
         self._config = config
         self._pumps: dict[str, _Pump] = {}
         self._by_id: dict[str, tuple[_Pump, str]] = {}
@@ -345,30 +440,50 @@ class AlertEngine:
         self._now = datetime.fromtimestamp(0.0, UTC)
         self._message: Reading | DeviceInfo | DeviceEvent | None = None
         self._cause: str | None = None
+        self._stepped = False
+        self._ack_delays: dict[Priority, tuple[int, float, float]] = {}
+        saved_salt: bytes | None = None
         if state is not None:
-            self._pumps = dict(_Snapshot.model_validate_json(state).pumps)
+            snapshot = _Snapshot.model_validate_json(state)
+            self._pumps = dict(snapshot.pumps)
+            saved_salt = bytes.fromhex(snapshot.salt) if snapshot.salt else None
             self._by_id = {
                 alert.alert_id: (pump, key)
                 for pump in self._pumps.values()
                 for key, alert in pump.alerts.items()
             }
+        self._salt = saved_salt or salt or secrets.token_bytes(SALT_BYTES)
 
     # -- public API ------------------------------------------------------------------
 
     def on_message(
         self, message: Reading | DeviceInfo | DeviceEvent, now: datetime
     ) -> list[AlertTransition]:
-        """Evaluate one validated device message; replays and duplicates yield nothing."""
+        """Evaluate one validated device message; duplicates yield nothing.
+
+        A resent message that fills a gap in the sequence is evaluated as history: a refill
+        is checked, a bolus counted; nothing older than the pump's state overwrites it.
+        """
         p = self._pumps.get(message.pump_id) or self._add_pump(message.pump_id)
         seq = message.seq
         if message.boot_id == p.boot_id and seq > p.seq:
+            if seq > p.seq + 1:
+                _note_gap(p, seq)
             p.seq = seq  # the usual case, without a call
+        elif message.boot_id == p.boot_id and seq in p.missing:
+            p.missing.discard(seq)
+            return self._on_late(p, message, now)
         elif not _is_new(p, message.boot_id, seq):
             return []
         self._now, self._message, self._cause = now, message, None
         out = self._out = []
-        t = message.device_time.timestamp()
         received_s = message.received_at.timestamp()
+        if isinstance(message, Reading):  # periodic: events may be held and sent late
+            t = self._device_time(p, message.device_time.timestamp(), received_s, seq)
+            if self._stepped:
+                self._clock_rule(p, t)
+        else:
+            t = message.device_time.timestamp() - p.skew_s
         if _LOST in p.on:
             gap_s = received_s - (p.received_s or received_s)
             s = self._settings(p)
@@ -383,17 +498,24 @@ class AlertEngine:
         return out
 
     def on_tick(self, now: datetime) -> list[AlertTransition]:
-        """Wall-clock checks: telemetry lost."""
+        """Wall-clock checks: telemetry lost, its escalation, and the reservoir it hides."""
         out = self._begin(now, None)
         now_s = now.timestamp()
         for p in self._pumps.values():
-            if p.received_s is None or _LOST in p.on:
+            if p.alerts:
+                self._reannounce(p, p.settings or self._settings(p), now_s)
+            if p.received_s is None:
                 continue
-            limit_s = self._settings(p).telemetry_lost_after_s
+            s = p.settings or self._settings(p)
             gap_s = now_s - p.received_s
-            if gap_s > limit_s:
-                self._cause = f"{p.pump_id}:{p.boot_id}:{p.seq}"
+            if gap_s <= s.telemetry_lost_after_s:
+                continue
+            self._cause = f"{p.pump_id}:{p.boot_id}:{p.seq}"
+            if _LOST not in p.on:
+                limit_s = s.telemetry_lost_after_s
                 self._drive(p, TELEMETRY_LOST, _LOST, True, 0.0, now_s, gap_s, limit_s)
+            self._escalate_lost(p, s, gap_s)
+            self._project(p, s, gap_s)
         return out
 
     def on_acknowledgement(self, ack: Acknowledgement, now: datetime) -> list[AlertTransition]:
@@ -407,6 +529,8 @@ class AlertEngine:
             return []
         out = self._begin(now, None)
         alert.acked_by, alert.acked_at = ack.by, ack.at or now
+        if alert.started_s is not None:
+            self._note_ack_delay(alert.priority, max(0.0, now.timestamp() - alert.started_s))
         self._emit(p, alert, Phase.ACKNOWLEDGED, alert.state)
         if alert.one_shot:
             p.on.discard(key)
@@ -443,6 +567,11 @@ class AlertEngine:
         self._drive(p, spec, alert_kind, active, 0.0, now.timestamp(), value, threshold)
         return out
 
+    def acknowledgement_delays(self) -> dict[Priority, tuple[int, float, float]]:
+        """Per priority: acknowledgements, their total and their longest delay from start, in s
+        (gateway clock; counted since this engine started, for /metrics)."""
+        return dict(self._ack_delays)
+
     def active_alerts(self, pump_id: str) -> tuple[AlertTransition, ...]:
         """Latest transition of each alert of this pump that has not ended."""
         p = self._pumps.get(pump_id)
@@ -456,7 +585,7 @@ class AlertEngine:
 
     def snapshot(self) -> bytes:
         """The whole state as JSON; AlertEngine(config, snapshot) behaves identically."""
-        return _Snapshot(pumps=self._pumps).model_dump_json().encode()
+        return _Snapshot(salt=self._salt.hex(), pumps=self._pumps).model_dump_json().encode()
 
     # -- message handling ------------------------------------------------------------
 
@@ -466,7 +595,7 @@ class AlertEngine:
 
     def _settings(self, p: _Pump) -> RuleSettings:
         if p.settings is None:
-            p.settings = self._config.settings_for(p.pump_id, p.drug)
+            p.settings = self._config.settings_for(p.pump_id, p.drug, p.model)
         return p.settings
 
     def _set_drug(self, p: _Pump, drug: Drug) -> None:
@@ -481,6 +610,46 @@ class AlertEngine:
         self._out = []
         return self._out
 
+    def _device_time(self, p: _Pump, device_s: float, received_s: float, seq: int) -> float:
+        """The pump's clock with its steps taken out: the time base of every window.
+
+        A step is a jump between two readings that neither the gateway's receive time nor
+        the sequence numbers (at the learned device seconds per number) can account for.
+        """
+        self._stepped = False
+        last_s, last_received_s = p.device_s, p.reading_received_s
+        seq_step = seq - p.reading_seq if seq > p.reading_seq >= 0 else 1
+        p.device_s, p.reading_received_s, p.reading_seq = device_s, received_s, seq
+        if last_s is None:
+            return device_s - p.skew_s
+        step_s = device_s - last_s
+        limit_s = (p.settings or self._settings(p)).clock_step_limit_s
+        if -limit_s <= step_s <= limit_s:
+            per_seq_s, learned_s = step_s / seq_step, p.seq_interval_s * INTERVAL_DECAY
+            p.seq_interval_s = per_seq_s if per_seq_s > learned_s else learned_s
+            return device_s - p.skew_s
+        elapsed_s = max(received_s - (last_received_s or received_s), seq_step * p.seq_interval_s)
+        if 0.0 < step_s <= elapsed_s + limit_s:
+            return device_s - p.skew_s  # a long silence, not a step
+        p.skew_s += step_s - (min(elapsed_s, step_s) if step_s > 0.0 else max(elapsed_s, 0.0))
+        self._stepped = True
+        return device_s - p.skew_s
+
+    def _on_late(
+        self, p: _Pump, message: Reading | DeviceInfo | DeviceEvent, now: datetime
+    ) -> list[AlertTransition]:
+        """A resent message older than the pump's state: only its refill or bolus counts."""
+        out = self._begin(now, message)
+        if isinstance(message, DeviceEvent):
+            t = message.device_time.timestamp() - p.skew_s
+            if message.event is EventKind.REFILL:
+                s = p.settings or self._settings(p)
+                withdrawn_ml, filled_ml = message.withdrawn_ml or 0.0, message.filled_ml or 0.0
+                self._refill_rule(p, s, withdrawn_ml, filled_ml, t)
+            elif message.event is EventKind.BOLUS_DELIVERED:
+                _add_bolus(p, message.bolus_ml or 0.0, t)
+        return out
+
     def _on_reading(self, p: _Pump, r: Reading, t: float) -> None:
         if r.drug is not p.drug:
             self._set_drug(p, r.drug)
@@ -491,11 +660,19 @@ class AlertEngine:
             self._on_delivered(p, delivered_ml, t)
         if r.pump_state is not p.pump_state:
             _set_pump_state(p, r.pump_state, t)
+        if r.battery_state is not p.battery_state:
+            if r.battery_state in _RESET_STATES:
+                p.reset_s = t
+            p.battery_state = r.battery_state
+        rate = r.basal_rate_ml_per_day
+        if rate < p.basal_ml_per_day * (1.0 - s.rate_drop_pct / 100.0):
+            self._rate_drop_rule(p, s, rate, t)
         p.reservoir_ml = r.reservoir_ml
         p.capacity_ml = r.reservoir_capacity_ml
         p.alarm_ml = r.low_reservoir_alarm_ml
-        p.basal_ml_per_day = r.basal_rate_ml_per_day
-        p.battery_state = r.battery_state
+        p.basal_ml_per_day = rate
+        if r.bolus_count_24h or p.bolus_times:
+            _count_lost_boluses(p, r.bolus_count_24h, t)
         if r.alarms or p.device_alarms:
             self._device_alarm_rule(p, s, r, t)
         self._flow_rules(p, s, r, t)
@@ -509,6 +686,7 @@ class AlertEngine:
             p.flow_s = None
         if p.delivered_at_fill_ml is None or delivered_ml < p.delivered_at_fill_ml:
             p.delivered_at_fill_ml = delivered_ml
+            p.programmed_at_fill_ml = p.expected_total_ml
         p.delivered_ml = delivered_ml
         p.delivery_s = t
 
@@ -521,21 +699,29 @@ class AlertEngine:
                 p.stall_resumed = True
         elif kind in _BATTERY_BY_EVENT:
             p.battery_state = _BATTERY_BY_EVENT[kind]
+            if p.battery_state in _RESET_STATES:
+                p.reset_s = t
         elif kind is EventKind.BOLUS_DELIVERED:
-            p.expected_total_ml += e.bolus_ml or 0.0
+            _add_bolus(p, e.bolus_ml or 0.0, t)
         elif kind is EventKind.REFILL:
             self._refill_rule(p, s, e.withdrawn_ml or 0.0, e.filled_ml or 0.0, t)
         self._state_rules(p, s, t)
 
     def _on_info(self, p: _Pump, info: DeviceInfo, t: float) -> None:
         self._set_drug(p, info.drug)
+        if info.model != p.model:
+            p.model, p.settings = info.model, None
         prescription = info.prescription
+        s = self._settings(p)
+        rate = prescription.basal_rate_ml_per_day
+        if rate < p.basal_ml_per_day * (1.0 - s.rate_drop_pct / 100.0):
+            self._rate_drop_rule(p, s, rate, t)  # a pump may announce its new programme first
         p.capacity_ml = info.reservoir_capacity_ml
         p.alarm_ml = prescription.low_reservoir_alarm_ml
-        p.basal_ml_per_day = prescription.basal_rate_ml_per_day
+        p.basal_ml_per_day = rate
         p.bolus_dose_ml = prescription.bolus_dose_ml
         p.boluses_per_day_max = prescription.boluses_per_day_max
-        self._state_rules(p, self._settings(p), t)
+        self._state_rules(p, s, t)
 
     # -- rules -----------------------------------------------------------------------
 
@@ -543,9 +729,14 @@ class AlertEngine:
         # Each `raw or key in on or key in since` skips a _drive that could only say "still off".
         on, since = p.on, p.since
         if p.reservoir_ml is not None:
-            self._reservoir_rules(p, s, p.reservoir_ml, t)
+            v = p.reservoir_ml
+            if p.leak_factor > 1.0 or _OVER in on:
+                v = _worse_ml(p, v)
+            p.shown_ml = v
+            self._reservoir_rules(p, s, v, t)
         self._stall_rule(p, s, t)
         stopped = p.pump_state is PumpState.STOPPED and p.basal_ml_per_day > 0.0
+        stopped = stopped and p.battery_state not in _STOPS_BY_ITSELF  # said by that alert
         if stopped or _STOPPED in on or _STOPPED in since:
             minutes = (t - (p.stopped_since_s or t)) / 60.0
             self._drive(
@@ -565,10 +756,12 @@ class AlertEngine:
 
     def _reservoir_rules(self, p: _Pump, s: RuleSettings, v: float, t: float) -> None:
         configured = s.low_reservoir_alarm_ml
-        alarm = p.alarm_used_ml = p.alarm_ml if configured is None else configured
+        # A configured volume may raise the alarm volume, never lower it below the pump's.
+        alarm = p.alarm_used_ml = p.alarm_ml if configured is None else max(configured, p.alarm_ml)
         margin = s.low_reservoir_clear_margin_ml
         on, since = p.on, p.since
         low = v <= alarm + margin if _LOW in on else v <= alarm
+        low = low or _LOW_CODE in p.device_alarms
         if low or _LOW in on or _LOW in since:
             self._drive(p, LOW_RESERVOIR, _LOW, low, s.low_reservoir_for_s, t, v, alarm)
         empty_ml = s.empty_reservoir_ml
@@ -582,9 +775,84 @@ class AlertEngine:
             limit = s.refill_due_days
             if _DUE in on:
                 limit += s.refill_due_clear_margin_days
-            due = days <= limit
+            due = days <= limit and _LOW not in on and _EMPTY not in on  # one alert per condition
         if due or _DUE in on:
             self._drive(p, REFILL_DUE, _DUE, due, 0.0, t, days, s.refill_due_days)
+
+    def _clock_rule(self, p: _Pump, t: float) -> None:
+        limit_s = self._settings(p).clock_step_limit_s
+        stepped = abs(p.skew_s) > limit_s
+        offset_h, limit_h = p.skew_s / SECONDS_PER_HOUR, limit_s / SECONDS_PER_HOUR
+        alert = p.alerts.get(_CLOCK)
+        if stepped and _CLOCK in p.on and alert is not None:
+            details = _clock_text(p, _CLOCK, offset_h, limit_h)
+            self._update(p, alert, offset_h, limit_h, details, " (stepped again)")
+        else:
+            self._drive(p, CLOCK_STEP, _CLOCK, stepped, 0.0, t, offset_h, limit_h)
+
+    def _rate_drop_rule(self, p: _Pump, s: RuleSettings, rate: float, t: float) -> None:
+        if p.restarted_s is not None and 0.0 <= t - p.restarted_s <= s.programming_session_s:
+            return  # reprogrammed: a session stops the pump and starts it again
+        recent_reset = p.reset_s is not None and 0.0 <= t - p.reset_s <= s.reset_recent_s
+        if not (recent_reset or p.battery_state in _RESET_STATES):
+            p.reset_s = None
+        high = p.reset_s is not None or s.withdrawal_risk
+        spec = RATE_DROP_AFTER_RESET if high else RATE_DROP
+        alert = p.alerts.get(_RATE_DROP)
+        if _RATE_DROP in p.on and alert is not None:
+            details = _rate_drop_text(p, _RATE_DROP, rate, s.rate_drop_pct)
+            self._update(p, alert, rate, s.rate_drop_pct, details, " (dropped again)")
+        else:
+            self._drive(p, spec, _RATE_DROP, True, 0.0, t, rate, s.rate_drop_pct)
+
+    def _escalate_lost(self, p: _Pump, s: RuleSettings, gap_s: float) -> None:
+        alert = p.alerts.get(_LOST)
+        if alert is None or gap_s <= s.telemetry_lost_escalate_after_s:
+            return
+        priority = Priority.HIGH if s.withdrawal_risk else Priority.MEDIUM
+        if alert.priority is not priority:
+            alert.priority = priority
+            limit_s = s.telemetry_lost_escalate_after_s
+            details = _telemetry_text(p, _LOST, gap_s, limit_s)
+            self._update(p, alert, gap_s, limit_s, details, " (escalated)")
+
+    def _note_ack_delay(self, priority: Priority, delay_s: float) -> None:
+        count, total_s, longest_s = self._ack_delays.get(priority, (0, 0.0, 0.0))
+        self._ack_delays[priority] = (count + 1, total_s + delay_s, max(longest_s, delay_s))
+
+    def _reannounce(self, p: _Pump, s: RuleSettings, now_s: float) -> None:
+        """Announce an unacknowledged PH or PM alert again, one escalation level higher."""
+        every_s = s.reannounce_after_s
+        if every_s <= 0.0:
+            return
+        for alert in list(p.alerts.values()):
+            if alert.acked_by is not None or alert.priority not in _ESCALATED:
+                continue
+            if alert.announced_s is None or now_s - alert.announced_s < every_s:
+                continue
+            alert.level += 1
+            alert.announced_s = now_s
+            self._cause = alert.last.cause_record_id if alert.last is not None else None
+            minutes = (now_s - (alert.started_s or now_s)) / 60.0
+            words = (
+                f" (re-announced, escalation level {alert.level}: not acknowledged for "
+                f"{minutes:.0f} min)"
+            )
+            self._emit(p, alert, Phase.UPDATE, alert.state, words)
+
+    def _project(self, p: _Pump, s: RuleSettings, gap_s: float) -> None:
+        """During a telemetry gap: the reservoir at the programmed rate, marked projected."""
+        last_ml = p.shown_ml if p.shown_ml is not None else p.reservoir_ml
+        if last_ml is None or p.reading_s is None or p.pump_state is not PumpState.RUNNING:
+            return
+        use_ml_per_day = p.basal_ml_per_day + p.bolus_dose_ml * p.boluses_per_day_max
+        rate_ml_per_day = use_ml_per_day * max(p.leak_factor, p.flow_factor, 1.0)
+        projected_ml = max(0.0, last_ml - rate_ml_per_day * gap_s / SECONDS_PER_DAY)
+        p.projected = True
+        try:
+            self._reservoir_rules(p, s, projected_ml, p.reading_s + gap_s)
+        finally:
+            p.projected = False
 
     def _stall_rule(self, p: _Pump, s: RuleSettings, t: float) -> None:
         reported = p.pump_state is PumpState.STALLED or "motor_stall" in p.device_alarms
@@ -594,7 +862,7 @@ class AlertEngine:
         # Only readings carry the delivered count: an event long after the last reading
         # (one logged during a dropout, say) is not evidence that nothing was delivered.
         idle_h = max(0.0, (p.reading_s or t) - p.delivery_s) / SECONDS_PER_HOUR
-        raw = reported or idle_h >= s.stall_window_h
+        raw = reported or (s.delivered_count and idle_h >= s.stall_window_h)
         if raw:
             p.stall_resumed = False
         elif _STALL in p.on:
@@ -605,6 +873,8 @@ class AlertEngine:
     def _flow_rules(self, p: _Pump, s: RuleSettings, r: Reading, t: float) -> None:
         window_s = s.flow_window_h * SECONDS_PER_HOUR
         sampled = _integrate_flow(p, r, t, window_s)
+        if not s.delivered_count:
+            return  # this model reports no motor count: only the refill comparison runs
         on, since = p.on, p.since
         if not sampled and _OVER not in on and _UNDER not in on and not since:
             return  # verdicts at window/96 resolution; every reading once something is up
@@ -618,6 +888,7 @@ class AlertEngine:
                 under_pct -= s.flow_clear_margin_pct
             over = deviation_pct > over_pct
             under = deviation_pct < -under_pct
+            p.flow_factor = max(1.0, 1.0 + deviation_pct / 100.0)
         if over or _OVER in on or _OVER in since:
             self._drive(
                 p,
@@ -632,7 +903,7 @@ class AlertEngine:
         if under or _UNDER in on or _UNDER in since:
             self._drive(
                 p,
-                UNDER_INFUSION,
+                UNDER_INFUSION_WITHDRAWAL if s.withdrawal_risk else UNDER_INFUSION,
                 _UNDER,
                 under,
                 s.under_infusion_for_s,
@@ -649,6 +920,8 @@ class AlertEngine:
             key = f"{DEVICE_ALARM_KIND}:{code}"
             priority = now_alarms.get(code) or before[code]
             alert = p.alerts.get(key)
+            if code in EVIDENCE_CODES and alert is None and key not in p.since:
+                continue  # the gateway's own rule carries it, as evidence (see _emit)
             if alert is not None and code in now_alarms and alert.priority is not priority:
                 alert.priority = priority
                 details = _device_alarm_text(p, key, None, None)
@@ -657,7 +930,7 @@ class AlertEngine:
                 p,
                 _DEVICE_ALARM_SPECS[priority],
                 key,
-                code in now_alarms,
+                code in now_alarms and code not in EVIDENCE_CODES,
                 s.device_alarm_for_s,
                 t,
                 None,
@@ -667,24 +940,60 @@ class AlertEngine:
     def _refill_rule(
         self, p: _Pump, s: RuleSettings, withdrawn_ml: float, filled_ml: float, t: float
     ) -> None:
-        if p.reservoir_ml is not None:
-            expected_ml = p.reservoir_ml
-            delta_ml = withdrawn_ml - expected_ml
-            used_ml = max((p.delivered_ml or 0.0) - (p.delivered_at_fill_ml or 0.0), 0.0)
-            small = p.capacity_ml is None or p.capacity_ml <= s.small_reservoir_max_ml
-            floor_ml = s.refill_discrepancy_small_ml if small else s.refill_discrepancy_large_ml
-            tolerance_ml = max(floor_ml, s.refill_discrepancy_pct / 100.0 * used_ml)
-            p.refill_withdrawn_ml, p.refill_expected_ml = withdrawn_ml, expected_ml
-            key = REFILL_DISCREPANCY.kind
-            outside = abs(delta_ml) > tolerance_ml
-            alert = p.alerts.get(key)
-            if outside and key in p.on and alert is not None:
-                details = _discrepancy_text(p, key, delta_ml, tolerance_ml)
-                self._update(p, alert, delta_ml, tolerance_ml, details, " (another refill)")
-            else:
-                self._drive(p, REFILL_DISCREPANCY, key, outside, 0.0, t, delta_ml, tolerance_ml)
-        p.reservoir_ml = filled_ml
-        p.delivered_at_fill_ml = p.delivered_ml
+        """Compare what came out with what should be left at the refill's own time."""
+        last = p.last_refill
+        if (
+            last is not None
+            and (last[1], last[2]) == (withdrawn_ml, filled_ml)
+            and abs(t - last[0]) <= s.refill_duplicate_within_s
+        ):
+            return  # the same refill logged twice
+        p.last_refill = (t, withdrawn_ml, filled_ml)
+        ref = _volumes_at(p, t)
+        if ref is not None:
+            programmed_ml, delivered_ml, estimate_ml = ref
+            self._refill_check(p, s, withdrawn_ml, programmed_ml, delivered_ml, estimate_ml, t)
+            p.programmed_at_fill_ml, p.delivered_at_fill_ml = programmed_ml, delivered_ml
+        p.fill_ml = filled_ml
+        if p.flow_s is None or t >= p.flow_s:  # a late refill: later readings know better
+            p.reservoir_ml = filled_ml
+
+    def _refill_check(
+        self,
+        p: _Pump,
+        s: RuleSettings,
+        withdrawn_ml: float,
+        programmed_ml: float,
+        delivered_ml: float,
+        estimate_ml: float,
+        t: float,
+    ) -> None:
+        programmed_since_ml = programmed_ml - (p.programmed_at_fill_ml or 0.0)
+        delivered_since_ml = max(delivered_ml - (p.delivered_at_fill_ml or delivered_ml), 0.0)
+        used_ml = delivered_since_ml if s.delivered_count else max(programmed_since_ml, 0.0)
+        small = p.capacity_ml is None or p.capacity_ml <= s.small_reservoir_max_ml
+        floor_ml = s.refill_discrepancy_small_ml if small else s.refill_discrepancy_large_ml
+        tolerance_ml = max(floor_ml, s.refill_discrepancy_pct / 100.0 * used_ml)
+        expected_ml = estimate_ml
+        if p.fill_ml is not None and estimate_ml <= tolerance_ml:
+            # Near 0 the pump's estimate is floored; the fill minus the programme is not.
+            expected_ml = min(estimate_ml, p.fill_ml - programmed_since_ml)
+        delta_ml = withdrawn_ml - expected_ml
+        motor_excess_ml = delivered_since_ml - programmed_since_ml
+        if s.delivered_count and expected_ml <= tolerance_ml and motor_excess_ml > tolerance_ml:
+            delta_ml = min(delta_ml, -motor_excess_ml)  # both at 0: the motor count tells
+        p.refill_withdrawn_ml, p.refill_expected_ml = withdrawn_ml, expected_ml
+        outside = abs(delta_ml) > tolerance_ml
+        p.leak_factor = 1.0
+        if outside and delta_ml < 0.0 and programmed_since_ml > 0.0:
+            p.leak_factor = (programmed_since_ml - delta_ml) / programmed_since_ml
+        key = REFILL_DISCREPANCY.kind
+        alert = p.alerts.get(key)
+        if outside and key in p.on and alert is not None:
+            details = _discrepancy_text(p, key, delta_ml, tolerance_ml)
+            self._update(p, alert, delta_ml, tolerance_ml, details, " (another refill)")
+        else:
+            self._drive(p, REFILL_DISCREPANCY, key, outside, 0.0, t, delta_ml, tolerance_ml)
 
     # -- alert lifecycle -------------------------------------------------------------
 
@@ -730,7 +1039,7 @@ class AlertEngine:
             return
         n = p.counters[spec.kind] = p.counters.get(spec.kind, 0) + 1  # per (pump, kind)
         alert = _Alert(
-            alert_id=f"{p.pump_id}:{key}:{n}",
+            alert_id=f"{p.pump_id}:{key}:{self._token(p.pump_id, key, n)}",
             kind=spec.kind,
             priority=spec.priority,
             alert_type=spec.alert_type,
@@ -742,9 +1051,16 @@ class AlertEngine:
             value=value,
             threshold=threshold,
         )
+        alert.started_s = alert.announced_s = self._now.timestamp()
         p.alerts[key] = alert
         self._by_id[alert.alert_id] = (p, key)
         self._emit(p, alert, Phase.START, AlarmState.ACTIVE)
+
+    def _token(self, pump_id: str, key: str, n: int) -> str:
+        """The unguessable part of an alert id: keyed by the engine's salt, stable across
+        restarts (the salt is in the snapshot), never derivable from outside."""
+        name = f"{pump_id}:{key}:{n}".encode()
+        return hmac.new(self._salt, name, hashlib.sha256).hexdigest()[:ALERT_TOKEN_HEX]
 
     def _resolve(
         self,
@@ -789,6 +1105,10 @@ class AlertEngine:
         elif not words:
             words = _PHASE_WORDS.get((phase, state), "")
         message = self._message
+        details = alert.details
+        code = _EVIDENCE_BY_KIND.get(alert.kind)
+        if code is not None and code in p.device_alarms:
+            details += f" The pump's own alarm '{code}' is on; this gateway cannot clear it."
         transition = AlertTransition(
             alert_id=alert.alert_id,
             transition_id=f"{alert.alert_id}:{phase.value}:{alert.transitions}",
@@ -803,7 +1123,7 @@ class AlertEngine:
             value=alert.value,
             threshold=alert.threshold,
             unit=alert.unit,
-            text=f"{alert.title}{words}: {alert.details}"[:MAX_TEXT_CHARS],
+            text=f"{alert.title}{words}: {details}"[:MAX_TEXT_CHARS],
             at=self._now,
             device_time=message.device_time if message is not None else None,
             cause_record_id=message.record_id if message is not None else self._cause,
@@ -830,25 +1150,90 @@ def _is_new(p: _Pump, boot_id: str, seq: int) -> bool:
         while len(p.boots) > BOOTS_REMEMBERED:
             del p.boots[next(iter(p.boots))]
         p.boot_id = boot_id
-        _new_boot(p)
+        p.missing.clear()
+        p.reading_seq = -1
     p.seq = seq
     return True
 
 
-def _new_boot(p: _Pump) -> None:
-    """A reboot may reset the pump clock: restart every device-time window, keep alerts."""
-    p.since.clear()
-    p.samples.clear()
-    p.flow_s = None
-    p.delivery_s = None
-    p.reading_s = None
-    p.stopped_since_s = None
+def _note_gap(p: _Pump, seq: int) -> None:
+    """Remember the sequence numbers skipped before `seq`: a resend may still bring them."""
+    missing = p.missing
+    missing.update(range(max(p.seq + 1, seq - GAPS_REMEMBERED), seq))
+    if len(missing) > GAPS_REMEMBERED:
+        p.missing = set(sorted(missing)[-GAPS_REMEMBERED:])
 
 
 def _set_pump_state(p: _Pump, state: PumpState, t: float) -> None:
     if state is PumpState.STOPPED and p.pump_state is not PumpState.STOPPED:
         p.stopped_since_s = t
+    elif state is PumpState.RUNNING and p.pump_state is PumpState.STOPPED:
+        p.restarted_s = t
     p.pump_state = state
+
+
+def _add_bolus(p: _Pump, bolus_ml: float, t: float) -> None:
+    """Count a delivered bolus into the programmed volume, unless a reading counted it."""
+    p.bolus_seen_ml = bolus_ml
+    if p.bolus_inferred > 0 and p.reading_s is not None and t < p.reading_s:
+        p.bolus_inferred -= 1  # a resent record of a bolus already inferred as lost
+        return
+    p.expected_total_ml += bolus_ml
+    insort(p.bolus_times, t)
+
+
+def _count_lost_boluses(p: _Pump, count_24h: int, t: float) -> None:
+    """Add the boluses a reading counts over 24 h but whose events never arrived."""
+    times = p.bolus_times
+    while times and times[0] <= t - SECONDS_PER_DAY - BOLUS_EDGE_S:
+        times.popleft()
+    if count_24h == 0:
+        p.bolus_inferred = 0
+    lost = count_24h - len(times)
+    dose_ml = p.bolus_dose_ml or p.bolus_seen_ml
+    if lost > 0 and dose_ml > 0.0:
+        p.expected_total_ml += lost * dose_ml
+        times.extend([t] * lost)
+        p.bolus_inferred += lost
+
+
+def _worse_ml(p: _Pump, estimate_ml: float) -> float:
+    """The reservoir with the gateway's evidence of over-infusion or a leak applied.
+
+    The pump's estimate is its last fill minus the programme; the worse figure scales that
+    programme by the measured excess (the flow window) or the refill's shortfall. With no
+    refill seen, the fill is taken as the full capacity: the larger use, the earlier alert.
+    """
+    programmed_since_ml = p.expected_total_ml - (p.programmed_at_fill_ml or 0.0)
+    worse_ml = estimate_ml
+    if p.leak_factor > 1.0 and p.fill_ml is not None:
+        worse_ml = min(worse_ml, p.fill_ml - p.leak_factor * programmed_since_ml)
+    if _OVER in p.on:
+        fill_ml = p.fill_ml if p.fill_ml is not None else p.capacity_ml or estimate_ml
+        used_ml = max(fill_ml - estimate_ml, 0.0)  # the programme since the fill
+        worse_ml = min(worse_ml, fill_ml - p.flow_factor * used_ml)
+        if p.delivered_ml is not None and p.delivered_at_fill_ml is not None:
+            excess_ml = (p.delivered_ml - p.delivered_at_fill_ml) - programmed_since_ml
+            worse_ml = min(worse_ml, estimate_ml - max(excess_ml, 0.0))
+    return max(worse_ml, 0.0)
+
+
+def _volumes_at(p: _Pump, t: float) -> tuple[float, float, float] | None:
+    """(programmed total, delivered total, pump estimate) projected to time `t`; None unknown."""
+    if p.reservoir_ml is None:
+        return None
+    rate_ml_per_s = p.flow_rate_ml_per_day / SECONDS_PER_DAY if p.flow_running else 0.0
+    if p.flow_s is None or t >= p.flow_s:
+        since_s = 0.0 if p.flow_s is None else t - p.flow_s
+        programmed_ml = p.expected_total_ml + rate_ml_per_s * since_s
+        estimate_ml = p.reservoir_ml - rate_ml_per_s * since_s
+        return programmed_ml, p.delivered_ml or 0.0, estimate_ml
+    before = [sample for sample in p.samples if sample[0] <= t]
+    if not before:
+        return None
+    sample_s, delivered_ml, sample_programmed_ml, sample_estimate_ml = before[-1]
+    extra_ml = rate_ml_per_s * (t - sample_s)
+    return sample_programmed_ml + extra_ml, delivered_ml, sample_estimate_ml - extra_ml
 
 
 def _integrate_flow(p: _Pump, r: Reading, t: float, window_s: float) -> bool:
@@ -864,7 +1249,7 @@ def _integrate_flow(p: _Pump, r: Reading, t: float, window_s: float) -> bool:
     samples = p.samples
     if samples and t - samples[-1][0] < window_s / FLOW_SAMPLES_PER_WINDOW:
         return False
-    samples.append((t, r.delivered_total_ml, p.expected_total_ml))
+    samples.append((t, r.delivered_total_ml, p.expected_total_ml, r.reservoir_ml))
     start_s = t - window_s
     while len(samples) > 1 and samples[1][0] <= start_s:
         samples.popleft()
@@ -875,8 +1260,8 @@ def _flow_deviation_pct(
     p: _Pump, s: RuleSettings, delivered_ml: float, t: float, window_s: float
 ) -> float | None:
     """Delivered against programmed volume over the window, in %; None without a verdict."""
-    first_s, first_delivered_ml, first_expected_ml = p.samples[0]
-    if first_s > t - window_s:
+    first_s, first_delivered_ml, first_expected_ml, _ = p.samples[0]
+    if first_s > t - min(window_s, s.flow_min_window_h * SECONDS_PER_HOUR):
         return None
     window_expected_ml = p.expected_total_ml - first_expected_ml
     if window_expected_ml < s.flow_min_expected_ml or window_expected_ml <= 0.0:

@@ -10,6 +10,8 @@ wakes the sinks. Sinks run in their own threads and advance their own cursors.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
 import queue
 import threading
@@ -38,7 +40,7 @@ from gateway.health import (
     latency_histogram,
 )
 from gateway.outbox import Outbox, OutboxError, OutboxFullError, OutRecord, StoredRecord
-from gateway.pipeline import AckKey, Batch, Pipeline, ack_runs
+from gateway.pipeline import AckKey, Batch, Pipeline, ack_runs, pseudonym
 from gateway.points import PointTags
 from gateway.quiet import CountedLog, QuietLog
 from gateway.rules import AlertEngine
@@ -116,8 +118,9 @@ class SinkSet:
 class Gateway:
     """One gateway: owns the outbox, the pipeline, the sources and the sinks."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, alert_salt: bytes | None = None) -> None:
         self.settings = settings
+        self._alert_salt = alert_salt  # None: random, kept in the engine's saved state
         self.session_id = uuid.uuid4().hex[:12]
         self.started_s = time.time()
         self.stop_event = threading.Event()
@@ -165,16 +168,20 @@ class Gateway:
         self._threads: list[threading.Thread] = []
 
     def _build_pipeline(self) -> Pipeline:
+        gw, alerts = self.settings.gateway, self.settings.alerts
+        key = pseudonymize_key(gw)
+        if key is not None:  # per-pump overrides name real ids; the engine sees pseudonyms
+            alerts = alerts.with_pump_ids(functools.partial(pseudonym, key))
         try:
-            engine = AlertEngine(self.settings.alerts, self.outbox.load_state(ENGINE_STATE_KEY))
+            state = self.outbox.load_state(ENGINE_STATE_KEY)
+            engine = AlertEngine(alerts, state, salt=self._alert_salt)
         except ValueError as exc:
             log.error("saved alert state unusable (%s): starting with no active alerts", exc)
-            engine = AlertEngine(self.settings.alerts)
-        gw = self.settings.gateway
+            engine = AlertEngine(alerts, salt=self._alert_salt)
         pipeline = Pipeline(
             engine,
             PointTags(site=gw.site, station=gw.station),
-            pseudonymize_key=pseudonymize_key(gw),
+            pseudonymize_key=key,
             status_interval_s=gw.status_interval_s,
             ack_allowed=frozenset(gw.ack_allowed) if gw.ack_allowed is not None else None,
             ack_technical=frozenset(gw.ack_technical),
@@ -698,7 +705,9 @@ def run_gateway(settings: Settings, stop: threading.Event) -> None:
 def replay_capture(settings: Settings, capture: Path) -> dict[str, int]:
     """Feed a capture file through the pipeline, wait for delivery, return the accounting."""
     data = capture.read_bytes()
-    gateway = Gateway(settings.model_copy(update={"sources": []}))
+    # The same capture gives the same alert ids, so replaying it again adds nothing.
+    salt = hashlib.sha256(b"pumpgw-replay:" + data).digest()[:16]
+    gateway = Gateway(settings.model_copy(update={"sources": []}), alert_salt=salt)
     gateway.start()
     try:
         gateway.feed(f"replay:{capture.name}", data)

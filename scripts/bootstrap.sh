@@ -2,6 +2,9 @@
 # Make the machine ready for the tests and the demo: a .venv with pumpgw[dev] installed, the
 # Debian packages whose servers the integration tests start as private processes, and the
 # node_modules of tests/node (installed from its package-lock.json) for the node-side checks.
+# Also: Chromium (the browser tests drive it), Node.js and npm, and the dashboard's npm
+# packages from web/dashboard/package-lock.json (the build tools; the built page itself is
+# committed in gateway/dashboard/static/ and rebuilt here only when it is missing).
 # Call it (scripts/bootstrap.sh) or source it; either way it runs from the repository root.
 set -euo pipefail
 
@@ -16,10 +19,15 @@ declare -A SERVER_BINARIES=(
     [mosquitto]="/usr/sbin/mosquitto"
     [victoria-metrics]="victoria-metrics"
     [influxdb]="influxd"
-    # Not servers: node and npm run the AsyncAPI parser on the generated document (tests/node).
+    # Not servers: the browser tests drive Chromium; node and npm run the AsyncAPI parser on the
+    # generated document (tests/node) and build the dashboard (web/dashboard).
+    [chromium]="/usr/bin/chromium"
     [nodejs]="node"
     [npm]="npm"
 )
+DASHBOARD_SRC="$BOOTSTRAP_ROOT/web/dashboard"
+NPM_STAMP="$DASHBOARD_SRC/node_modules/.package-lock.sha256"
+DASHBOARD_BUILT="$BOOTSTRAP_ROOT/gateway/dashboard/static/app.js"
 
 bootstrap_fail() {
     echo "bootstrap: $*" >&2
@@ -112,11 +120,29 @@ ensure_node_modules() {
     echo "$wanted" >"$NODE_STAMP"
 }
 
+# npm ci only when the lockfile changed; the build only when the shipped page is missing
+# (tests/unit/test_dashboard_assets.py fails if the committed page differs from a build).
+ensure_dashboard_packages() {
+    local wanted
+    wanted="$(sha256sum "$DASHBOARD_SRC/package-lock.json" | cut -d' ' -f1)"
+    if [[ ! -f "$NPM_STAMP" || "$(cat "$NPM_STAMP")" != "$wanted" ]]; then
+        echo "bootstrap: npm ci in web/dashboard (package-lock.json changed)"
+        (cd "$DASHBOARD_SRC" && npm ci --no-audit --no-fund --loglevel=error) \
+            || bootstrap_fail "npm ci in web/dashboard failed"
+        echo "$wanted" >"$NPM_STAMP"
+    fi
+    if [[ ! -f "$DASHBOARD_BUILT" ]]; then
+        echo "bootstrap: building the dashboard (npm run build)"
+        (cd "$DASHBOARD_SRC" && npm run --silent build) || bootstrap_fail "npm run build failed"
+    fi
+}
+
 bootstrap() {
     ensure_venv
     ensure_dev_install
     ensure_server_packages
     ensure_node_modules
+    ensure_dashboard_packages
 }
 
 bootstrap

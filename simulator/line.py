@@ -119,6 +119,8 @@ class PumpTally:
     retransmitted: int = 0
     evicted: int = 0
     damaged_seqs: list[int] = field(default_factory=list)
+    unsent_seqs: list[int] = field(default_factory=list)
+    """Numbers the pump used for frames it never put on the line (a dropout, a lost record)."""
 
     def as_json(self, unacked: int) -> dict[str, Any]:
         return {
@@ -133,6 +135,7 @@ class PumpTally:
             "unacked": unacked,
             "evicted_unacked": self.evicted,
             "damaged_seqs": list(self.damaged_seqs),
+            "unsent_seqs": list(self.unsent_seqs),
         }
 
 
@@ -213,9 +216,12 @@ class PumpLine:
         return "intact", frame
 
     def _count_seq(self, seq: int) -> None:
-        if self.tally.first_seq is None:
-            self.tally.first_seq = seq
-        self.tally.last_seq = seq
+        tally = self.tally
+        if tally.first_seq is None:
+            tally.first_seq = seq
+        elif tally.last_seq is not None and seq > tally.last_seq + 1:
+            tally.unsent_seqs.extend(range(tally.last_seq + 1, seq))
+        tally.last_seq = seq
 
 
 def _damaged(kind: str, frame: bytes, u_a: float, u_b: float) -> bytes:

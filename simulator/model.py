@@ -46,6 +46,9 @@ REFILL_MEASUREMENT_SD_ML: Final = 0.05
 DEFAULT_LOW_RESERVOIR_ALARM_ML: Final = 2.0
 """Manufacturer-recommended alarm volume (DOMAIN.md 1.1, 2.1)."""
 DEFAULT_INFO_EVERY: Final = 60
+MIN_RATE_ML_PER_DAY: Final = 0.048
+"""SynchroMed II minimum flow rate (DOMAIN.md 1.1 [S16]): what a rate fallback after a low
+battery reset is modelled as ("reset to a very low level", DOMAIN.md 2.2 [S1],[S26])."""
 
 ALARM_LOW_RESERVOIR: Final = DeviceAlarm(code="low_reservoir", priority=Priority.MEDIUM)
 ALARM_MOTOR_STALL: Final = DeviceAlarm(code="motor_stall", priority=Priority.HIGH)
@@ -118,6 +121,16 @@ class FaultPlan:
     eri_at_s: float = math.inf
     clock_drift_ppm: float = 0.0
     clock_jumps: tuple[ClockJump, ...] = ()
+    reboots_s: tuple[float, ...] = ()
+    """The pump restarts: a new boot session, its sequence numbers from 1 again."""
+    rate_fallback_ml_per_day: float | None = None
+    """After a low battery reset the programmed basal rate falls back to this."""
+    safe_state_at_s: float = math.inf
+    """The pump enters safe state and stops delivering (DOMAIN.md 2.2 [S27])."""
+    lost_bolus_share: float = 0.0
+    """Share of bolus-delivered event frames the pump never gets through (sequence consumed)."""
+    duplicate_refill_records: bool = False
+    """Each refill is logged twice (the same record under two sequence numbers)."""
 
 
 @dataclass(slots=True)
@@ -139,6 +152,9 @@ class PumpStatus:
     battery_reset: bool = False
     refills_done: int = 0
     resets_done: int = 0
+    reboots_done: int = 0
+    safe_state: bool = False
+    basal_override_ml_per_day: float | None = None
     steps: int = 0
     readings: int = 0
 
@@ -191,7 +207,10 @@ class Pump:
         self._held: list[_Event] = []
 
     def step(self, now: datetime) -> list[DeviceMessageModel]:
-        """Advance the physics to `now`; return the frames due (none during a dropout)."""
+        """Advance the physics to `now`; return the frames due (none during a dropout).
+
+        A reading made during a dropout is lost on the way: it uses up its sequence number.
+        """
         s = self.status
         t_s = (now - self.start).total_seconds()
         dt_s = t_s - s.t_s
@@ -199,18 +218,38 @@ class Pump:
         s.t_s = t_s
         s.steps += 1
         device_time = self.device_time(now)
+        rebooted = self._reboot(t_s)
         self._held.extend(self._transitions(t_s, device_time))
         self._maybe_bolus(t_s, dt_s, device_time)
         if any(w.covers(t_s) for w in self.plan.dropouts):
+            self._next_seq += 1
             return []
         out: list[DeviceMessageModel] = []
-        if s.readings % self._info_every == 0:
+        if rebooted or s.readings % self._info_every == 0:
             out.append(self.info(device_time))
-        out.extend(self._event_message(e) for e in self._held)
+        for event in self._held:
+            out.extend(self._event_messages(event))
         self._held.clear()
         out.append(self.reading(device_time))
         s.readings += 1
         return out
+
+    @property
+    def basal_rate_ml_per_day(self) -> float:
+        """The programmed basal rate now: the prescription's, or a fallback after a reset."""
+        override = self.status.basal_override_ml_per_day
+        return self.spec.basal_rate_ml_per_day if override is None else override
+
+    def _reboot(self, t_s: float) -> bool:
+        """Start a new boot session when one is due: new boot id, sequence from 1."""
+        s = self.status
+        due = sum(1 for at_s in self.plan.reboots_s if at_s <= t_s) - s.reboots_done
+        if due <= 0:
+            return False
+        s.reboots_done += due
+        self.boot_id = f"{self.boot_id[:10]}r{s.reboots_done}"
+        self._next_seq = 1
+        return True
 
     def device_time(self, now: datetime) -> datetime:
         """The pump's clock: true time plus drift (ppm) plus any jumps so far."""
@@ -245,7 +284,7 @@ class Pump:
             drug=spec.drug,
             concentration_mg_per_ml=spec.concentration_mg_per_ml,
             prescription=Prescription(
-                basal_rate_ml_per_day=spec.basal_rate_ml_per_day,
+                basal_rate_ml_per_day=self.basal_rate_ml_per_day,
                 bolus_dose_ml=spec.bolus_ml,
                 bolus_lockout_min=spec.bolus_lockout_min,
                 boluses_per_day_max=spec.boluses_per_day_max,
@@ -262,9 +301,9 @@ class Pump:
             reservoir_ml=self.reservoir_ml,
             reservoir_capacity_ml=spec.capacity_ml,
             low_reservoir_alarm_ml=spec.low_reservoir_alarm_ml,
-            basal_rate_ml_per_day=spec.basal_rate_ml_per_day,
+            basal_rate_ml_per_day=self.basal_rate_ml_per_day,
             delivered_total_ml=round(s.delivered_total_ml, 4),
-            bolus_count_24h=len(s.bolus_times_s),
+            bolus_count_24h=sum(1 for b in s.bolus_times_s if b > s.t_s - BOLUS_WINDOW_S),
             battery_state=self.battery_state,
             battery_remaining_pct=round(self.battery_remaining_pct, 1),
             alarms=self.alarms,
@@ -286,6 +325,8 @@ class Pump:
         s = self.status
         if s.eos:
             return BatteryState.EOS
+        if s.safe_state:
+            return BatteryState.SAFE_STATE
         if s.battery_reset:
             return BatteryState.LBR
         return BatteryState.ERI if s.eri else BatteryState.OK
@@ -313,7 +354,7 @@ class Pump:
 
     @property
     def _halted(self) -> bool:
-        return self.status.stopped or self.status.eos
+        return self.status.stopped or self.status.eos or self.status.safe_state
 
     def _envelope(self, device_time: datetime) -> dict[str, Any]:
         """Identity, the next seq of this boot, and the device clock (as received_at too)."""
@@ -325,7 +366,7 @@ class Pump:
     def _deliver_basal(self, dt_s: float) -> None:
         if dt_s <= 0 or self._halted:
             return
-        volume_ml = self.spec.basal_rate_ml_per_day * dt_s / SECONDS_PER_DAY
+        volume_ml = self.basal_rate_ml_per_day * dt_s / SECONDS_PER_DAY
         self._account_programmed(volume_ml)
         if not self.status.stalled:
             self._pump_volume(volume_ml, self.status.t_s)
@@ -376,6 +417,11 @@ class Pump:
         s.battery_reset = due > 0
         s.resets_done += due
         events.extend(_Event(EventKind.LOW_BATTERY_RESET, device_time) for _ in range(due))
+        if due and plan.rate_fallback_ml_per_day is not None:
+            s.basal_override_ml_per_day = plan.rate_fallback_ml_per_day
+        if not s.safe_state and t_s >= plan.safe_state_at_s:
+            s.safe_state = True
+            events.append(_Event(EventKind.PUMP_STOPPED, device_time))
         if not s.eri and t_s >= plan.eri_at_s:
             s.eri = True
             events.append(_Event(EventKind.ERI, device_time))
@@ -404,6 +450,17 @@ class Pump:
         p = min(1.0, self.spec.bolus_requests_per_day * max(0.0, dt_s) / SECONDS_PER_DAY)
         if self._rng.random() < p and self.request_bolus(t_s):
             self._held.append(_Event(EventKind.BOLUS_DELIVERED, device_time, self.spec.bolus_ml))
+
+    def _event_messages(self, event: _Event) -> list[DeviceEvent]:
+        """The event's frame(s): a lost bolus record uses up its number, a duplicated refill
+        record is sent twice."""
+        lost_share = self.plan.lost_bolus_share
+        bolus = event.kind is EventKind.BOLUS_DELIVERED
+        if bolus and lost_share and self._rng.random() < lost_share:
+            self._next_seq += 1
+            return []
+        copies = 2 if event.kind is EventKind.REFILL and self.plan.duplicate_refill_records else 1
+        return [self._event_message(event) for _ in range(copies)]
 
     def _event_message(self, event: _Event) -> DeviceEvent:
         return DeviceEvent(

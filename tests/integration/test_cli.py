@@ -13,7 +13,7 @@ from gateway.cli import build_parser, main
 from tests.e2e import Collector, write_config
 from tests.servers import Mosquitto
 
-COMMANDS = ("run", "check-config", "demo", "tail", "history", "replay")
+COMMANDS = ("run", "check-config", "demo", "dashboard", "tail", "history", "replay")
 
 
 def test_every_command_has_help_that_states_the_intended_use(

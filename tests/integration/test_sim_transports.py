@@ -129,7 +129,8 @@ def assert_counts_match(
     for pump in summary["pumps"]:
         assert dict(by_pump[pump["pump_id"]]) == {k: v for k, v in pump["sent"].items() if v}
         every = set(range(pump["first_seq"], pump["last_seq"] + 1))
-        assert seqs[pump["pump_id"]] | set(pump["damaged_seqs"]) == every
+        sent_or_lost = seqs[pump["pump_id"]] | set(pump["damaged_seqs"])
+        assert sent_or_lost | set(pump["unsent_seqs"]) == every  # unsent: during a dropout
         assert seqs[pump["pump_id"]].isdisjoint(pump["damaged_seqs"])
     totals = summary["totals"]
     assert len(errors) == totals["frames_damaged"] + totals["garbage_runs"]

@@ -198,6 +198,24 @@ def test_the_env_example_points_hl7_and_fhir_at_an_engine_when_uncommented(
     assert settings.fhir.token.get_secret_value() == optional["PUMPGW_FHIR__TOKEN"]
 
 
+def test_dashboard_service_serves_the_page_and_points_at_the_websocket_listener() -> None:
+    dashboard = service("dashboard")
+    assert dashboard["image"] == service("gateway")["image"]
+    args = pumpgw_parser().parse_args(dashboard["command"])
+    assert args.command == "dashboard"
+    assert mounts("dashboard")[str(args.config)] == "./config/pumpgw.compose.toml"
+    settings = load_settings(ROOT / "config" / "pumpgw.compose.toml")
+    port = settings.dashboard.listen.rsplit(":", 1)[1]
+    assert dashboard["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert f":{port}/" in " ".join(dashboard["healthcheck"]["test"])
+    assert "mosquitto" in dashboard["depends_on"]
+    # No broker_url: the page uses ws://<its own host>:9001, the listener compose publishes.
+    assert settings.dashboard.broker_url is None
+    assert "127.0.0.1:9001:9001" in [p.split()[0] for p in service("mosquitto")["ports"]]
+    conf = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text()
+    assert re.search(r"^listener 9001\nprotocol websockets$", conf, re.MULTILINE)
+
+
 def test_compose_config_holds_no_secrets() -> None:
     text = (ROOT / "config" / "pumpgw.compose.toml").read_text()
     settings = load_settings(ROOT / "config" / "pumpgw.compose.toml")

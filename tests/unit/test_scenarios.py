@@ -287,3 +287,77 @@ def test_scenarios_command_prints_one_line_per_scenario(capsys: pytest.CaptureFi
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list(SCENARIOS)
     assert all(len(line.split(maxsplit=1)) == 2 for line in lines)
+
+
+# -- scenarios added for the alarm-burden benchmark (issue 10) ------------------------------
+
+
+@pytest.mark.parametrize(("name", "sign"), [("clock-step-forward", 1), ("clock-step-back", -1)])
+def test_clock_steps_are_4_to_24_hours(name: str, sign: int) -> None:
+    for _, messages in each_pump(name):
+        times = [r.device_time for r in readings(messages)]
+        steps_s = [(b - a).total_seconds() - FAST_INTERVAL_S for a, b in itertools.pairwise(times)]
+        step_s = max(steps_s) if sign > 0 else min(steps_s)
+        assert 4 * 3600 <= abs(step_s) <= 24 * 3600
+
+
+def test_a_refill_in_a_gap_arrives_after_it_and_is_correct() -> None:
+    for pump, messages in each_pump("refill-in-gap"):
+        (refill,) = events(messages, EventKind.REFILL)
+        before = [r for r in readings(messages) if r.seq < refill.seq][-1]
+        after = next(r for r in readings(messages) if r.seq > refill.seq)
+        assert after.device_time - before.device_time > timedelta(seconds=0.39 * DEFAULT_SPAN_S)
+        rate = pump.spec.basal_rate_ml_per_day
+        gap_days = (refill.device_time - before.device_time).total_seconds() / SECONDS_PER_DAY
+        assert refill.withdrawn_ml == pytest.approx(before.reservoir_ml - rate * gap_days, abs=0.3)
+
+
+def test_a_duplicated_refill_is_logged_twice() -> None:
+    for _, messages in each_pump("duplicate-refill"):
+        first, second = events(messages, EventKind.REFILL)
+        assert (first.withdrawn_ml, first.filled_ml) == (second.withdrawn_ml, second.filled_ml)
+        assert second.seq == first.seq + 1
+
+
+def test_reboot_stall_freezes_delivery_across_new_boots() -> None:
+    for _, messages in each_pump("reboot-stall"):
+        late = [r for r in readings(messages) if r.device_time > START + timedelta(hours=8)]
+        assert len({r.boot_id for r in late}) >= 3
+        assert {r.delivered_total_ml for r in late} == {late[0].delivered_total_ml}
+        assert all(r.pump_state is PumpState.RUNNING for r in late)
+
+
+def test_rate_fallback_follows_the_low_battery_reset() -> None:
+    for pump, messages in each_pump("rate-fallback"):
+        (reset,) = events(messages, EventKind.LOW_BATTERY_RESET)
+        rates = {r.basal_rate_ml_per_day for r in readings(messages) if r.seq > reset.seq}
+        assert rates == {0.048}
+        assert pump.spec.basal_rate_ml_per_day >= 0.2
+
+
+def test_lost_boluses_leave_gaps_the_count_reveals() -> None:
+    lost = 0
+    for _, messages in each_pump("lost-boluses"):
+        seqs = [m.seq for m in messages]
+        lost += seqs[-1] - seqs[0] + 1 - len(seqs)  # numbers used up by lost records
+        rs = readings(messages)
+        sent = events(messages, EventKind.BOLUS_DELIVERED)
+        day_before = rs[-1].device_time - timedelta(days=1)
+        assert rs[-1].bolus_count_24h >= len([e for e in sent if e.device_time > day_before])
+    assert lost > 0
+
+
+def test_safe_state_stops_the_pump() -> None:
+    for _, messages in each_pump("safe-state"):
+        last = readings(messages)[-1]
+        assert (last.battery_state, last.pump_state) == (BatteryState.SAFE_STATE,
+                                                        PumpState.STOPPED)  # fmt: skip
+
+
+def test_empty_in_gap_runs_dry_while_silent() -> None:
+    for _, messages in each_pump("empty-in-gap"):
+        rs = readings(messages)
+        gap_start, gap_end = max(itertools.pairwise(rs),
+                                 key=lambda ab: ab[1].device_time - ab[0].device_time)  # fmt: skip
+        assert gap_start.reservoir_ml > 1.0
+        assert gap_end.reservoir_ml <= 1.0
