@@ -29,6 +29,7 @@ from gateway.config import (
 )
 from gateway.errors import PumpgwError
 from gateway.history import printable
+from gateway.logs import log_formatter
 from gateway.store_shell import stop_on_signals
 
 log = logging.getLogger("pumpgw")
@@ -53,12 +54,10 @@ before `pumpgw run --config FILE` on a station.
 """
 
 
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(verbose: bool, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(log_formatter(log_format))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("urllib3", "paho"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -238,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pumpgw {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object per line for journald/Loki (text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the gateway on a station from a config file")
@@ -252,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="a simulated ward, the gateway, a broker and a live view, all on this machine",
         description="Starts simulated pumps whose scenarios raise alerts, the gateway, an MQTT "
-        "broker (Mosquitto if installed, otherwise an embedded one) and a local store, and shows "
-        "a live view. Ctrl-C stops everything.",
+        "broker (a private Mosquitto: install the Debian package 'mosquitto', or start with "
+        "scripts/demo) and a local store, and shows a live view. Ctrl-C, SIGTERM or closing "
+        "the terminal stops everything.",
     )
     demo.add_argument(
         "--pumps", type=int, default=13, help="simulated pumps; 13 shows every scenario once (13)"
@@ -329,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, args.log_format)
     if args.command == "history" and args.store is None and args.config is None:
         parser.error("history needs --store PATH or --config FILE")
     started = time.monotonic()

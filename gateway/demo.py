@@ -1,9 +1,11 @@
 """`pumpgw demo`: a simulated ward, the gateway, a broker and a live view on one machine.
 
-The broker is a private Mosquitto on a free loopback port when the `mosquitto`
-binary is installed, otherwise the embedded broker (gateway.broker). With Mosquitto the
-broker also listens for MQTT over WebSockets and the ward dashboard is served on
-http://127.0.0.1:8090/ (or a free port when that one is taken). A demo
+The broker is a private Mosquitto on free loopback ports (MQTT, and MQTT over
+WebSockets for the dashboard) with a temporary config; without the `mosquitto` package
+the demo stops with a message naming it. The ward dashboard is served on
+http://127.0.0.1:8090/ (or a free port when that one is taken). The simulator and the
+broker run in their own process group, so Ctrl-C, SIGTERM and a closing terminal (SIGHUP)
+reach the demo alone, which stops the gateway and then them. A demo
 operator acknowledges each alert a few seconds after it starts, so the whole
 lifecycle (start, acknowledged, end) is visible.
 """
@@ -60,6 +62,43 @@ def _wait_port(port: int, timeout_s: float) -> bool:
     return False
 
 
+MOSQUITTO_PACKAGE = "mosquitto"
+MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+"""Where Debian and a source build put the broker: /usr/sbin is often off a user's PATH."""
+CHILD_STOP_S = 10.0
+"""How long a child process has to exit after SIGTERM before it is killed."""
+
+
+class MosquittoMissingError(RuntimeError):
+    """The demo needs the Mosquitto broker and it is not installed."""
+
+
+def mosquitto_binary() -> str:
+    """The mosquitto executable, or an error that names the package to install."""
+    found = shutil.which("mosquitto") or next(
+        (path for path in MOSQUITTO_PATHS if Path(path).is_file()), None
+    )
+    if found is None:
+        raise MosquittoMissingError(
+            f"the demo needs the Mosquitto MQTT broker, which is not installed: install the "
+            f"Debian package '{MOSQUITTO_PACKAGE}' (sudo apt-get install {MOSQUITTO_PACKAGE}), "
+            "or start the demo with scripts/demo, which installs it"
+        )
+    return found
+
+
+def mosquitto_config(port: int, ws_port: int) -> str:
+    """A private, anonymous broker on loopback: MQTT on `port`, MQTT over WebSockets on
+    `ws_port` (for the dashboard), nothing kept on disk."""
+    return (
+        "persistence false\n"
+        "allow_anonymous true\n"
+        f"listener {port} 127.0.0.1\n"
+        f"listener {ws_port} 127.0.0.1\n"
+        "protocol websockets\n"
+    )
+
+
 DASHBOARD_PORT = 8090
 
 
@@ -67,44 +106,45 @@ DASHBOARD_PORT = 8090
 class DemoBroker:
     port: int
     description: str
-    ws_port: int | None
-    """MQTT over WebSockets for the dashboard; None with the embedded broker."""
+    ws_port: int
+    """MQTT over WebSockets, for the dashboard."""
+
+
+def start_child(argv: list[str], logfile: Path) -> subprocess.Popen[bytes]:
+    """A child in its own process group: Ctrl-C and a closing terminal reach the demo only,
+    which then stops its children in order (the gateway before its broker and its line)."""
+    with open(logfile, "ab") as log_out:
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_out, stderr=log_out, process_group=0
+        )
+
+
+def stop_child(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within CHILD_STOP_S."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(CHILD_STOP_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextlib.contextmanager
 def demo_broker(workdir: Path) -> Iterator[DemoBroker]:
-    """A private broker for the demo."""
-    binary = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
-    if binary is None:
-        from gateway.broker import EmbeddedBroker
-
-        broker = EmbeddedBroker()
-        broker.start()
-        try:
-            yield DemoBroker(
-                broker.port, "embedded broker (install the 'mosquitto' package for the real one)",
-                None,
-            )
-        finally:
-            broker.stop()
-        return
+    """A private Mosquitto on free loopback ports with a temporary config in `workdir`."""
+    binary = mosquitto_binary()
     port, ws_port = free_port(), free_port()
     conf = workdir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nlistener {ws_port} 127.0.0.1\nprotocol websockets\n"
-        "allow_anonymous true\n"
-    )
-    with open(workdir / "mosquitto.log", "wb") as logfile:
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=logfile, stderr=logfile)
+    conf.write_text(mosquitto_config(port, ws_port))
+    proc = start_child([binary, "-c", str(conf)], workdir / "mosquitto.log")
     try:
         if not (_wait_port(port, 10) and _wait_port(ws_port, 10)):
             raise RuntimeError(f"mosquitto did not start; see {workdir / 'mosquitto.log'}")
         yield DemoBroker(port, f"Mosquitto ({binary}) on 127.0.0.1:{port}", ws_port)
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_child(proc)
 
 
 class SimulatedWard:
@@ -152,8 +192,7 @@ class SimulatedWard:
     def _launch(self) -> None:
         self.episodes += 1
         argv = [*self._argv, "--seed", str(self._seed + self.episodes)]
-        with open(self._workdir / "pumpsim.log", "ab") as logfile:
-            self._proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=logfile)
+        self._proc = start_child(argv, self._workdir / "pumpsim.log")
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -164,10 +203,10 @@ class SimulatedWard:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(5)
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            self._proc.wait(10)
+        if self._thread.is_alive():
+            self._thread.join(5)
+        if self._proc is not None:
+            stop_child(self._proc)
 
 
 class DemoOperator:
@@ -301,36 +340,34 @@ def run_demo(
     workdir.mkdir(parents=True, exist_ok=True)
     until = time.monotonic() + (duration_s if duration_s is not None else float("inf"))
     try:
-        ward = SimulatedWard(workdir, pumps, speed, seed)
-        with demo_broker(workdir) as broker, contextlib.ExitStack() as cleanup:
-            broker_port, broker_desc = broker.port, broker.description
+        with contextlib.ExitStack() as running:  # unwinds in reverse: the gateway stops first
+            broker = running.enter_context(demo_broker(workdir))
+            ward = SimulatedWard(workdir, pumps, speed, seed)
+            running.callback(ward.stop)
             ward.start()
-            sim_port = ward.port
-            settings = demo_settings(workdir, broker_port, sim_port)
+            settings = demo_settings(workdir, broker.port, ward.port)
             gateway = Gateway(settings)
             health = HealthServer(settings.health.listen, gateway.observe)
             health.start()
+            running.callback(health.stop)
             gateway.start()
+            running.callback(gateway.stop)
             operator = DemoOperator(
-                broker_port, f"{gateway.topics.prefix}/#", ack_topic(gateway.topics, DEMO_OPERATOR)
+                broker.port, f"{gateway.topics.prefix}/#", ack_topic(gateway.topics, DEMO_OPERATOR)
             )
+            running.callback(operator.close)
             dashboard = start_dashboard(settings, broker.ws_port)
             if dashboard is not None:
-                cleanup.callback(dashboard.stop)
-            shown = "none (needs Mosquitto)" if dashboard is None else dashboard.url
+                running.callback(dashboard.stop)
+            shown = "none (port taken)" if dashboard is None else dashboard.url
             header = (
-                f"dashboard: {shown}   broker: {broker_desc}   store: {settings.store.path}   "
+                f"dashboard: {shown}   broker: {broker.description}   "
+                f"store: {settings.store.path}   "
                 f"health: http://{settings.health.listen}/healthz   "
                 f"{pumps} pumps at {speed:g}x   Ctrl-C to stop"
             )
             log.info("demo: %s", header)
-            try:
-                _loop(gateway, operator, header, live_view, until, stop)
-            finally:
-                operator.close()
-                ward.stop()
-                gateway.stop()
-                health.stop()
+            _loop(gateway, operator, header, live_view, until, stop)
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)

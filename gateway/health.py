@@ -1,8 +1,10 @@
 """HTTP /healthz and Prometheus /metrics.
 
 `observe` (in the service) gathers an Observation; the functions here only render
-it, so they are pure and tested without a server. The server is the standard
-library's ThreadingHTTPServer on its own thread.
+it, so they are tested without a server. /metrics is prometheus-client's exposition of a
+private registry: a collector that reads one Observation per scrape, its latency
+histograms, and the library's standard process and Python collectors. The server is the
+standard library's ThreadingHTTPServer on its own thread.
 """
 
 from __future__ import annotations
@@ -10,10 +12,26 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +84,8 @@ class Observation:
     pumps_telemetry_lost: int
     max_backlog_age_s: float
     acks_refused_by_reason: dict[str, int] = field(default_factory=dict)
+    latencies: tuple[Histogram, ...] = ()
+    """Live latency histograms (frame->commit, commit->PUBACK), read when rendered."""
     acknowledgement_delays: dict[str, tuple[int, float, float]] = field(default_factory=dict)
     """Per alert priority: acknowledgements, total and longest delay from start, in s."""
 
@@ -117,203 +137,224 @@ def health_report(obs: Observation) -> tuple[bool, dict[str, Any]]:
     return not reasons, body
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+"""Histogram bounds for frame->commit and commit->PUBACK: sub-millisecond to a broker outage."""
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""What generate_latest writes: the classic text format every Prometheus version reads."""
+
+SINK_GAUGE_KEYS = frozenset({"inflight", "sent_up_to"})
+"""Sink health values that are current values, not counts (a window size, an outbox
+position): exported as gauges without `_total`; every other one is a counter."""
 
 
-def _metric(
-    out: list[str],
-    name: str,
-    kind: str,
-    help_text: str,
-    samples: list[tuple[dict[str, str], float]],
-) -> None:
-    out.append(f"# HELP {name} {help_text}")
-    out.append(f"# TYPE {name} {kind}")
-    for labels, value in samples:
-        text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-        out.append(f"{name}{{{text}}} {value:g}" if text else f"{name} {value:g}")
+def latency_histogram(name: str, help_text: str) -> Histogram:
+    """A thread-safe latency histogram in seconds, for an Observation's `latencies`."""
+    return Histogram(name, help_text, buckets=LATENCY_BUCKETS_S, registry=None)
 
 
-def _acknowledgement_delays(out: list[str], delays: dict[str, tuple[int, float, float]]) -> None:
-    """Time to acknowledge per priority: a summary (count, sum) and a gauge of the longest.
+def _counter(name: str, help_text: str, labels: tuple[str, ...] = ()) -> CounterMetricFamily:
+    return CounterMetricFamily(name, help_text, labels=list(labels))
 
-    Written at full precision: a sum of seconds passes a million within days."""
-    name, longest = (
+
+def _gauge(name: str, help_text: str, labels: tuple[str, ...] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, help_text, labels=list(labels))
+
+
+def _single(family: CounterMetricFamily | GaugeMetricFamily, value: float) -> Metric:
+    family.add_metric([], value)
+    return family
+
+
+def _accounting(obs: Observation) -> Iterator[Metric]:
+    """Frames, records, quarantine, duplicates, alerts and acknowledgements (counters)."""
+    yield _single(
+        _counter("pumpgw_frames_in_total", "Frames and garbage runs read from sources."),
+        obs.frames_in,
+    )
+    accepted = _counter("pumpgw_records_accepted_total", "Valid device messages stored.", ("kind",))
+    for kind, count in sorted(obs.accepted_by_kind.items()):
+        accepted.add_metric([kind], count)
+    yield accepted
+    quarantined = _counter("pumpgw_quarantined_total", "Rejected frames by reason.", ("reason",))
+    for reason, count in sorted(obs.quarantined_by_reason.items()):
+        quarantined.add_metric([reason], count)
+    yield quarantined
+    yield _single(
+        _counter("pumpgw_duplicates_total", "Frames already stored (resent by device)."),
+        obs.duplicates,
+    )
+    yield _single(
+        _counter("pumpgw_alert_transitions_total", "Alert transitions emitted."),
+        obs.alert_transitions,
+    )
+    acks = _counter(
+        "pumpgw_operator_acks_total", "Operator acknowledgements by result.", ("result",)
+    )
+    acks.add_metric(["accepted"], obs.acks_in)
+    acks.add_metric(["rejected"], obs.acks_rejected)
+    yield acks
+    refused = _counter(
+        "pumpgw_operator_acks_refused_total",
+        "Operator acknowledgements refused, by reason (docs/topics.md).",
+        ("reason",),
+    )
+    for reason, count in sorted(obs.acks_refused_by_reason.items()):
+        refused.add_metric([reason], count)
+    yield refused
+    yield from _acknowledgement_delays(obs.acknowledgement_delays)
+
+
+def _acknowledgement_delays(delays: dict[str, tuple[int, float, float]]) -> Iterator[Metric]:
+    """Time to acknowledge per priority: a summary (count, sum) and a gauge of the longest."""
+    summary = SummaryMetricFamily(
         "pumpgw_alert_acknowledgement_delay_seconds",
+        "Time from an alert's start (or escalation in place) to its acknowledgement, "
+        "by priority.",
+        labels=["priority"],
+    )
+    longest = _gauge(
         "pumpgw_alert_acknowledgement_delay_max_seconds",
+        "Longest time to acknowledge an alert, by priority.",
+        ("priority",),
     )
-    out.append(
-        f"# HELP {name} Time from an alert's start (or escalation in place) to its "
-        "acknowledgement, by priority."
+    for priority, (count, total_s, longest_s) in sorted(delays.items()):
+        summary.add_metric([priority], count_value=count, sum_value=total_s)
+        longest.add_metric([priority], longest_s)
+    yield summary
+    yield longest
+
+
+def _outbox(obs: Observation) -> Iterator[Metric]:
+    yield _single(
+        _gauge("pumpgw_outbox_pending_records", "Records waiting for the slowest sink."),
+        obs.outbox_pending,
     )
-    out.append(f"# TYPE {name} summary")
-    for priority, (count, total_s, _) in sorted(delays.items()):
-        out.append(f'{name}_sum{{priority="{_label(priority)}"}} {float(total_s)!r}')
-        out.append(f'{name}_count{{priority="{_label(priority)}"}} {count:d}')
-    out.append(f"# HELP {longest} Longest time to acknowledge an alert, by priority.")
-    out.append(f"# TYPE {longest} gauge")
-    for priority, (_, _, longest_s) in sorted(delays.items()):
-        out.append(f'{longest}{{priority="{_label(priority)}"}} {float(longest_s)!r}')
+    yield _single(
+        _gauge("pumpgw_outbox_max_pending_records", "Back-pressure limit."),
+        obs.outbox_max_pending,
+    )
+    yield _single(
+        _gauge("pumpgw_outbox_full", "1 while reading is paused by a full outbox."),
+        1 if obs.outbox_full else 0,
+    )
+    yield _single(
+        _gauge(
+            "pumpgw_outbox_free_disk_bytes",
+            "Free bytes on the outbox's filesystem (store.min_free_disk_kb is the floor).",
+        ),
+        obs.outbox_free_disk_bytes,
+    )
+    yield _single(
+        _counter(
+            "pumpgw_outbox_history_freed_total",
+            "Delivered records deleted before their retention ended to make room on the disk.",
+        ),
+        obs.outbox_history_freed,
+    )
+
+
+def _sinks(obs: Observation) -> Iterator[Metric]:
+    backlog = _gauge(
+        "pumpgw_sink_backlog_records", "Records not yet delivered, per sink.", ("sink",)
+    )
+    oldest = _gauge(
+        "pumpgw_sink_oldest_unsent_age_seconds", "Age of the oldest unsent record.", ("sink",)
+    )
+    delivered = _counter(
+        "pumpgw_sink_delivered_total", "Records acknowledged by the server.", ("sink",)
+    )
+    connected = _gauge("pumpgw_sink_connected", "1 when the sink's server is reachable.", ("sink",))
+    for sink in obs.sinks:
+        backlog.add_metric([sink.name], sink.backlog_records)
+        oldest.add_metric([sink.name], sink.oldest_age_s or 0.0)
+        delivered.add_metric([sink.name], sink.delivered)
+        connected.add_metric([sink.name], 1 if sink.connected else 0)
+    yield from (backlog, oldest, delivered, connected)
+    for key in sorted({k for s in obs.sinks for k in s.extra}):
+        family: CounterMetricFamily | GaugeMetricFamily
+        if key in SINK_GAUGE_KEYS:
+            family = _gauge(f"pumpgw_sink_{key}", f"Sink gauge {key}.", ("sink",))
+        else:
+            family = _counter(f"pumpgw_sink_{key}_total", f"Sink counter {key}.", ("sink",))
+        for sink in obs.sinks:
+            if key in sink.extra:
+                family.add_metric([sink.name], sink.extra[key])
+        yield family
+
+
+def _sources_and_pumps(obs: Observation) -> Iterator[Metric]:
+    connected = _gauge("pumpgw_source_connected", "1 when the serial line is open.", ("source",))
+    reconnects = _counter(
+        "pumpgw_source_reconnects_total", "Times a line was reopened.", ("source",)
+    )
+    bytes_in = _counter("pumpgw_source_bytes_total", "Bytes read per line.", ("source",))
+    for source in obs.sources:
+        connected.add_metric([source.name], 1 if source.connected else 0)
+        reconnects.add_metric([source.name], source.reconnects)
+        bytes_in.add_metric([source.name], source.bytes_in)
+    yield from (connected, reconnects, bytes_in)
+    pumps = _gauge("pumpgw_pumps", "Pumps seen, by telemetry state.", ("telemetry",))
+    pumps.add_metric(["ok"], obs.pumps_total - obs.pumps_telemetry_lost)
+    pumps.add_metric(["lost"], obs.pumps_telemetry_lost)
+    yield pumps
+
+
+def _latencies(obs: Observation) -> Iterator[Metric]:
+    """The histograms as they are now, without the `_created` series (not used here)."""
+    for histogram in obs.latencies:
+        for family in histogram.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+
+
+class ObservationCollector(Collector):
+    """Collects the gateway's metrics from one fresh Observation per scrape."""
+
+    def __init__(self, observe: Callable[[], Observation]) -> None:
+        self._observe = observe
+
+    def collect(self) -> Iterator[Metric]:
+        obs = self._observe()
+        yield from _accounting(obs)
+        yield from _outbox(obs)
+        yield from _sinks(obs)
+        yield from _sources_and_pumps(obs)
+        yield from _latencies(obs)
+
+
+def metrics_registry(
+    observe: Callable[[], Observation], *, process: bool = True
+) -> CollectorRegistry:
+    """A private registry: the Observation's metrics plus, with `process`, the standard
+    process_* (CPU, memory, file descriptors) and python_* (GC, version) metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ObservationCollector(observe))
+    if process:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    return registry
 
 
 def render_metrics(obs: Observation) -> str:
-    """Prometheus text exposition format."""
-    out: list[str] = []
-    _metric(
-        out,
-        "pumpgw_frames_in_total",
-        "counter",
-        "Frames and garbage runs read from sources.",
-        [({}, obs.frames_in)],
-    )
-    _metric(
-        out,
-        "pumpgw_records_accepted_total",
-        "counter",
-        "Valid device messages stored.",
-        [({"kind": k}, v) for k, v in sorted(obs.accepted_by_kind.items())],
-    )
-    _metric(
-        out,
-        "pumpgw_quarantined_total",
-        "counter",
-        "Rejected frames by reason.",
-        [({"reason": k}, v) for k, v in sorted(obs.quarantined_by_reason.items())],
-    )
-    _metric(
-        out,
-        "pumpgw_duplicates_total",
-        "counter",
-        "Frames already stored (resent by device).",
-        [({}, obs.duplicates)],
-    )
-    _metric(
-        out,
-        "pumpgw_alert_transitions_total",
-        "counter",
-        "Alert transitions emitted.",
-        [({}, obs.alert_transitions)],
-    )
-    _metric(
-        out,
-        "pumpgw_operator_acks_total",
-        "counter",
-        "Operator acknowledgements by result.",
-        [({"result": "accepted"}, obs.acks_in), ({"result": "rejected"}, obs.acks_rejected)],
-    )
-    _metric(
-        out,
-        "pumpgw_operator_acks_refused_total",
-        "counter",
-        "Operator acknowledgements refused, by reason (docs/topics.md).",
-        [({"reason": k}, v) for k, v in sorted(obs.acks_refused_by_reason.items())],
-    )
-    _acknowledgement_delays(out, obs.acknowledgement_delays)
-    _metric(
-        out,
-        "pumpgw_outbox_pending_records",
-        "gauge",
-        "Records waiting for the slowest sink.",
-        [({}, obs.outbox_pending)],
-    )
-    _metric(
-        out,
-        "pumpgw_outbox_max_pending_records",
-        "gauge",
-        "Back-pressure limit.",
-        [({}, obs.outbox_max_pending)],
-    )
-    _metric(
-        out,
-        "pumpgw_outbox_full",
-        "gauge",
-        "1 while reading is paused by a full outbox.",
-        [({}, 1 if obs.outbox_full else 0)],
-    )
-    _metric(
-        out,
-        "pumpgw_outbox_free_disk_bytes",
-        "gauge",
-        "Free bytes on the outbox's filesystem (store.min_free_disk_kb is the floor).",
-        [({}, obs.outbox_free_disk_bytes)],
-    )
-    _metric(
-        out,
-        "pumpgw_outbox_history_freed_total",
-        "counter",
-        "Delivered records deleted before their retention ended to make room on the disk.",
-        [({}, obs.outbox_history_freed)],
-    )
-    _metric(
-        out,
-        "pumpgw_sink_backlog_records",
-        "gauge",
-        "Records not yet delivered, per sink.",
-        [({"sink": s.name}, s.backlog_records) for s in obs.sinks],
-    )
-    _metric(
-        out,
-        "pumpgw_sink_oldest_unsent_age_seconds",
-        "gauge",
-        "Age of the oldest unsent record.",
-        [({"sink": s.name}, s.oldest_age_s or 0.0) for s in obs.sinks],
-    )
-    _metric(
-        out,
-        "pumpgw_sink_delivered_total",
-        "counter",
-        "Records acknowledged by the server.",
-        [({"sink": s.name}, s.delivered) for s in obs.sinks],
-    )
-    _metric(
-        out,
-        "pumpgw_sink_connected",
-        "gauge",
-        "1 when the sink's server is reachable.",
-        [({"sink": s.name}, 1 if s.connected else 0) for s in obs.sinks],
-    )
-    extra = sorted({k for s in obs.sinks for k in s.extra})
-    for key in extra:
-        _metric(
-            out,
-            f"pumpgw_sink_{key}_total",
-            "counter",
-            f"Sink counter {key}.",
-            [({"sink": s.name}, s.extra[key]) for s in obs.sinks if key in s.extra],
-        )
-    _metric(
-        out,
-        "pumpgw_source_connected",
-        "gauge",
-        "1 when the serial line is open.",
-        [({"source": s.name}, 1 if s.connected else 0) for s in obs.sources],
-    )
-    _metric(
-        out,
-        "pumpgw_source_reconnects_total",
-        "counter",
-        "Times a line was reopened.",
-        [({"source": s.name}, s.reconnects) for s in obs.sources],
-    )
-    _metric(
-        out,
-        "pumpgw_source_bytes_total",
-        "counter",
-        "Bytes read per line.",
-        [({"source": s.name}, s.bytes_in) for s in obs.sources],
-    )
-    _metric(
-        out,
-        "pumpgw_pumps",
-        "gauge",
-        "Pumps seen, by telemetry state.",
-        [
-            ({"telemetry": "ok"}, obs.pumps_total - obs.pumps_telemetry_lost),
-            ({"telemetry": "lost"}, obs.pumps_telemetry_lost),
-        ],
-    )
-    return "\n".join(out) + "\n"
+    """Prometheus text exposition format of one Observation (no process metrics)."""
+    return generate_latest(metrics_registry(lambda: obs, process=False)).decode()
 
 
 def printable(text: str) -> str:
@@ -391,6 +432,7 @@ class HealthServer:
 
     def _handler(self, request_timeout_s: float) -> type[BaseHTTPRequestHandler]:
         observe = self._observe
+        registry = metrics_registry(observe)
 
         class Handler(BaseHTTPRequestHandler):
             timeout = request_timeout_s  # per connection: applies to every read and write
@@ -405,7 +447,7 @@ class HealthServer:
                         json.dumps(body, indent=2).encode(),
                     )
                 elif path == "/metrics":
-                    self._send(200, "text/plain; version=0.0.4", render_metrics(observe()).encode())
+                    self._send(200, METRICS_CONTENT_TYPE, generate_latest(registry))
                 else:
                     self._send(404, "text/plain", b"try /healthz or /metrics\n")
 

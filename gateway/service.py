@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Histogram
+
 from gateway import __version__
 from gateway.adapters.delivery import MessageSink, Sink
 from gateway.adapters.fhir_rest import make_fhir_sink
@@ -30,7 +32,7 @@ from gateway.adapters.mllp import make_hl7_sink
 from gateway.adapters.mqtt import MqttSink, ReceivedAck
 from gateway.adapters.serial_port import SerialSource
 from gateway.config import Settings, pseudonymize_key
-from gateway.health import Observation, SourceObservation
+from gateway.health import Observation, SourceObservation, latency_histogram
 from gateway.outbox import OutboxError, OutboxFullError
 from gateway.pipeline import AckKey, Batch, Pipeline, ack_runs, pseudonym
 from gateway.points import PointTags
@@ -144,6 +146,9 @@ class Gateway:
         self._near_full = False
         self._freed_reported = 0
         self._committed_m = float("-inf")
+        self.frame_to_commit = latency_histogram(
+            "pumpgw_frame_to_commit_seconds", "From a read off a line to its commit in the outbox."
+        )
         self._sources_seen: tuple[bool, ...] = ()
         self._batches_done = 0
         sink_names = ["mqtt"] + (["influx"] if settings.influx is not None else [])
@@ -318,10 +323,17 @@ class Gateway:
                 self._acks_unsaved = False  # the state taken by this commit includes them
             self._commit(batch, snapshot)
             self._committed_m = time.monotonic()
+            self._observe_latency(items, time.time())
             self._batches_done += 1
             if now >= next_compact:
                 next_compact = now + COMPACT_EVERY_S
                 self._compact()
+
+    def _observe_latency(self, items: list[tuple[Any, ...]], committed_s: float) -> None:
+        """frame->commit, once per read from a live line (a capture's times are the past's)."""
+        for item in items:
+            if item[0] == "frames":
+                self.frame_to_commit.observe(max(0.0, committed_s - item[2]))
 
     def _compact(self) -> None:
         try:
@@ -630,7 +642,12 @@ class Gateway:
             sources=sources,
             sinks=tuple(sinks),
             max_backlog_age_s=self.settings.health.max_backlog_age_s,
+            latencies=self._latencies(),
         )
+
+    def _latencies(self) -> tuple[Histogram, ...]:
+        mqtt = self.sinks.mqtt
+        return (self.frame_to_commit,) + (() if mqtt is None else (mqtt.puback_latency,))
 
     def feed(self, label: str, data: bytes, received_s: float | None = None) -> None:
         """Push bytes from a capture through the same path as a live line (pumpgw replay)."""

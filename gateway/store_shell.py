@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+from prometheus_client import Histogram
+
 from gateway.config import HealthSection, StoreSection
 from gateway.health import HealthServer, Observation, SinkObservation, SourceObservation
 from gateway.outbox import Outbox, OutboxError, OutboxFullError
@@ -171,6 +173,7 @@ def observation(
     sources: tuple[SourceObservation, ...],
     sinks: tuple[SinkObservation, ...],
     max_backlog_age_s: float,
+    latencies: tuple[Histogram, ...] = (),
 ) -> Observation:
     """The Observation /healthz and /metrics serve: the intake, the outbox, sources and sinks."""
     return Observation(
@@ -194,4 +197,5 @@ def observation(
         pumps_total=intake.pumps_total,
         pumps_telemetry_lost=intake.pumps_telemetry_lost,
         max_backlog_age_s=max_backlog_age_s,
+        latencies=latencies,
     )

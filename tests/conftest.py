@@ -24,21 +24,21 @@ THREAD_POLL_S = 0.02
 
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
-    """Fail a test that leaves new non-daemon threads running after a short grace period."""
+    """Fail a test that leaves new threads running after a short grace period, daemon threads
+    included: every gateway thread is one, and a daemon thread left behind is a component
+    that was never stopped."""
     before = set(threading.enumerate())
     yield
     leaked = _threads_still_running(before, grace_s=THREAD_GRACE_S)
     if leaked:
-        names = ", ".join(sorted(thread.name for thread in leaked))
-        pytest.fail(f"test left non-daemon threads running: {names}", pytrace=False)
+        names = ", ".join(sorted(f"{t.name}{' (daemon)' if t.daemon else ''}" for t in leaked))
+        pytest.fail(f"test left threads running: {names}", pytrace=False)
 
 
 def _threads_still_running(before: set[threading.Thread], grace_s: float) -> list[threading.Thread]:
     deadline = time.monotonic() + grace_s
     while True:
-        new = [
-            t for t in threading.enumerate() if t not in before and not t.daemon and t.is_alive()
-        ]
+        new = [t for t in threading.enumerate() if t not in before and t.is_alive()]
         if not new or time.monotonic() >= deadline:
             return new
         time.sleep(THREAD_POLL_S)

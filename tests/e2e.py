@@ -19,8 +19,10 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.servers import Mosquitto, free_port
+from tests.servers import Mosquitto, free_port, log_tail
 
 PROCESS_STOP_S = 15.0
 HTTP_TIMEOUT_S = 5.0
@@ -438,3 +440,104 @@ def _record_key(kind: str, data: dict[str, Any]) -> str:
         if key in data:
             return str(data[key])
     return json.dumps(data, sort_keys=True)[:200]
+
+
+# --- the scaffold: collector, ward, station config and running gateway ------------------------
+# Context managers for a test that orders them itself, and a `Scaffold` (the `scaffold`
+# fixture of tests/integration/conftest.py) that starts them and stops them after the test in
+# reverse order.
+
+
+def unique(name: str) -> str:
+    """`name` with a random suffix: a topic prefix, site or database of one test alone."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def collecting(port: int, prefix: str, *, raw: bool = False, **options: Any) -> Iterator[Collector]:
+    """A subscriber to the tree under `prefix` (raw: `prefix` is the whole topic filter),
+    subscribed before the first publish."""
+    collector = Collector(port, prefix if raw else f"{prefix}/#", **options)
+    try:
+        yield collector
+    finally:
+        collector.close()
+
+
+@contextmanager
+def ward_running(workdir: Path, *args: str, port: int | None = None) -> Iterator[Ward]:
+    """`pumpsim` over TCP with these arguments, given as words or as lines of words
+    ("--pumps 3 --count 120"); killed if the test leaves early."""
+    ward = Ward.start(workdir, *(word for arg in args for word in arg.split()), port=port)
+    try:
+        yield ward
+    finally:
+        if ward.proc.poll() is None:
+            ward.proc.kill()
+            ward.proc.wait()
+        if ward.proc.stdout is not None:  # summary() closes it; a failed test may not get there
+            ward.proc.stdout.close()
+
+
+def stop_quietly(gateway: GatewayProcess) -> None:
+    """SIGTERM, and SIGKILL if the gateway does not exit in time."""
+    if gateway.running:
+        try:
+            gateway.stop()
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+
+
+@contextmanager
+def gateway_running(config: Path, log_path: Path, **env: str) -> Iterator[GatewayProcess]:
+    """`pumpgw run` on `config`: stopped cleanly after the block, killed if the block failed."""
+    gateway = GatewayProcess(config, log_path, env=dict(env)).start()
+    try:
+        yield gateway
+    except BaseException:
+        if gateway.running:  # the test failed: do not wait for a clean stop
+            gateway.kill()
+        raise
+    finally:
+        stop_quietly(gateway)
+
+
+def explain(gateway: GatewayProcess | None, ward: Ward | None = None) -> str:
+    """The end of the gateway's and the simulator's logs, for an assertion message."""
+    text = "" if gateway is None else f"\n--- gateway log\n{gateway.log()[-4000:]}"
+    if ward is not None:
+        text += f"\n--- pumpsim log\n{log_tail(ward.stderr_path)}"
+    return text
+
+
+def delivered(metrics: Metrics, sinks: tuple[str, ...] = ("mqtt",)) -> bool:
+    """Nothing left in the outbox for any of `sinks`."""
+    return metrics.value("pumpgw_outbox_pending_records") == 0 and all(
+        metrics.value("pumpgw_sink_backlog_records", sink=sink) == 0 for sink in sinks
+    )
+
+
+class Scaffold:
+    """One test's collectors, wards and gateways, stopped in reverse order by `close()`."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self._stack = ExitStack()
+
+    def collector(self, port: int, prefix: str, *, raw: bool = False, **options: Any) -> Collector:
+        return self._stack.enter_context(collecting(port, prefix, raw=raw, **options))
+
+    def ward(self, *args: str, port: int | None = None) -> Ward:
+        return self._stack.enter_context(ward_running(self.workdir, *args, port=port))
+
+    def station_config(self, ward: Ward, mqtt_port: int, prefix: str, **options: Any) -> Path:
+        """gateway_config in this test's directory for `ward`'s line."""
+        return gateway_config(
+            self.workdir, sim_port=ward.port, mqtt_port=mqtt_port, prefix=prefix, **options
+        )
+
+    def gateway(self, config: Path, log_name: str = "gateway.log", **env: str) -> GatewayProcess:
+        return self._stack.enter_context(gateway_running(config, self.workdir / log_name, **env))
+
+    def close(self) -> None:
+        self._stack.close()

@@ -63,6 +63,7 @@ from gateway.adapters.mqtt_client import (
     user_properties,
 )
 from gateway.delivery_window import Lane, RateBucket, Slot, held, next_retry_m
+from gateway.health import latency_histogram
 from gateway.outbox import Outbox
 from gateway.quiet import QuietLog
 from gateway.records import StoredRecord
@@ -214,6 +215,9 @@ class MqttSink:
         # the queue cap is a safety net: the window never holds more than inflight_max.
         self._paho.max_inflight_messages_set(0)
         self._paho.max_queued_messages_set(settings.inflight_max + 64)
+        self.puback_latency = latency_histogram(
+            "pumpgw_commit_to_puback_seconds", "From a record's commit to the broker's PUBACK."
+        )
 
     @property
     def state_epoch(self) -> int:
@@ -491,6 +495,7 @@ class MqttSink:
         if code < 0x80:
             slot.acked = True
             self.published += 1
+            self.puback_latency.observe(max(0.0, time.time() - slot.record.stored_at_s))
             if self._denied_seqs:
                 self._accepted_after_denial(slot.record.seq)
             return

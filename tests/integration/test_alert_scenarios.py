@@ -36,11 +36,15 @@ from tests.e2e import (
     Collector,
     GatewayProcess,
     Metrics,
-    Ward,
+    collecting,
+    delivered,
+    explain,
     gateway_config,
+    gateway_running,
     wait_until,
+    ward_running,
 )
-from tests.servers import Influx1, Mosquitto, VictoriaMetrics, free_port, log_tail
+from tests.servers import Influx1, Mosquitto, VictoriaMetrics, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -190,60 +194,8 @@ def phase_codes_by_series(transitions: list[dict[str, Any]]) -> Counter[tuple[st
 # --- processes ---------------------------------------------------------------------------
 
 
-@contextmanager
-def collecting(port: int, topic_filter: str) -> Iterator[Collector]:
-    """A subscriber from before the first publish.
-
-    Only the topics a test reads: Mosquitto drops messages for a subscriber that has more
-    than 1000 queued (max_queued_messages), which the telemetry of a fast ward can reach.
-    """
-    collector = Collector(port, topic_filter)
-    try:
-        yield collector
-    finally:
-        collector.close()
-
-
-@contextmanager
-def ward_running(workdir: Path, *args: str, port: int | None = None) -> Iterator[Ward]:
-    ward = Ward.start(workdir, *args, port=port)
-    try:
-        yield ward
-    finally:
-        if ward.proc.poll() is None:
-            ward.proc.kill()
-            ward.proc.wait()
-
-
-@contextmanager
-def gateway_running(config: Path, log_path: Path) -> Iterator[GatewayProcess]:
-    gateway = GatewayProcess(config, log_path).start()
-    try:
-        yield gateway
-    finally:
-        if gateway.running:
-            try:
-                gateway.stop()
-            except Exception:
-                gateway.kill()
-                raise
-
-
 def alerts_filter(prefix: str) -> str:
     return f"{prefix}/+/+/pumps/+/alerts"
-
-
-def explain(gateway: GatewayProcess, ward: Ward | None = None) -> str:
-    text = f"\n--- gateway log\n{gateway.log()[-4000:]}"
-    if ward is not None:
-        text += f"\n--- pumpsim log\n{log_tail(ward.stderr_path)}"
-    return text
-
-
-def delivered(metrics: Metrics, sinks: tuple[str, ...]) -> bool:
-    return metrics.value("pumpgw_outbox_pending_records") == 0 and all(
-        metrics.value("pumpgw_sink_backlog_records", sink=sink) == 0 for sink in sinks
-    )
 
 
 def run_ward(
@@ -256,7 +208,7 @@ def run_ward(
     prefix = f"{SITE_PREFIX}-{uuid.uuid4().hex[:8]}"
     extra: dict[str, dict[str, Any]] = {"gateway": {"site": prefix, "station": STATION}}
     with (
-        collecting(mosquitto.port, alerts_filter(prefix)) as collector,
+        collecting(mosquitto.port, alerts_filter(prefix), raw=True) as collector,
         ward_running(tmp_path, *ward_args) as ward,
     ):
         config = gateway_config(
@@ -355,7 +307,7 @@ def test_dropout_at_a_finite_speed_raises_telemetry_lost_and_ends_it_when_frames
         "alerts": {"defaults": {"telemetry_lost_after_s": LOST_AFTER_S}},
     }
     with (
-        collecting(mosquitto.port, alerts_filter(prefix)) as collector,
+        collecting(mosquitto.port, alerts_filter(prefix), raw=True) as collector,
         ward_running(tmp_path, *DROPOUT_ARGS) as ward,
     ):
         config = gateway_config(
@@ -493,7 +445,7 @@ def station(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Station]:
         prefix=prefix,
         extra={"gateway": {"site": prefix, "station": STATION}},
     )
-    with collecting(mosquitto.port, alerts_filter(prefix)) as collector:
+    with collecting(mosquitto.port, alerts_filter(prefix), raw=True) as collector:
         gateway = GatewayProcess(config, tmp_path / "gateway.log").start()
         here = Station(tmp_path, mosquitto, prefix, collector, gateway, sim_port)
         try:

@@ -28,7 +28,6 @@ import sqlite3
 import subprocess
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,13 +46,19 @@ from tests.e2e import (
     GatewayProcess,
     Metrics,
     Ward,
+    collecting,
     expected_ids,
+    explain,
     gateway_config,
+    gateway_running,
     outbox_record_ids,
     sent_count,
+    stop_quietly,
+    unique,
     wait_until,
+    ward_running,
 )
-from tests.servers import Mosquitto, MosquittoFactory, VictoriaMetrics, free_port, log_tail
+from tests.servers import Mosquitto, MosquittoFactory, VictoriaMetrics, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -110,55 +115,6 @@ def write_figures(new: dict[str, dict[str, Any]]) -> None:
 # --- processes -----------------------------------------------------------------------------------
 
 
-def unique(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:8]}"
-
-
-@contextmanager
-def collecting(port: int, prefix: str, *, raw: bool = False, **options: Any) -> Iterator[Collector]:
-    """A subscriber to the tree under `prefix` (raw: `prefix` is the whole topic filter)."""
-    collector = Collector(port, prefix if raw else f"{prefix}/#", **options)
-    try:
-        yield collector
-    finally:
-        collector.close()
-
-
-@contextmanager
-def ward_running(workdir: Path, args: str, port: int | None = None) -> Iterator[Ward]:
-    """`pumpsim` with these space-separated arguments, over TCP; killed if the test leaves early."""
-    ward = Ward.start(workdir, *args.split(), port=port)
-    try:
-        yield ward
-    finally:
-        if ward.proc.poll() is None:
-            ward.proc.kill()
-            ward.proc.wait()
-        if ward.proc.stdout is not None:  # summary() closes it; a failed test may not get there
-            ward.proc.stdout.close()
-
-
-@contextmanager
-def gateway_running(config: Path, log_path: Path, **env: str) -> Iterator[GatewayProcess]:
-    gateway = GatewayProcess(config, log_path, env=dict(env)).start()
-    try:
-        yield gateway
-    except BaseException:
-        if gateway.running:  # the test failed: do not wait for a clean stop
-            gateway.kill()
-        raise
-    finally:
-        stop_quietly(gateway)
-
-
-def stop_quietly(gateway: GatewayProcess) -> None:
-    if gateway.running:
-        try:
-            gateway.stop()
-        except subprocess.TimeoutExpired:
-            gateway.kill()
-
-
 def station_config(
     workdir: Path,
     *,
@@ -184,13 +140,6 @@ def station_config(
         influx=influx,
         extra=sections,
     )
-
-
-def explain(gateway: GatewayProcess | None, ward: Ward | None = None) -> str:
-    text = "" if gateway is None else f"\n--- gateway log\n{gateway.log()[-4000:]}"
-    if ward is not None:
-        text += f"\n--- pumpsim log\n{log_tail(ward.stderr_path)}"
-    return text
 
 
 def hold(seconds: float) -> None:
@@ -323,7 +272,8 @@ class TcpProxy:
         self.reply_rate_bytes_per_s: float | None = None
         """Limit on target-to-client bytes."""
         self.connections = 0
-        threading.Thread(target=self._accept, name="tcp-proxy", daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, name="tcp-proxy", daemon=True)
+        self._acceptor.start()
 
     def cut(self) -> None:
         """Drop every connection and refuse new ones until restore()."""
@@ -342,7 +292,10 @@ class TcpProxy:
     def close(self) -> None:
         self._closed.set()
         self.cut()
+        with contextlib.suppress(OSError):  # wakes accept(): close() alone leaves it blocked
+            self._server.shutdown(socket.SHUT_RDWR)
         self._server.close()
+        self._acceptor.join(5)
 
     def _accept(self) -> None:
         while not self._closed.is_set():

@@ -173,6 +173,11 @@ def test_every_intact_frame_reaches_a_subscriber_by_its_id(
     assert metrics.value("pumpgw_quarantined_total") == 0
     assert accounting_balances(metrics)
     assert delivered_everything(metrics)
+    delivered = metrics.value("pumpgw_sink_delivered_total", sink="mqtt")
+    assert metrics.value("pumpgw_commit_to_puback_seconds_count") == delivered > 0
+    reads = metrics.value("pumpgw_frame_to_commit_seconds_count")
+    assert 0 < reads <= metrics.value("pumpgw_frames_in_total")
+    assert metrics.value("process_resident_memory_bytes") > 0
     print(f"\n{len(expected)} frames, duplicates at the subscriber: {duplicates_seen(collector)}")
 
 

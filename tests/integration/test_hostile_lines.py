@@ -17,7 +17,7 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +31,21 @@ from tests.e2e import (
     Collector,
     GatewayProcess,
     Metrics,
+    collecting,
     expected_ids,
+    explain,
+    gateway_running,
+    unique,
     wait_until,
+    ward_running,
     write_config,
 )
 from tests.integration.test_faults import (
     ARRIVE_S,
     METRICS_S,
     accounting_balances,
-    collecting,
-    explain,
     figures,
-    gateway_running,
     rss_kib,
-    unique,
-    ward_running,
 )
 from tests.servers import Mosquitto, VictoriaMetrics, free_port
 
@@ -121,8 +121,12 @@ class HostileLine:
         )
 
     def close(self) -> None:
+        with suppress(OSError):  # wakes accept(): close() alone leaves it blocked
+            self._server.shutdown(socket.SHUT_RDWR)
         self._server.close()
         for conn in self._conns:
+            with suppress(OSError):  # wakes the drain thread's recv()
+                conn.shutdown(socket.SHUT_RDWR)
             conn.close()
         self._thread.join(5)
 

@@ -23,26 +23,32 @@ import pytest
 
 from gateway.adapters.mqtt_client import MqttSettings
 from gateway.pipeline import pseudonym
-from tests.e2e import GatewayProcess, expected_ids, gateway_config, sent_count, wait_until
+from tests.e2e import (
+    GatewayProcess,
+    collecting,
+    expected_ids,
+    explain,
+    gateway_config,
+    gateway_running,
+    sent_count,
+    stop_quietly,
+    unique,
+    wait_until,
+    ward_running,
+)
 from tests.integration.test_faults import (
     METRICS_S,
     FaultyDatabase,
     acknowledged,
     active_alert_ids,
     check_three_counts,
-    collecting,
-    explain,
     figures,
-    gateway_running,
     mqtt_connected,
     mqtt_publish,
     outbox_alerts,
     publish_ack,
     station_config,
-    stop_quietly,
-    unique,
     wait_delivered,
-    ward_running,
 )
 from tests.servers import Mosquitto, MosquittoFactory, MosquittoTls, Pki, VictoriaMetrics
 

@@ -1,4 +1,4 @@
-"""`run_tail` against real brokers: Mosquitto and the embedded demo broker."""
+"""`run_tail` against real Mosquitto brokers."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.broker import EmbeddedBroker
 from gateway.tail import run_tail
 from schemas.models import AlarmState, AlertTransition, AlertType, GatewayStatus, Phase, Priority
 from tests.servers import Mosquitto, MosquittoFactory
@@ -134,29 +133,30 @@ def test_tail_prints_one_line_per_message_from_mosquitto(
     assert tail.stop() == 0
 
 
-def test_tail_shows_retained_state_from_the_embedded_broker(tails: Callable[..., Tail]) -> None:
-    with EmbeddedBroker() as broker:
-        status = GatewayStatus(
-            site="site1",
-            station="st1",
-            session_id="s1",
-            seq=0,
-            state="online",
-            at=AT,
-            version="0.1",
-        )
-        publish(
-            broker.port, "pumpgw/site1/st1/gateway/status", status.model_dump_json(), retain=True
-        )
-        tail = tails(f"mqtt://127.0.0.1:{broker.port}", "pumpgw/#")
+def test_tail_shows_retained_state_from_the_broker(
+    tails: Callable[..., Tail], mosquitto: Mosquitto
+) -> None:
+    status = GatewayStatus(
+        site="site1",
+        station="st1",
+        session_id="s1",
+        seq=0,
+        state="online",
+        at=AT,
+        version="0.1",
+    )
+    publish(
+        mosquitto.port, "pumpgw/site1/st1/gateway/status", status.model_dump_json(), retain=True
+    )
+    tail = tails(f"mqtt://127.0.0.1:{mosquitto.port}", "pumpgw/#")
 
-        line = tail.out.next_containing("gateway/status")
+    line = tail.out.next_containing("gateway/status")
 
-        assert line.endswith(
-            "site1/st1/gateway/status  [retained] gateway site1/st1 online "
-            "session s1 seq 0 version 0.1 sources 0/0 connected"
-        )
-        assert tail.stop() == 0
+    assert line.endswith(
+        "site1/st1/gateway/status  [retained] gateway site1/st1 online "
+        "session s1 seq 0 version 0.1 sources 0/0 connected"
+    )
+    assert tail.stop() == 0
 
 
 def test_tail_stops_with_exit_code_1_when_credentials_are_refused(

@@ -17,8 +17,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -26,8 +25,8 @@ from typing import Any, Final
 import pytest
 
 from gateway.points import BATTERY_STATE_CODES, PUMP_STATE_CODES
-from tests.e2e import Collector, GatewayProcess, Metrics, Ward, gateway_config, write_config
-from tests.servers import Influx1, Mosquitto, VictoriaMetrics, log_tail
+from tests.e2e import Scaffold, delivered, explain, write_config
+from tests.servers import Influx1, Mosquitto, VictoriaMetrics
 
 pytestmark = pytest.mark.integration
 
@@ -147,63 +146,38 @@ def measurement_counts(influx: Influx1, db: str) -> dict[str, int]:
     return counts
 
 
-# --- processes ----------------------------------------------------------------------------
+# --- the ward through a gateway -------------------------------------------------------------
 
 
-@contextmanager
-def ward_running(workdir: Path, *args: str) -> Iterator[Ward]:
-    ward = Ward.start(workdir, *args)
-    try:
-        yield ward
-    finally:
-        if ward.proc.poll() is None:
-            ward.proc.kill()
-            ward.proc.wait()
-
-
-def explain(gateway: GatewayProcess, ward: Ward) -> str:
-    return (
-        f"\n--- gateway log\n{gateway.log()[-4000:]}\n--- pumpsim log\n{log_tail(ward.stderr_path)}"
-    )
-
-
-def delivered(metrics: Metrics) -> bool:
-    return metrics.value("pumpgw_outbox_pending_records") == 0 and all(
-        metrics.value("pumpgw_sink_backlog_records", sink=sink) == 0 for sink in ("mqtt", "influx")
-    )
+SINKS: Final = ("mqtt", "influx")
 
 
 def stream_ward(
-    tmp_path: Path, mosquitto: Mosquitto, influx: dict[str, Any], site: str
+    scaffold: Scaffold, mosquitto: Mosquitto, influx: dict[str, Any], site: str
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Run the ward through a gateway; return the summary and the readings MQTT delivered."""
     prefix = f"ts-{uuid.uuid4().hex[:8]}"
-    collector = Collector(mosquitto.port, f"{prefix}/+/+/pumps/+/telemetry")
-    try:
-        with ward_running(tmp_path, *WARD_ARGS) as ward:
-            config = gateway_config(
-                tmp_path,
-                sim_port=ward.port,
-                mqtt_port=mosquitto.port,
-                prefix=prefix,
-                influx=influx,
-                extra={"gateway": {"site": site, "station": STATION}},
-            )
-            gateway = GatewayProcess(config, tmp_path / "gateway.log").start()
-            try:
-                summary = ward.summary()
-                assert summary["all_acked"] is True, explain(gateway, ward)
-                metrics = gateway.wait_metrics(delivered, METRICS_S)
-                assert delivered(metrics), explain(gateway, ward)
-                total = sum(readings_sent(summary).values())
-                assert collector.wait_for(lambda: collector.count("reading") >= total, ARRIVE_S)
-            finally:
-                assert gateway.stop() == 0, explain(gateway, ward)
-        readings = {
-            f"{r['pump_id']}:{r['boot_id']}:{r['seq']}": r for r in collector.payloads["reading"]
-        }
-    finally:
-        collector.close()
+    topics = f"{prefix}/+/+/pumps/+/telemetry"
+    collector = scaffold.collector(mosquitto.port, topics, raw=True)
+    ward = scaffold.ward(*WARD_ARGS)
+    config = scaffold.station_config(
+        ward,
+        mosquitto.port,
+        prefix,
+        influx=influx,
+        extra={"gateway": {"site": site, "station": STATION}},
+    )
+    gateway = scaffold.gateway(config)
+    summary = ward.summary()
+    assert summary["all_acked"] is True, explain(gateway, ward)
+    metrics = gateway.wait_metrics(lambda m: delivered(m, SINKS), METRICS_S)
+    assert delivered(metrics, SINKS), explain(gateway, ward)
+    total = sum(readings_sent(summary).values())
+    assert collector.wait_for(lambda: collector.count("reading") >= total, ARRIVE_S)
+    assert gateway.stop() == 0, explain(gateway, ward)
+    readings = {
+        f"{r['pump_id']}:{r['boot_id']}:{r['seq']}": r for r in collector.payloads["reading"]
+    }
     return summary, readings
 
 
@@ -226,11 +200,11 @@ def assert_series_hold_what_was_sent(
 
 
 def test_ward_series_in_victoria_metrics_hold_exactly_the_readings_sent_with_their_values(
-    tmp_path: Path, mosquitto: Mosquitto, victoria_metrics: VictoriaMetrics
+    scaffold: Scaffold, mosquitto: Mosquitto, victoria_metrics: VictoriaMetrics
 ) -> None:
     site = f"ts-{uuid.uuid4().hex[:8]}"
     influx = {"url": victoria_metrics.url, "api": "v2", "org": "test", "bucket": "pumps"}
-    summary, readings = stream_ward(tmp_path, mosquitto, influx, site)
+    summary, readings = stream_ward(scaffold, mosquitto, influx, site)
     points = victoria_points(victoria_metrics, site, len(readings))
 
     def same_ms(point: Point, reading: dict[str, Any]) -> bool:  # VictoriaMetrics keeps ms
@@ -248,12 +222,12 @@ def test_ward_series_in_victoria_metrics_hold_exactly_the_readings_sent_with_the
 
 
 def test_ward_series_in_influxdb1_hold_exactly_the_readings_sent_with_their_values(
-    tmp_path: Path, mosquitto: Mosquitto, influx1: Influx1
+    scaffold: Scaffold, mosquitto: Mosquitto, influx1: Influx1
 ) -> None:
     db = f"ts_{uuid.uuid4().hex[:8]}"
     influx1.create_database(db)
     influx = {"url": influx1.url, "api": "v1", "bucket": db}
-    summary, readings = stream_ward(tmp_path, mosquitto, influx, site="ts")
+    summary, readings = stream_ward(scaffold, mosquitto, influx, site="ts")
     points = influx_points(influx1, db)
 
     def same_us(point: Point, reading: dict[str, Any]) -> bool:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.health import (
+    HealthServer,
     Observation,
     SinkObservation,
     SourceObservation,
     health_report,
+    latency_histogram,
     render_metrics,
 )
 
@@ -79,19 +86,81 @@ def test_metrics_expose_the_accounting_in_prometheus_text() -> None:
 
 def test_metrics_expose_time_to_acknowledge_per_priority() -> None:
     delays = {"PH": (3, 1234567.5, 900.25), "PM": (1, 60.0, 60.0)}
-    lines = render_metrics(observation(acknowledgement_delays=delays)).splitlines()
-    name = "pumpgw_alert_acknowledgement_delay_seconds"
-    start = lines.index(f"# TYPE {name} summary")
-    assert lines[start + 1 : start + 5] == [
-        f'{name}_sum{{priority="PH"}} 1234567.5',
-        f'{name}_count{{priority="PH"}} 3',
-        f'{name}_sum{{priority="PM"}} 60.0',
-        f'{name}_count{{priority="PM"}} 1',
-    ]
-    assert 'pumpgw_alert_acknowledgement_delay_max_seconds{priority="PH"} 900.25' in lines
+    families = {
+        f.name: f
+        for f in text_string_to_metric_families(
+            render_metrics(observation(acknowledgement_delays=delays))
+        )
+    }
+    summary = families["pumpgw_alert_acknowledgement_delay_seconds"]
+    assert summary.type == "summary"
+    values = {(s.name, s.labels["priority"]): s.value for s in summary.samples}
+    assert values == {
+        ("pumpgw_alert_acknowledgement_delay_seconds_count", "PH"): 3,
+        ("pumpgw_alert_acknowledgement_delay_seconds_sum", "PH"): 1234567.5,
+        ("pumpgw_alert_acknowledgement_delay_seconds_count", "PM"): 1,
+        ("pumpgw_alert_acknowledgement_delay_seconds_sum", "PM"): 60.0,
+    }
+    longest = families["pumpgw_alert_acknowledgement_delay_max_seconds"]
+    assert {s.labels["priority"]: s.value for s in longest.samples} == {"PH": 900.25, "PM": 60.0}
 
 
 def test_metrics_declare_time_to_acknowledge_before_any_acknowledgement() -> None:
     text = render_metrics(observation())
     assert "# TYPE pumpgw_alert_acknowledgement_delay_seconds summary" in text
     assert "pumpgw_alert_acknowledgement_delay_seconds_count" not in text
+
+
+ALERT_RULES = Path(__file__).parents[2] / "deploy" / "prometheus" / "pumpgw-alerts.yml"
+
+
+def test_each_family_has_one_type_and_gauges_carry_no_total_suffix() -> None:
+    sink = SinkObservation("mqtt", True, 4, 1.5, 8, None, {"denied": 1, "inflight": 7})
+    families = {
+        f.name: f
+        for f in text_string_to_metric_families(render_metrics(observation(sinks=(sink,))))
+    }
+    assert families["pumpgw_sink_inflight"].type == "gauge"
+    assert families["pumpgw_sink_inflight"].samples[0].value == 7
+    assert "pumpgw_sink_inflight_total" not in render_metrics(observation(sinks=(sink,)))
+    assert families["pumpgw_sink_denied"].type == "counter"  # the parser strips `_total`
+    assert families["pumpgw_frames_in"].type == "counter"
+    assert families["pumpgw_outbox_full"].type == "gauge"
+
+
+def test_latency_histograms_are_exported_with_buckets_sum_and_count() -> None:
+    frame_to_commit = latency_histogram("pumpgw_frame_to_commit_seconds", "frame to commit")
+    frame_to_commit.observe(0.004)
+    frame_to_commit.observe(0.2)
+    text = render_metrics(observation(latencies=(frame_to_commit,)))
+    assert "# TYPE pumpgw_frame_to_commit_seconds histogram" in text
+    assert 'pumpgw_frame_to_commit_seconds_bucket{le="0.005"} 1.0' in text
+    assert 'pumpgw_frame_to_commit_seconds_bucket{le="+Inf"} 2.0' in text
+    assert "pumpgw_frame_to_commit_seconds_count 2.0" in text
+    assert "_created" not in text
+
+
+def test_every_metric_the_alert_rules_use_is_exported() -> None:
+    sink = SinkObservation("mqtt", True, 0, None, 0, None, {"denied": 0, "poisoned": 0})
+    exported = render_metrics(observation(sinks=(sink,)))
+    used = set(re.findall(r"pumpgw_[a-z_]+", ALERT_RULES.read_text()))
+    assert used
+    missing = sorted(name for name in used if f"\n{name}" not in exported)
+    assert missing == []
+
+
+def test_metrics_endpoint_serves_process_metrics_beside_the_gateways() -> None:
+    server = HealthServer("127.0.0.1:0", observation)
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            content_type = answer.headers["Content-Type"]
+            text = answer.read().decode()
+    finally:
+        server.stop()
+    assert content_type.startswith("text/plain; version=0.0.4")
+    assert "pumpgw_frames_in_total 10.0" in text
+    assert "# TYPE process_cpu_seconds_total counter" in text
+    assert "process_resident_memory_bytes " in text
+    assert "process_open_fds " in text
