@@ -32,6 +32,7 @@ from gateway.adapters.mqtt_client import Connected, MqttClient, MqttSettings
 from gateway.adapters.serial_port import SourceSettings
 from gateway.config import GatewaySection, HealthSection, Settings, StoreSection
 from gateway.dashboard.server import DashboardError, DashboardServer, page_config
+from gateway.errors import PumpgwError
 from gateway.health import HealthServer
 from gateway.service import Gateway
 from gateway.topics import ack_topic
@@ -69,7 +70,7 @@ CHILD_STOP_S = 10.0
 """How long a child process has to exit after SIGTERM before it is killed."""
 
 
-class MosquittoMissingError(RuntimeError):
+class MosquittoMissingError(PumpgwError):
     """The demo needs the Mosquitto broker and it is not installed."""
 
 

@@ -17,7 +17,7 @@ Pure: no imports. Each class lives beside the code that raises it; this tree is 
     │       ├── InfluxRefusedError       credentials, bucket, database: a person must act
     │       └── InfluxConfigError        the sink cannot start
     ├── StoppedError                     gateway.errors      stop was asked while waiting to retry
-    ├── ProtocolError                    gateway.broker      the demo broker met a malformed packet
+    ├── MosquittoMissingError            gateway.demo        the demo needs the mosquitto package
     └── DashboardError                   gateway.dashboard.server   the page cannot be served
 
 The command line maps ConfigError to exit code 2 and every other PumpgwError to exit code 1,
