@@ -14,7 +14,6 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
-from urllib.parse import urlsplit
 
 import urllib3
 from pydantic import (
@@ -37,7 +36,8 @@ from gateway.adapters.delivery import (
     Verdict,
     unreadable,
 )
-from gateway.adapters.influx import _check_secret_file, read_secret, retry_after_s
+from gateway.adapters.http_client import check_secret_file, http_base_url, http_pool
+from gateway.adapters.influx import read_secret, retry_after_s
 from gateway.adapters.mllp import load_device_map
 from gateway.fhir_bundles import PATIENT_ID_SYSTEM_DEFAULT, outcome_reason, transaction_bundle
 from gateway.hl7_messages import DeviceLink
@@ -84,17 +84,16 @@ class FhirSettings(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("use http://host:port/path or https://host/path")
-        if parts.username or parts.password:
-            raise ValueError("put the token in token/token_file, not in the URL")
-        return value.rstrip("/")
+        return http_base_url(
+            value,
+            example="http://host:port/path or https://host/path",
+            credentials_go="the token in token/token_file",
+        )
 
     @field_validator("token_file")
     @classmethod
     def _owner_only(cls, value: Path | None) -> Path | None:
-        return _check_secret_file(value)
+        return check_secret_file(value)
 
     @field_validator("device_map_file")
     @classmethod
@@ -192,14 +191,7 @@ class FhirTransport:
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         self._retry_max_s = settings.retry_max_s
-        self._pool = urllib3.PoolManager(
-            num_pools=1,
-            maxsize=1,
-            retries=False,
-            timeout=urllib3.Timeout(total=settings.timeout_s),
-            cert_reqs="CERT_REQUIRED" if settings.verify_tls else "CERT_NONE",
-            ca_certs=str(settings.ca_file) if settings.ca_file else None,
-        )
+        self._pool = http_pool(settings.timeout_s, settings.verify_tls, settings.ca_file)
 
     def send(self, message: Outgoing) -> Answer:
         try:

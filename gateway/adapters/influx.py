@@ -23,7 +23,6 @@ import email.utils
 import json
 import logging
 import random
-import stat
 import threading
 import time
 import zlib
@@ -32,12 +31,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import urllib3
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from gateway.adapters.delivery import Pacing, SinkCore
+from gateway.adapters.http_client import check_secret_file, http_base_url, http_pool
 from gateway.errors import SinkError, StoppedError
 from gateway.outbox import Outbox
 from gateway.records import StoredRecord
@@ -146,20 +146,6 @@ def _mapped_errors(url: str) -> Iterator[None]:
 # --- configuration ------------------------------------------------------------------------
 
 
-def _check_secret_file(path: Path | None) -> Path | None:
-    if path is None:
-        return None
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{path} is not a regular file")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(f"{path} is readable by group or others; run: chmod 600 {path}")
-    return path
-
-
 def read_secret(value: SecretStr | None, path: Path | None, key: str) -> str | None:
     """A secret from its setting (environment) or else its owner-only file."""
     if value is not None:
@@ -167,7 +153,7 @@ def read_secret(value: SecretStr | None, path: Path | None, key: str) -> str | N
     if path is None:
         return None
     try:
-        _check_secret_file(path)
+        check_secret_file(path)
         return path.read_text(encoding="utf-8").strip()
     except (OSError, ValueError) as exc:
         raise InfluxConfigError(f"influx.{key}: {exc}") from exc
@@ -210,17 +196,16 @@ class InfluxSettings(BaseModel):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("use http://host:port or https://host:port")
-        if parts.username or parts.password:
-            raise ValueError("put credentials in token/password settings, not in the URL")
-        return value.rstrip("/")
+        return http_base_url(
+            value,
+            example="http://host:port or https://host:port",
+            credentials_go="credentials in token/password settings",
+        )
 
     @field_validator("token_file", "password_file")
     @classmethod
     def _owner_only(cls, value: Path | None) -> Path | None:
-        return _check_secret_file(value)
+        return check_secret_file(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> InfluxSettings:
@@ -271,14 +256,7 @@ class V1Transport:
         elif settings.username is not None:
             pair = f"{settings.username}:{password or ''}".encode()
             self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
-        self._pool = urllib3.PoolManager(
-            num_pools=1,
-            maxsize=1,
-            retries=False,
-            timeout=urllib3.Timeout(total=settings.timeout_s),
-            cert_reqs="CERT_REQUIRED" if settings.verify_tls else "CERT_NONE",
-            ca_certs=str(settings.ca_file) if settings.ca_file else None,
-        )
+        self._pool = http_pool(settings.timeout_s, settings.verify_tls, settings.ca_file)
 
     def post(self, body: bytes) -> None:
         with _mapped_errors(self.url):
