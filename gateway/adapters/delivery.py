@@ -33,7 +33,7 @@ from gateway.errors import StoppedError
 from gateway.outbox import Outbox, OutboxError
 from gateway.quiet import QuietLog
 from gateway.records import StoredRecord
-from schemas.models import describe_errors
+from schemas.models import AlertTransition, Reading, describe_errors
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,24 @@ def unreadable(row: StoredRecord, exc: ValidationError) -> Outgoing:
     """The stand-in for a stored row that no longer validates (a schema change)."""
     reason = f"stored {row.kind} no longer validates: {describe_errors(exc.errors())}"
     return Outgoing((row,), b"", row.record_id, unreadable=reason)
+
+
+def read_records(
+    rows: Sequence[StoredRecord], *, readings: bool, alerts: bool
+) -> tuple[list[tuple[StoredRecord, Reading | AlertTransition]], list[Outgoing]]:
+    """The readings and alert transitions among rows (those asked for) with their rows, and
+    the stand-ins for rows that no longer validate; rows of other kinds are left out."""
+    chosen: list[tuple[StoredRecord, Reading | AlertTransition]] = []
+    broken: list[Outgoing] = []
+    for row in rows:
+        try:
+            if row.kind == "reading" and readings:
+                chosen.append((row, Reading.model_validate_json(row.payload)))
+            elif row.kind == "alert" and alerts:
+                chosen.append((row, AlertTransition.model_validate_json(row.payload)))
+        except ValidationError as exc:
+            broken.append(unreadable(row, exc))
+    return chosen, broken
 
 
 PoisonCallback = Callable[[str, StoredRecord, str, bytes], None]
