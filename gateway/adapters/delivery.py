@@ -13,6 +13,9 @@ and the FHIR sink (adapters/fhir_rest.py) are two pairs. Answers:
                halves when the encoder allows it (FHIR), else quarantined whole (HL7)
 
 Rows the encoder does not turn into messages (other kinds) only move the cursor.
+
+`SinkCore` holds what every outbox sink shares (the cursor, the run loop, backoff with jitter,
+the health counters); `MessageSink` and the InfluxDB sink (adapters/influx.py) build on it.
 """
 
 from __future__ import annotations
