@@ -13,6 +13,9 @@ and the FHIR sink (adapters/fhir_rest.py) are two pairs. Answers:
                halves when the encoder allows it (FHIR), else quarantined whole (HL7)
 
 Rows the encoder does not turn into messages (other kinds) only move the cursor.
+
+`SinkCore` holds what every outbox sink shares (the cursor, the run loop, backoff with jitter,
+the health counters); `MessageSink` and the InfluxDB sink (adapters/influx.py) build on it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from gateway.errors import StoppedError
 from gateway.outbox import Outbox, OutboxError
 from gateway.quiet import QuietLog
 from gateway.records import StoredRecord
-from schemas.models import describe_errors
+from schemas.models import AlertTransition, Reading, describe_errors
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,24 @@ def unreadable(row: StoredRecord, exc: ValidationError) -> Outgoing:
     return Outgoing((row,), b"", row.record_id, unreadable=reason)
 
 
+def read_records(
+    rows: Sequence[StoredRecord], *, readings: bool, alerts: bool
+) -> tuple[list[tuple[StoredRecord, Reading | AlertTransition]], list[Outgoing]]:
+    """The readings and alert transitions among rows (those asked for) with their rows, and
+    the stand-ins for rows that no longer validate; rows of other kinds are left out."""
+    chosen: list[tuple[StoredRecord, Reading | AlertTransition]] = []
+    broken: list[Outgoing] = []
+    for row in rows:
+        try:
+            if row.kind == "reading" and readings:
+                chosen.append((row, Reading.model_validate_json(row.payload)))
+            elif row.kind == "alert" and alerts:
+                chosen.append((row, AlertTransition.model_validate_json(row.payload)))
+        except ValidationError as exc:
+            broken.append(unreadable(row, exc))
+    return chosen, broken
+
+
 PoisonCallback = Callable[[str, StoredRecord, str, bytes], None]
 """(sink name, record, the receiver's reason, the refused message) -> None."""
 
@@ -140,33 +161,27 @@ class SinkStats:
     connected: bool = False
     last_error: str | None = None
     written: int = 0
-    messages: int = 0
+    sends: int = 0
+    """Requests the receiver accepted (messages, batches)."""
     retries: int = 0
     poisoned: int = 0
     backoff_s: float = 0.0
     last_success_at_s: float | None = None
 
 
-class MessageSink:
-    """Drains the outbox through an encoder and a transport, one message at a time."""
+class SinkCore:
+    """What every outbox sink shares: its cursor, the run loop, backoff with jitter, and the
+    health counters. A subclass implements `drain` and may extend `_release` (on close)."""
+
+    sends_key: str = "messages"
+    """The health key that counts accepted requests."""
 
     def __init__(
-        self,
-        name: str,
-        outbox: Outbox,
-        encoder: Encoder,
-        transport: Transport,
-        pacing: Pacing,
-        *,
-        on_poison: PoisonCallback,
-        rng: random.Random | None = None,
+        self, name: str, outbox: Outbox, pacing: Pacing, rng: random.Random | None
     ) -> None:
         self.name = name
         self._outbox = outbox
-        self._encoder = encoder
-        self._transport = transport
         self._pacing = pacing
-        self._on_poison = on_poison
         self._rng = rng or random.Random()  # jitter only, not cryptography
         self._quiet = QuietLog(log)
         self._stats = SinkStats()
@@ -189,6 +204,10 @@ class MessageSink:
         finally:
             self.close()
 
+    def drain(self, stop: threading.Event) -> int:
+        """Deliver everything after the cursor; return the rows covered."""
+        raise NotImplementedError
+
     def _drain_guarded(self, stop: threading.Event) -> int:
         try:
             return self.drain(stop)
@@ -208,12 +227,126 @@ class MessageSink:
         """Release the connection (idempotent)."""
         if not self._closed:
             self._closed = True
-            self._transport.close()
+            self._release()
+
+    def _release(self) -> None:
+        """Free what the sink holds (connections, threads); called once, by close."""
+
+    # -- waiting and the cursor ------------------------------------------------------------
+
+    def _wait_then_retry(
+        self, stop: threading.Event, error: str, *, connected: bool, wait_s: float | None
+    ) -> None:
+        """Note a failed send and wait: `wait_s`, or the next backoff step when None."""
+        if wait_s is None:
+            pacing = self._pacing
+            wait_s = backoff_s(self._attempt, pacing.retry_initial_s, pacing.retry_max_s, self._rng)
+        self._attempt += 1
+        self._note_failure(error, connected=connected, backoff=wait_s)
+        self._pause(stop, wait_s)
+
+    def _pause(self, stop: threading.Event, wait_s: float) -> None:
+        if stop.wait(wait_s):
+            raise StoppedError
+
+    def _acknowledge(self, seq: int) -> None:
+        if seq > self.sent_up_to:
+            self._outbox.ack(self.name, seq)
+            self.sent_up_to = seq
+            with self._changed:
+                self._changed.notify_all()
+
+    # -- health ----------------------------------------------------------------------------
+
+    def _on_resumed(self) -> None:
+        """Log that sending works again after failures."""
+        log.info("%s sink: delivery resumed after %d retries", self.name, self._attempt)
+        self._quiet.forget("retry")
+
+    def _note_sent(self, records: int) -> None:
+        if self._attempt:
+            self._on_resumed()
+        self._attempt = 0
+        with self._changed:
+            s = self._stats
+            s.connected, s.last_error, s.backoff_s = True, None, 0.0
+            s.written += records
+            s.sends += 1
+            s.last_success_at_s = time.time()
+            self._changed.notify_all()
+
+    def _note_answer(self, error: str) -> None:
+        with self._changed:
+            self._stats.connected, self._stats.last_error = True, error
+            self._changed.notify_all()
+
+    def _note_failure(self, error: str, *, connected: bool, backoff: float = 0.0) -> None:
+        with self._changed:
+            s = self._stats
+            s.connected, s.last_error, s.backoff_s = connected, error, backoff
+            s.retries += 1
+            self._changed.notify_all()
+
+    def _note_poisoned(self, records: int) -> None:
+        with self._changed:
+            self._stats.poisoned += records
+
+    def _extra_health(self) -> dict[str, Any]:
+        return {}
+
+    def health(self) -> dict[str, Any]:
+        """For /healthz and /metrics: `written` counts records, `sends_key` accepted requests."""
+        with self._changed:
+            s = self._stats
+            return {
+                "connected": s.connected,
+                "last_error": s.last_error,
+                "written": s.written,
+                self.sends_key: s.sends,
+                "retries": s.retries,
+                "poisoned": s.poisoned,
+                "backoff_s": s.backoff_s,
+                "last_success_at_s": s.last_success_at_s,
+                **self._extra_health(),
+            }
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float) -> bool:
+        """Block until predicate(health()) holds or the timeout passes; return whether it held."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while not predicate(self.health()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+        return True
+
+
+class MessageSink(SinkCore):
+    """Drains the outbox through an encoder and a transport, one message at a time."""
+
+    def __init__(
+        self,
+        name: str,
+        outbox: Outbox,
+        encoder: Encoder,
+        transport: Transport,
+        pacing: Pacing,
+        *,
+        on_poison: PoisonCallback,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(name, outbox, pacing, rng)
+        self._encoder = encoder
+        self._transport = transport
+        self._on_poison = on_poison
+
+    def _release(self) -> None:
+        self._transport.close()
 
     # -- draining --------------------------------------------------------------------------
 
     def drain(self, stop: threading.Event) -> int:
-        """Deliver everything after the cursor; return the rows covered."""
         covered = 0
         while not stop.is_set():
             rows = self._outbox.read(self.name, self.sent_up_to, self._pacing.batch_rows)
@@ -274,17 +407,7 @@ class MessageSink:
             message.label,
             answer.reason,
         )
-        wait_s = answer.wait_s
-        if wait_s is None:
-            pacing = self._pacing
-            wait_s = backoff_s(self._attempt, pacing.retry_initial_s, pacing.retry_max_s, self._rng)
-        self._attempt += 1
-        self._note_failure(answer.reason, connected=answer.connected, backoff=wait_s)
-        self._pause(stop, wait_s)
-
-    def _pause(self, stop: threading.Event, wait_s: float) -> None:
-        if stop.wait(wait_s):
-            raise StoppedError
+        self._wait_then_retry(stop, answer.reason, connected=answer.connected, wait_s=answer.wait_s)
 
     def _poison(self, message: Outgoing, reason: str) -> None:
         reason = reason[:REASON_MAX_CHARS] or "refused without a reason"
@@ -295,67 +418,6 @@ class MessageSink:
             message.label,
             reason,
         )
-        with self._changed:
-            self._stats.poisoned += len(message.rows)
+        self._note_poisoned(len(message.rows))
         for row in message.rows:
             self._on_poison(self.name, row, reason, message.body)
-
-    def _acknowledge(self, seq: int) -> None:
-        if seq > self.sent_up_to:
-            self._outbox.ack(self.name, seq)
-            self.sent_up_to = seq
-            with self._changed:
-                self._changed.notify_all()
-
-    # -- health ----------------------------------------------------------------------------
-
-    def _note_sent(self, records: int) -> None:
-        if self._attempt:
-            log.info("%s sink: delivery resumed after %d retries", self.name, self._attempt)
-            self._quiet.forget("retry")
-        self._attempt = 0
-        with self._changed:
-            s = self._stats
-            s.connected, s.last_error, s.backoff_s = True, None, 0.0
-            s.written += records
-            s.messages += 1
-            s.last_success_at_s = time.time()
-            self._changed.notify_all()
-
-    def _note_answer(self, error: str) -> None:
-        with self._changed:
-            self._stats.connected, self._stats.last_error = True, error
-            self._changed.notify_all()
-
-    def _note_failure(self, error: str, *, connected: bool, backoff: float = 0.0) -> None:
-        with self._changed:
-            s = self._stats
-            s.connected, s.last_error, s.backoff_s = connected, error, backoff
-            s.retries += 1
-            self._changed.notify_all()
-
-    def health(self) -> dict[str, Any]:
-        """For /healthz and /metrics: `written` counts records, `messages` messages accepted."""
-        with self._changed:
-            s = self._stats
-            return {
-                "connected": s.connected,
-                "last_error": s.last_error,
-                "written": s.written,
-                "messages": s.messages,
-                "retries": s.retries,
-                "poisoned": s.poisoned,
-                "backoff_s": s.backoff_s,
-                "last_success_at_s": s.last_success_at_s,
-            }
-
-    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float) -> bool:
-        """Block until predicate(health()) holds or the timeout passes; return whether it held."""
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while not predicate(self.health()):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._changed.wait(remaining)
-        return True

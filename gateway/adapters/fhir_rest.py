@@ -14,7 +14,6 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
-from urllib.parse import urlsplit
 
 import urllib3
 from pydantic import (
@@ -22,7 +21,6 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -35,10 +33,11 @@ from gateway.adapters.delivery import (
     Pacing,
     PoisonCallback,
     Verdict,
-    unreadable,
+    read_records,
 )
-from gateway.adapters.influx import _check_secret_file, read_secret, retry_after_s
-from gateway.adapters.mllp import load_device_map
+from gateway.adapters.http_client import check_secret_file, http_base_url, http_pool
+from gateway.adapters.influx import read_secret, retry_after_s
+from gateway.adapters.mllp import DeviceMapFile, device_links
 from gateway.fhir_bundles import PATIENT_ID_SYSTEM_DEFAULT, outcome_reason, transaction_bundle
 from gateway.hl7_messages import DeviceLink
 from gateway.outbox import Outbox
@@ -69,7 +68,7 @@ class FhirSettings(BaseModel):
     )
     send_readings: bool = Field(True, description="Observations")
     send_alerts: bool = Field(True, description="DetectedIssues")
-    device_map_file: Path | None = Field(
+    device_map_file: DeviceMapFile = Field(
         None, description="JSON {pump_id: {patient_id, eui64}}: subject and Device identifiers"
     )
     patient_identifier_system: str = Field(
@@ -84,24 +83,16 @@ class FhirSettings(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("use http://host:port/path or https://host/path")
-        if parts.username or parts.password:
-            raise ValueError("put the token in token/token_file, not in the URL")
-        return value.rstrip("/")
+        return http_base_url(
+            value,
+            example="http://host:port/path or https://host/path",
+            credentials_go="the token in token/token_file",
+        )
 
     @field_validator("token_file")
     @classmethod
     def _owner_only(cls, value: Path | None) -> Path | None:
-        return _check_secret_file(value)
-
-    @field_validator("device_map_file")
-    @classmethod
-    def _readable_map(cls, value: Path | None) -> Path | None:
-        if value is not None:
-            load_device_map(value, "")
-        return value
+        return check_secret_file(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> FhirSettings:
@@ -130,16 +121,10 @@ class FhirEncoder:
         self._metrics_sent_m: dict[str, float] = {}
 
     def encode(self, rows: Sequence[StoredRecord]) -> list[Outgoing]:
-        chosen: list[tuple[StoredRecord, Reading | AlertTransition]] = []
-        broken: list[Outgoing] = []
-        for row in rows:
-            try:
-                if row.kind == "reading" and self._settings.send_readings:
-                    chosen.append((row, Reading.model_validate_json(row.payload)))
-                elif row.kind == "alert" and self._settings.send_alerts:
-                    chosen.append((row, AlertTransition.model_validate_json(row.payload)))
-            except ValidationError as exc:
-                broken.append(unreadable(row, exc))
+        settings = self._settings
+        chosen, broken = read_records(
+            rows, readings=settings.send_readings, alerts=settings.send_alerts
+        )
         size = self._settings.records_per_bundle
         return broken + [self._bundle(chosen[i : i + size]) for i in range(0, len(chosen), size)]
 
@@ -192,14 +177,7 @@ class FhirTransport:
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         self._retry_max_s = settings.retry_max_s
-        self._pool = urllib3.PoolManager(
-            num_pools=1,
-            maxsize=1,
-            retries=False,
-            timeout=urllib3.Timeout(total=settings.timeout_s),
-            cert_reqs="CERT_REQUIRED" if settings.verify_tls else "CERT_NONE",
-            ca_certs=str(settings.ca_file) if settings.ca_file else None,
-        )
+        self._pool = http_pool(settings.timeout_s, settings.verify_tls, settings.ca_file)
 
     def send(self, message: Outgoing) -> Answer:
         try:
@@ -223,14 +201,8 @@ def make_fhir_sink(
     settings: FhirSettings, outbox: Outbox, *, on_poison: PoisonCallback
 ) -> MessageSink:
     """The [fhir] sink, token and device map read now."""
-    links: dict[str, DeviceLink] = {}
-    if settings.device_map_file is not None:
-        links = load_device_map(settings.device_map_file, settings.patient_identifier_system)
+    links = device_links(settings.device_map_file, settings.patient_identifier_system)
+    encoder, transport = FhirEncoder(settings, links), FhirTransport(settings)
     return MessageSink(
-        SINK_NAME,
-        outbox,
-        FhirEncoder(settings, links),
-        FhirTransport(settings),
-        settings.pacing(),
-        on_poison=on_poison,
+        SINK_NAME, outbox, encoder, transport, settings.pacing(), on_poison=on_poison
     )

@@ -23,7 +23,6 @@ import email.utils
 import json
 import logging
 import random
-import stat
 import threading
 import time
 import zlib
@@ -32,14 +31,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import urllib3
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from gateway.adapters.delivery import Pacing, SinkCore
+from gateway.adapters.http_client import check_secret_file, http_base_url, http_pool
 from gateway.errors import SinkError, StoppedError
-from gateway.outbox import Outbox, OutboxError
-from gateway.quiet import QuietLog
+from gateway.outbox import Outbox
 from gateway.records import StoredRecord
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 SINK_NAME: Final = "influx"
 GZIP_LEVEL: Final = 1
 """Level 1 compresses line protocol about 18x at ~500 MB/s; level 9 is 6x slower for 25 % less."""
-IDLE_WAIT_S: Final = 0.5
-"""Longest wait for new rows when nobody sets `wake` (the event may be shared with other sinks)."""
 WRITE_EVERY_S: Final = 1.0
 """After a write, rows gather this long before the next one (a full batch goes at once): one
 request a second at a ward's pace instead of one per ingest commit (docs/performance.md)."""
@@ -57,7 +55,6 @@ RETRY_AFTER_MAX_S: Final = 600.0
 REASON_MAX_CHARS: Final = 500
 RETRYABLE_STATUSES: Final = frozenset({408, 429})
 REJECTED_STATUSES: Final = frozenset({400, 413, 422})
-MAX_JITTER_ATTEMPT: Final = 32
 VICTORIA_METRICS_AHEAD_S: Final = 2 * 86_400
 """VictoriaMetrics answers 204 yet ignores points more than two days ahead of its clock."""
 
@@ -146,27 +143,7 @@ def _mapped_errors(url: str) -> Iterator[None]:
         raise InfluxUnavailableError(f"cannot reach {url}: {exc}") from exc
 
 
-def backoff_s(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
-    """Capped exponential backoff with jitter: uniform in [d/2, d], d = min(max, initial * 2^n)."""
-    ceiling = min(max_s, initial_s * 2.0 ** min(attempt, MAX_JITTER_ATTEMPT))
-    return ceiling / 2 + rng.random() * ceiling / 2
-
-
 # --- configuration ------------------------------------------------------------------------
-
-
-def _check_secret_file(path: Path | None) -> Path | None:
-    if path is None:
-        return None
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{path} is not a regular file")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(f"{path} is readable by group or others; run: chmod 600 {path}")
-    return path
 
 
 def read_secret(value: SecretStr | None, path: Path | None, key: str) -> str | None:
@@ -176,7 +153,7 @@ def read_secret(value: SecretStr | None, path: Path | None, key: str) -> str | N
     if path is None:
         return None
     try:
-        _check_secret_file(path)
+        check_secret_file(path)
         return path.read_text(encoding="utf-8").strip()
     except (OSError, ValueError) as exc:
         raise InfluxConfigError(f"influx.{key}: {exc}") from exc
@@ -219,17 +196,16 @@ class InfluxSettings(BaseModel):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("use http://host:port or https://host:port")
-        if parts.username or parts.password:
-            raise ValueError("put credentials in token/password settings, not in the URL")
-        return value.rstrip("/")
+        return http_base_url(
+            value,
+            example="http://host:port or https://host:port",
+            credentials_go="credentials in token/password settings",
+        )
 
     @field_validator("token_file", "password_file")
     @classmethod
     def _owner_only(cls, value: Path | None) -> Path | None:
-        return _check_secret_file(value)
+        return check_secret_file(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> InfluxSettings:
@@ -280,14 +256,7 @@ class V1Transport:
         elif settings.username is not None:
             pair = f"{settings.username}:{password or ''}".encode()
             self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
-        self._pool = urllib3.PoolManager(
-            num_pools=1,
-            maxsize=1,
-            retries=False,
-            timeout=urllib3.Timeout(total=settings.timeout_s),
-            cert_reqs="CERT_REQUIRED" if settings.verify_tls else "CERT_NONE",
-            ca_certs=str(settings.ca_file) if settings.ca_file else None,
-        )
+        self._pool = http_pool(settings.timeout_s, settings.verify_tls, settings.ca_file)
 
     def post(self, body: bytes) -> None:
         with _mapped_errors(self.url):
@@ -364,20 +333,6 @@ def make_transport(settings: InfluxSettings) -> Transport:
 # --- the sink -----------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class SinkStats:
-    """Counters for /healthz and /metrics."""
-
-    connected: bool = False
-    last_error: str | None = None
-    written: int = 0
-    batches: int = 0
-    retries: int = 0
-    poisoned: int = 0
-    backoff_s: float = 0.0
-    last_success_at_s: float | None = None
-
-
 @dataclass(frozen=True, slots=True)
 class Batch:
     """Outbox rows read together: the points among them and their encoded request body, and
@@ -422,8 +377,10 @@ def storable_problem(line: bytes, now_s: float, settings: InfluxSettings) -> str
 PoisonCallback = Callable[[StoredRecord, str], None]
 
 
-class InfluxSink:
+class InfluxSink(SinkCore):
     """Drains the outbox to InfluxDB: batches, backoff without limit, bisection of rejects."""
+
+    sends_key = "batches"
 
     def __init__(
         self,
@@ -435,19 +392,14 @@ class InfluxSink:
         transport: Transport | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        pacing = Pacing(
+            settings.batch_size, WRITE_EVERY_S, settings.retry_initial_s, settings.retry_max_s
+        )
+        super().__init__(name, outbox, pacing, rng)
         self.settings = settings
-        self.name = name
-        self._outbox = outbox
         self._on_poison = on_poison
         self._transport = transport if transport is not None else make_transport(settings)
-        self._rng = rng or random.Random()  # jitter only, not cryptography
-        self._quiet = QuietLog(log)
-        self._stats = SinkStats()
-        self._changed = threading.Condition()
-        self._attempt = 0
-        self._closed = False
         self._executor: ThreadPoolExecutor | None = None
-        self.sent_up_to = outbox.cursor(name)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -459,38 +411,13 @@ class InfluxSink:
                 "on the network path can pose as %s and receive the token",
                 self.settings.display_url(),
             )
-        try:
-            while not stop.is_set():
-                wake.clear()
-                if self._drain_guarded(stop):
-                    stop.wait(WRITE_EVERY_S)
-                else:
-                    wake.wait(IDLE_WAIT_S)
-        finally:
-            self.close()
+        super().run(stop, wake)
 
-    def _drain_guarded(self, stop: threading.Event) -> int:
-        try:
-            return self.drain(stop)
-        except StoppedError:
-            return 0
-        except OutboxError as exc:
-            self._quiet.error("outbox", "influx sink cannot read the outbox: %s", exc)
-            self._note_failure(str(exc), connected=self._stats.connected)
-        except Exception as exc:  # a sink thread must never die silently
-            log.exception("influx sink: unexpected error, retrying")
-            self._note_failure(f"unexpected: {exc!r}", connected=self._stats.connected)
-        with contextlib.suppress(StoppedError):
-            self._pause(stop, self.settings.retry_max_s)
-        return 0
-
-    def close(self) -> None:
-        """Stop the read-ahead thread and release the HTTP connections (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            if self._executor is not None:
-                self._executor.shutdown(wait=True, cancel_futures=True)
-            self._transport.close()
+    def _release(self) -> None:
+        """Stop the read-ahead thread and release the HTTP connections."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        self._transport.close()
 
     # -- draining --------------------------------------------------------------------------
 
@@ -589,7 +516,7 @@ class InfluxSink:
                 self._note_answer(error=str(exc))
                 raise
             else:
-                self._note_written(points)
+                self._note_sent(points)
                 return
 
     def _retry_later(self, exc: InfluxError, stop: threading.Event, wait_s: float | None) -> None:
@@ -598,86 +525,23 @@ class InfluxSink:
             self._quiet.warning(
                 "unavailable", "InfluxDB unavailable (%s); retrying with backoff", exc
             )
-        if wait_s is None:
-            wait_s = backoff_s(
-                self._attempt, self.settings.retry_initial_s, self.settings.retry_max_s, self._rng
-            )
-        self._attempt += 1
-        self._note_failure(str(exc), connected=False, backoff=wait_s)
-        self._pause(stop, wait_s)
-
-    def _pause(self, stop: threading.Event, wait_s: float) -> None:
-        if stop.wait(wait_s):
-            raise StoppedError
+        self._wait_then_retry(stop, str(exc), connected=False, wait_s=wait_s)
 
     def _poison(self, record: StoredRecord, exc: InfluxError) -> None:
         reason = str(exc)  # "HTTP 400: <the server's reason>"
         self._quiet.warning(
             "poison", "InfluxDB rejected record %s for good: %s", record.record_id, reason
         )
-        with self._changed:
-            self._stats.poisoned += 1
+        self._note_poisoned(1)
         self._on_poison(record, reason)
         self._acknowledge(record.seq)
 
-    def _acknowledge(self, seq: int) -> None:
-        if seq > self.sent_up_to:
-            self._outbox.ack(self.name, seq)
-            self.sent_up_to = seq
-            with self._changed:
-                self._changed.notify_all()
-
     # -- health ----------------------------------------------------------------------------
 
-    def _note_written(self, points: int) -> None:
-        if self._attempt:
-            log.info("InfluxDB writes resumed after %d retries", self._attempt)
-            self._quiet.forget("unavailable")
-            self._quiet.forget("refused")
-        self._attempt = 0
-        with self._changed:
-            s = self._stats
-            s.connected, s.last_error, s.backoff_s = True, None, 0.0
-            s.written += points
-            s.batches += 1
-            s.last_success_at_s = time.time()
-            self._changed.notify_all()
+    def _on_resumed(self) -> None:
+        log.info("InfluxDB writes resumed after %d retries", self._attempt)
+        self._quiet.forget("unavailable")
+        self._quiet.forget("refused")
 
-    def _note_answer(self, error: str) -> None:
-        with self._changed:
-            self._stats.connected, self._stats.last_error = True, error
-            self._changed.notify_all()
-
-    def _note_failure(self, error: str, *, connected: bool, backoff: float = 0.0) -> None:
-        with self._changed:
-            s = self._stats
-            s.connected, s.last_error, s.backoff_s = connected, error, backoff
-            s.retries += 1
-            self._changed.notify_all()
-
-    def health(self) -> dict[str, Any]:
-        """For /healthz and /metrics; `connected` is False while writes fail or are refused."""
-        with self._changed:
-            s = self._stats
-            return {
-                "connected": s.connected,
-                "last_error": s.last_error,
-                "written": s.written,
-                "batches": s.batches,
-                "retries": s.retries,
-                "poisoned": s.poisoned,
-                "backoff_s": s.backoff_s,
-                "last_success_at_s": s.last_success_at_s,
-                "sent_up_to": self.sent_up_to,
-            }
-
-    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float) -> bool:
-        """Block until predicate(health()) holds or the timeout passes; return whether it held."""
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while not predicate(self.health()):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._changed.wait(remaining)
-        return True
+    def _extra_health(self) -> dict[str, Any]:
+        return {"sent_up_to": self.sent_up_to}

@@ -19,10 +19,10 @@ import socket
 import ssl
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Final, Literal
+from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gateway.adapters.delivery import (
     ACCEPTED,
@@ -32,7 +32,7 @@ from gateway.adapters.delivery import (
     Pacing,
     PoisonCallback,
     Verdict,
-    unreadable,
+    read_records,
 )
 from gateway.hl7_messages import (
     NO_LINK,
@@ -57,6 +57,16 @@ MLLP_DEFAULT_PORT: Final = 2575
 EUI64: Final = re.compile(r"[0-9A-F]{16}")
 
 
+def _readable_map(value: Path | None) -> Path | None:
+    if value is not None:
+        load_device_map(value, "")
+    return value
+
+
+DeviceMapFile = Annotated[Path | None, AfterValidator(_readable_map)]
+"""A device map setting, read once when the configuration loads (ValueError names the file)."""
+
+
 class Hl7Settings(BaseModel):
     """The [hl7] section: where PCD-01/PCD-04 messages go and how they are addressed."""
 
@@ -74,7 +84,7 @@ class Hl7Settings(BaseModel):
     max_readings_per_message: int = Field(100, ge=1, le=1000, description="OBR groups per ORU^R01")
     send_readings: bool = Field(True, description="PCD-01 observation reports")
     send_alerts: bool = Field(True, description="PCD-04 alert reports")
-    device_map_file: Path | None = Field(
+    device_map_file: DeviceMapFile = Field(
         None, description="JSON {pump_id: {patient_id, eui64}}: PID and OBX-18 (see docs)"
     )
     patient_assigning_authority: str = Field("", description="PID-3.4 with device_map_file")
@@ -99,13 +109,6 @@ class Hl7Settings(BaseModel):
             parts.port  # noqa: B018 - raises on a bad port
         except ValueError as exc:
             raise ValueError(f"bad port: {exc}") from exc
-        return value
-
-    @field_validator("device_map_file")
-    @classmethod
-    def _readable_map(cls, value: Path | None) -> Path | None:
-        if value is not None:
-            load_device_map(value, "")
         return value
 
     @field_validator("ca_file", "cert_file", "key_file")
@@ -165,6 +168,11 @@ def load_device_map(path: Path, assigning_authority: str) -> dict[str, DeviceLin
     return links
 
 
+def device_links(path: Path | None, assigning_authority: str) -> dict[str, DeviceLink]:
+    """The device map at `path`, or none when no file is set."""
+    return {} if path is None else load_device_map(path, assigning_authority)
+
+
 class Hl7Encoder:
     """Outbox rows -> PCD-01 (readings grouped per pump and interval) and PCD-04 messages."""
 
@@ -176,16 +184,16 @@ class Hl7Encoder:
         self._links = links
 
     def encode(self, rows: Sequence[StoredRecord]) -> list[Outgoing]:
-        out: list[Outgoing] = []
+        settings = self._settings
+        chosen, out = read_records(
+            rows, readings=settings.send_readings, alerts=settings.send_alerts
+        )
         groups: dict[tuple[str, int], list[tuple[StoredRecord, Reading]]] = {}
-        for row in rows:
-            try:
-                if row.kind == "reading" and self._settings.send_readings:
-                    self._group(row, Reading.model_validate_json(row.payload), groups, out)
-                elif row.kind == "alert" and self._settings.send_alerts:
-                    out.append(self._alert(row, AlertTransition.model_validate_json(row.payload)))
-            except ValidationError as exc:
-                out.append(unreadable(row, exc))
+        for row, record in chosen:
+            if isinstance(record, Reading):
+                self._group(row, record, groups, out)
+            else:
+                out.append(self._alert(row, record))
         out.extend(self._readings(group) for group in groups.values())
         return out
 
@@ -317,25 +325,21 @@ def make_hl7_sink(
     settings: Hl7Settings, outbox: Outbox, *, on_poison: PoisonCallback
 ) -> MessageSink:
     """The [hl7] sink, device map read now (ValueError names the file)."""
-    links: dict[str, DeviceLink] = {}
-    if settings.device_map_file is not None:
-        links = load_device_map(settings.device_map_file, settings.patient_assigning_authority)
+    links = device_links(settings.device_map_file, settings.patient_assigning_authority)
+    encoder, transport = Hl7Encoder(settings, links), MllpTransport(settings)
     return MessageSink(
-        SINK_NAME,
-        outbox,
-        Hl7Encoder(settings, links),
-        MllpTransport(settings),
-        settings.pacing(),
-        on_poison=on_poison,
+        SINK_NAME, outbox, encoder, transport, settings.pacing(), on_poison=on_poison
     )
 
 
 __all__ = [
     "SINK_NAME",
+    "DeviceMapFile",
     "Hl7Encoder",
     "Hl7Settings",
     "MllpTransport",
     "answer_for",
+    "device_links",
     "load_device_map",
     "make_hl7_sink",
 ]

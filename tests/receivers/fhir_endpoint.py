@@ -21,8 +21,6 @@ with an OperationOutcome;
 
 from __future__ import annotations
 
-import argparse
-import fnmatch
 import json
 import signal
 import sqlite3
@@ -36,6 +34,9 @@ from urllib.parse import unquote
 
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.bundle import Bundle
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script
+from tests.receivers.common import Control, argument_parser, open_store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -93,36 +94,15 @@ def search_key(query: str) -> str:
     return unquote(value)
 
 
-def matching(patterns: dict[str, Any], record_id: str) -> Any:
-    """The value of the first pattern (fnmatch, e.g. "P0001:*:7") that matches the id."""
-    for pattern, value in patterns.items():
-        if fnmatch.fnmatchcase(record_id, pattern):
-            return value
-    return None
-
-
 class Store:
     def __init__(self, path: Path, control: Path | None, validating: bool) -> None:
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # survives a process restart
-        self.db.executescript(SCHEMA)
+        self.db = open_store(path, SCHEMA, check_same_thread=False)
         self.lock = threading.Lock()
-        self.control = control
+        self.control = Control(control)
         self.validating = validating
-        self.transient_answered: dict[str, int] = {}
-
-    def _control(self) -> dict[str, Any]:
-        if self.control is None or not self.control.exists():
-            return {}
-        try:
-            data = json.loads(self.control.read_text())
-        except ValueError:
-            return {}
-        return data if isinstance(data, dict) else {}
 
     def post(self, raw: bytes, authorization: str | None) -> tuple[int, dict[str, Any]]:
-        control = self._control()
+        control = self.control.read()
         token = control.get("token")
         if token and authorization != f"Bearer {token}":
             return 401, {"resourceType": "OperationOutcome", "issue": []}
@@ -131,14 +111,11 @@ class Store:
             return outcome(400, reason)
         bundle = json.loads(raw)
         ids = record_ids(bundle)
-        for record_id in ids:
-            status = matching(control.get("reject", {}), record_id)
-            if status:
-                return outcome(int(status), f"rejected on demand: {record_id}")
-            wanted = int(matching(control.get("transient", {}), record_id) or 0)
-            if self.transient_answered.get(record_id, 0) < wanted:
-                self.transient_answered[record_id] = self.transient_answered.get(record_id, 0) + 1
-                return outcome(503, f"busy on demand: {record_id}")
+        asked = self.control.on_demand(control, ids)
+        if asked is not None and asked.code:
+            return outcome(int(asked.code), f"rejected on demand: {asked.record_id}")
+        if asked is not None:
+            return outcome(503, f"busy on demand: {asked.record_id}")
         with self.lock:
             return self._commit(bundle, ids)
 
@@ -213,12 +190,7 @@ def handler_for(store: Store) -> type[BaseHTTPRequestHandler]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--store", type=Path, required=True)
-    parser.add_argument("--control", type=Path)
-    parser.add_argument("--no-validate", action="store_true")
-    args = parser.parse_args()
+    args = argument_parser(__doc__.splitlines()[0]).parse_args()
     store = Store(args.store, args.control, not args.no_validate)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), handler_for(store))
     server.daemon_threads = True

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fnmatch
 import json
 import signal
-import sqlite3
 import ssl
 import sys
 import time
@@ -38,6 +36,9 @@ import hl7
 from hl7.mllp import start_hl7_server
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script
+from tests.receivers.common import Control, argument_parser, open_store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -96,32 +97,11 @@ def describe(text: str) -> dict[str, Any]:
     }
 
 
-def matching(patterns: dict[str, Any], record_id: str) -> Any:
-    """The value of the first pattern (fnmatch, e.g. "P0001:*:7") that matches the id."""
-    for pattern, value in patterns.items():
-        if fnmatch.fnmatchcase(record_id, pattern):
-            return value
-    return None
-
-
 class Receiver:
     def __init__(self, store: Path, control: Path | None, validating: bool) -> None:
-        self.db = sqlite3.connect(store, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # survives a process restart
-        self.db.executescript(SCHEMA)
-        self.control = control
+        self.db = open_store(store, SCHEMA)
+        self.control = Control(control)
         self.validating = validating
-        self.transient_answered: dict[str, int] = {}
-
-    def _control(self) -> dict[str, Any]:
-        if self.control is None or not self.control.exists():
-            return {}
-        try:
-            data = json.loads(self.control.read_text())
-        except ValueError:
-            return {}
-        return data if isinstance(data, dict) else {}
 
     def answer(self, text: str) -> tuple[str, str, dict[str, Any]]:
         """(ack code, reason, description) for one message."""
@@ -129,15 +109,11 @@ class Receiver:
         reason = validate(text) if self.validating else None
         if reason is not None:
             return "AR", reason, info
-        control = self._control()
-        for record_id in info["record_ids"]:
-            code = matching(control.get("reject", {}), record_id)
-            if code:
-                return str(code), f"rejected on demand: {record_id}", info
-            wanted = int(matching(control.get("transient", {}), record_id) or 0)
-            if self.transient_answered.get(record_id, 0) < wanted:
-                self.transient_answered[record_id] = self.transient_answered.get(record_id, 0) + 1
-                return "AE", f"busy on demand: {record_id}", info
+        asked = self.control.on_demand(self.control.read(), info["record_ids"])
+        if asked is not None and asked.code:
+            return str(asked.code), f"rejected on demand: {asked.record_id}", info
+        if asked is not None:
+            return "AE", f"busy on demand: {asked.record_id}", info
         return "AA", "", info
 
     def log(self, text: str, code: str, reason: str, info: dict[str, Any]) -> None:
@@ -209,11 +185,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--store", type=Path, required=True)
-    parser.add_argument("--control", type=Path)
-    parser.add_argument("--no-validate", action="store_true")
+    parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
     parser.add_argument("--tls-client-ca", type=Path)

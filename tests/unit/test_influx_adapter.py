@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from gateway.adapters.delivery import backoff_s
 from gateway.adapters.influx import (
     RETRY_AFTER_MAX_S,
     InfluxConfigError,
@@ -27,7 +28,6 @@ from gateway.adapters.influx import (
     InfluxSettings,
     InfluxSink,
     InfluxUnavailableError,
-    backoff_s,
     encode_body,
     error_for_status,
     make_transport,
