@@ -214,11 +214,15 @@ export class AlertList {
     meta.title = `start time (or last change when the start was before the page opened), duration, ACM phase; type ${alert.alert_type}`;
     this.metas.push({ meta, alert });
     const [action, status] = this.ackParts(entry, acked, offline);
-    li.append(prio, who, meta, action, text);
+    // The second line holds the alert text and, after it, the acknowledgement's receipt (or
+    // its pending or refused state): two lines an alert, acknowledged or not, on a desktop.
+    const line = el('span', 'line');
+    line.append(text);
     if (status.childNodes.length || status.textContent) {
-      status.title = status.textContent; // one line on a desktop: the whole of it on hover
-      li.append(status);
+      status.title = status.textContent; // cut short on a desktop: the whole of it on hover
+      line.append(status);
     }
+    li.append(prio, who, meta, action, line);
     return li;
   }
 
@@ -227,13 +231,18 @@ export class AlertList {
     for (const { meta, alert } of this.metas ?? []) meta.textContent = metaText(alert, ctx);
   }
 
-  /** [the action in the first row, the status line under the text] */
+  /** [the action in the first line, the status after the text in the second] */
   ackParts(entry, acked, offline) {
     const { alert } = entry;
     const action = el('span', 'ack-action');
     const status = el('span', 'ack-status');
     if (acked) {
-      status.textContent = `✓ acknowledged by ${alert.acknowledged_by ?? '?'} at ${clockTime(ms(alert.acknowledged_at))}; the pump alarms until resolved at the pump`;
+      // Who and when stay whole; the reminder after them is what an ellipsis may cut.
+      status.classList.add('receipt');
+      status.append(
+        el('span', 'receipt-who', `✓ acknowledged by ${alert.acknowledged_by ?? '?'} at ${clockTime(ms(alert.acknowledged_at))}`),
+        el('span', 'receipt-note', '; the pump alarms until resolved at the pump'),
+      );
       return [action, status];
     }
     const state = this.actions.ackState(alert.alert_id);
