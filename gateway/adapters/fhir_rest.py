@@ -35,9 +35,15 @@ from gateway.adapters.delivery import (
     Verdict,
     read_records,
 )
-from gateway.adapters.http_client import check_secret_file, http_base_url, http_pool
-from gateway.adapters.influx import read_secret, retry_after_s
+from gateway.adapters.http_client import (
+    check_secret_file,
+    http_base_url,
+    http_pool,
+    read_secret_file,
+)
+from gateway.adapters.influx import retry_after_s
 from gateway.adapters.mllp import DeviceMapFile, device_links
+from gateway.errors import SinkError
 from gateway.fhir_bundles import PATIENT_ID_SYSTEM_DEFAULT, outcome_reason, transaction_bundle
 from gateway.hl7_messages import DeviceLink
 from gateway.outbox import Outbox
@@ -168,7 +174,10 @@ class FhirTransport:
 
     def __init__(self, settings: FhirSettings) -> None:
         self.url = settings.base_url
-        token = read_secret(settings.token, settings.token_file, "token_file")
+        try:
+            token = read_secret_file(settings.token, settings.token_file)
+        except (OSError, ValueError) as exc:
+            raise SinkError(f"fhir.token_file: {exc}") from exc
         self._headers = {
             "Content-Type": "application/fhir+json; charset=utf-8",
             "Accept": "application/fhir+json",

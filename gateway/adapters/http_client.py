@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import urllib3
+from pydantic import SecretStr
 
 
 def http_base_url(value: str, *, example: str, credentials_go: str) -> str:
@@ -33,6 +34,17 @@ def check_secret_file(path: Path | None) -> Path | None:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ValueError(f"{path} is readable by group or others; run: chmod 600 {path}")
     return path
+
+
+def read_secret_file(value: SecretStr | None, path: Path | None) -> str | None:
+    """A secret from its setting (environment) or else its owner-only file; ValueError or
+    OSError says what is wrong with the file."""
+    if value is not None:
+        return value.get_secret_value()
+    if path is None:
+        return None
+    check_secret_file(path)
+    return path.read_text(encoding="utf-8").strip()
 
 
 def http_pool(timeout_s: float, verify_tls: bool, ca_file: Path | None) -> urllib3.PoolManager:

@@ -37,7 +37,12 @@ import urllib3
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from gateway.adapters.delivery import Pacing, SinkCore
-from gateway.adapters.http_client import check_secret_file, http_base_url, http_pool
+from gateway.adapters.http_client import (
+    check_secret_file,
+    http_base_url,
+    http_pool,
+    read_secret_file,
+)
 from gateway.errors import SinkError, StoppedError
 from gateway.outbox import Outbox
 from gateway.records import StoredRecord
@@ -148,13 +153,8 @@ def _mapped_errors(url: str) -> Iterator[None]:
 
 def read_secret(value: SecretStr | None, path: Path | None, key: str) -> str | None:
     """A secret from its setting (environment) or else its owner-only file."""
-    if value is not None:
-        return value.get_secret_value()
-    if path is None:
-        return None
     try:
-        check_secret_file(path)
-        return path.read_text(encoding="utf-8").strip()
+        return read_secret_file(value, path)
     except (OSError, ValueError) as exc:
         raise InfluxConfigError(f"influx.{key}: {exc}") from exc
 
