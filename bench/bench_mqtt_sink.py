@@ -24,7 +24,7 @@ from bench.bench_drain import reading
 from bench.common import print_table, write_results
 from bench.rig import BenchMosquitto, Subscriber, load_avg
 from gateway.adapters.mqtt import MqttSink
-from gateway.adapters.mqtt_client import MqttSettings
+from gateway.adapters.mqtt_client import MqttSettings, SelectableEvent
 from gateway.outbox import Outbox
 from gateway.records import OutRecord
 from gateway.topics import TopicBase
@@ -69,7 +69,7 @@ def drain(
             status=lambda: (b"{}", b"{}"),
             on_ack=lambda ack: None,
         )
-        stop, wake = threading.Event(), threading.Event()
+        stop, wake = threading.Event(), SelectableEvent()
         profiler = cProfile.Profile() if profile else None
         cpu0, load0 = time.process_time(), load_avg()
         thread = threading.Thread(target=_run, args=(sink, stop, wake, profiler), daemon=True)

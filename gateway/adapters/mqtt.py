@@ -1,9 +1,11 @@
 """MQTT sink: drains the outbox to a broker with paho-mqtt 2.x and receives operator acks.
 
-Two threads. paho's network thread (`loop_start`) runs the callbacks, which only
-hand data over (a queue and an event) and tolerate being called twice. The sink
-thread (`run`) owns every piece of delivery state. docs/topics.md is the user's
-view of what is published where.
+One thread. The sink thread (`run`) owns the connection and every piece of delivery
+state: it drives paho itself (`MqttClient.start(in_caller=True)` and `poll`), so a
+PUBLISH is written by the thread that read the record and its PUBACK is read and
+applied there too; other threads (the service's commits, applied operator acks)
+only raise the sink's wake event. docs/topics.md is the user's view of what is
+published where.
 
 Delivery: every record is published with QoS 1 and counts as delivered only when
 its PUBACK arrives with a success reason code (matched by mid), never because
@@ -56,6 +58,7 @@ from gateway.adapters.mqtt_client import (
     PackedProperties,
     Published,
     Refused,
+    SelectableEvent,
     Unreachable,
     no_delay,
     paho_errors,
@@ -148,6 +151,16 @@ class _SendRefusal:
     payload: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class _Confirm:
+    """From the service: this operator ack is stored; PUBACK it on the sink's thread."""
+
+    ack: ReceivedAck
+
+
+_FromService = _SendRefusal | _Confirm
+
+
 class MqttSink:
     """Publishes outbox records to the broker, birth/will on the status topic, acks in."""
 
@@ -173,8 +186,9 @@ class MqttSink:
         self._status_topic = status_topic(topics)
         self._ack_filters = (ack_filter(topics), legacy_ack_topic(topics))
         self._refusal_topic = ack_refusal_topic(topics)
-        self._events: queue.SimpleQueue[ClientEvent | _SendRefusal] = queue.SimpleQueue()
-        self._kick = threading.Event()
+        self._events: queue.SimpleQueue[ClientEvent | _FromService] = queue.SimpleQueue()
+        self._wake: threading.Event | None = None
+        self._sink_thread: int | None = None
         self._quiet = QuietLog(log)
         self._live = Lane(outbox.cursor(SINK_NAME))
         self._replay: Lane | None = None
@@ -289,13 +303,16 @@ class MqttSink:
             self._quiet.error("on-ack", "the acknowledgement handler failed: %r", exc)
 
     def confirm(self, ack: ReceivedAck) -> None:
-        """The service applied and stored `ack`: send the broker its PUBACK now; any thread.
+        """The service applied and stored `ack`: the sink's thread sends its PUBACK; any thread.
 
         Acknowledgements are received with paho's manual_ack, so a broker (and, through it,
         the operator's console) never hears "received" for an ack the gateway could still
         lose. An ack from an earlier connection is not confirmed: the broker delivers it
         again, and the packet id may name another message by now.
         """
+        self._hand_over(_Confirm(ack))
+
+    def _event_confirm(self, ack: ReceivedAck) -> None:
         with self._connection_lock:
             if ack.connection == self._connection:
                 self._puback(ack.mid, ack.qos)
@@ -313,10 +330,11 @@ class MqttSink:
             self._new_connection()
         self._hand_over(event)
 
-    def _hand_over(self, event: ClientEvent | _SendRefusal) -> None:
+    def _hand_over(self, event: ClientEvent | _FromService) -> None:
         self._events.put(event)
-        if not self._kick.is_set():  # the sink clears it before draining: nothing is missed
-            self._kick.set()
+        wake = self._wake
+        if wake is not None and threading.get_ident() != self._sink_thread:
+            wake.set()  # from another thread: wake the sink's select
 
     # -- the sink thread -------------------------------------------------------------
 
@@ -326,10 +344,10 @@ class MqttSink:
             log.warning("mqtt.tls.insecure_skip_verify is on: the broker's certificate is NOT "
                         "verified, so anyone on the network path can pose as %s",
                         self.settings.display_url())
-        self._client.start()
+        self._wake, self._sink_thread = wake, threading.get_ident()
+        self._client.start(in_caller=True)
         try:
             while not stop.is_set():
-                self._kick.clear()
                 wake.clear()
                 self._step()
                 self._wait(wake)
@@ -345,12 +363,16 @@ class MqttSink:
         self._advance()
 
     def _wait(self, wake: threading.Event) -> None:
-        """Sleep until paho reports (in flight or disconnected), rows arrive, or a timer is due."""
+        """Wait in one select for the broker (PUBACKs, acks, a lost connection), the wake
+        event (rows committed, a request from the service) or the next timer; then let the
+        client read, write and reconnect. Events it produced are handled by the next step."""
+        if not self._events.empty():
+            return
         timeout_s = self._timer_s(time.monotonic())
-        if not self._connected or self._mids:
-            self._kick.wait(min(timeout_s, BUSY_WAIT_S))
-        else:
-            wake.wait(timeout_s)
+        if isinstance(wake, SelectableEvent):
+            self._client.poll(timeout_s, wake)
+        elif not wake.is_set():  # a plain Event cannot wake a select: look every BUSY_WAIT_S
+            self._client.poll(min(timeout_s, BUSY_WAIT_S))
 
     def _timer_s(self, now_m: float) -> float:
         """Time until a denied record may be retried or the replay earns a token."""
@@ -373,7 +395,7 @@ class MqttSink:
                 return
             self._dispatch(event)
 
-    def _dispatch(self, event: ClientEvent | _SendRefusal) -> None:
+    def _dispatch(self, event: ClientEvent | _FromService) -> None:
         match event:
             case Published(mid, code, name):
                 self._event_puback(mid, code, name)
@@ -387,6 +409,8 @@ class MqttSink:
                 self._event_unreachable(cause)
             case _SendRefusal(payload):
                 self._event_refusal(payload)
+            case _Confirm(ack):
+                self._event_confirm(ack)
             case _:
                 pass  # SUBACK of the ack filters: a refused one shows as acks never arriving
 
@@ -679,8 +703,7 @@ class MqttSink:
         deadline = time.monotonic() + SHUTDOWN_DRAIN_S
         self._drain_events()
         while self._connected and self._mids and time.monotonic() < deadline:
-            self._kick.wait(BUSY_WAIT_S)
-            self._kick.clear()
+            self._client.poll(BUSY_WAIT_S)
             self._drain_events()
             self._advance()
         if not self._v5 and self._paho.is_connected():
@@ -692,7 +715,9 @@ class MqttSink:
         try:
             with paho_errors("publish offline status"):
                 info = self._paho.publish(self._status_topic, self._will, qos=QOS, retain=True)
-                info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+            deadline = max(deadline, time.monotonic() + 0.1)
+            while not info.is_published() and time.monotonic() < deadline:
+                self._client.poll(BUSY_WAIT_S)
         except MqttError as exc:
             log.warning("could not publish the offline status: %s", exc)
 

@@ -7,10 +7,16 @@ or a file, session expiry), turns paho's return codes, reason codes and exceptio
 at this one place, and hands its owner typed events (`Connected`, `Refused`, `Unreachable`,
 `Disconnected`, `Published`, `Subscribed`, `Unsubscribed`) instead of paho's callbacks.
 
-paho's callbacks run on paho's network thread: the owner's `emit` must only hand the event
-over (a queue, an event) and tolerate being called twice. Two hooks do run on paho's thread,
-because paho needs their answer there: `before_connect` (the will of this connection) and
-`on_connect` (subscriptions and the birth, sent before any queued publish).
+Two ways to run it. `start()` gives the connection to paho's own network thread: paho's
+callbacks then run there, and the owner's `emit` must only hand the event over (a queue, an
+event) and tolerate being called twice. `start(in_caller=True)` keeps every byte on the
+owner's thread: the owner calls `poll()` in its loop, which waits in one `select` for the
+broker's socket or a `SelectableEvent` raised by another thread, reads and writes with
+paho's `loop_read`/`loop_write`/`loop_misc`, and reconnects with backoff; callbacks then run
+inside `poll()` and `publish()` writes at once, so a record costs no thread hand-off (the
+station's sink, docs/performance.md). Two hooks run where paho needs their answer:
+`before_connect` (the will of this connection) and `on_connect` (subscriptions and the
+birth, sent before any queued publish).
 
 Errors::
 
@@ -23,11 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import ssl
 import stat
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -431,6 +439,41 @@ OnMessage = Callable[[mqtt.MQTTMessage], None]
 # --- the client ---------------------------------------------------------------------------
 
 
+class SelectableEvent(threading.Event):
+    """A threading.Event that also wakes a `select`: `set()` from any thread makes
+    `fileno()` readable until `clear()`. How other threads wake `MqttClient.poll`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def set(self) -> None:
+        super().set()
+        with contextlib.suppress(BlockingIOError, OSError):  # full: it is readable anyway
+            self._writer.send(b"\0")
+
+    def clear(self) -> None:
+        # Drain first, then lower the flag: a set() in between leaves a byte, so no wake-up
+        # is ever lost (a spurious one may happen, which costs one empty loop).
+        with contextlib.suppress(BlockingIOError, OSError):
+            while self._reader.recv(4096):
+                pass
+        super().clear()
+
+    def close(self) -> None:
+        """Release the socket pair (also done when the event is garbage collected)."""
+        self._reader.close()
+        self._writer.close()
+
+    __del__ = close
+
+
+
 def session_properties(expiry_s: int, receive_max: int | None = None) -> Properties:
     """MQTT 5 CONNECT properties: how long the broker keeps the session, how much in flight."""
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -467,6 +510,9 @@ class MqttClient:
         self._filters = subscribed_filters
         self._lock = threading.Lock()
         self._running = False
+        self._in_caller = False
+        self._retry_at_m = 0.0
+        self._retry_delay_s: float | None = None
         if fresh_session is None:
             fresh_session = settings.session_expiry_s == 0
         self.paho = mqtt.Client(
@@ -497,9 +543,14 @@ class MqttClient:
         return self._running
 
     def start(
-        self, *, clean_start: bool | None = None, properties: Properties | None = None
+        self,
+        *,
+        clean_start: bool | None = None,
+        properties: Properties | None = None,
+        in_caller: bool = False,
     ) -> None:
         """Connect in the background on paho's thread; it reconnects with backoff by itself.
+        With `in_caller`, nothing runs until the owner calls `poll()` from its own thread.
 
         MQTT 5 without arguments: resume the session for session_expiry_s (a fresh one if 0).
         """
@@ -513,9 +564,73 @@ class MqttClient:
             options = {"clean_start": clean_start, "properties": properties}
         with paho_errors(f"cannot start MQTT to {s.display_url()}"):
             self.paho.connect_async(s.host, s.port, s.keepalive_s, **options)
-            self.paho.loop_start()
+            if not in_caller:
+                self.paho.loop_start()
+        self._in_caller = in_caller
+        self._retry_at_m = 0.0
         with self._lock:
             self._running = True
+
+    def poll(self, timeout_s: float, wake: SelectableEvent | None = None) -> None:
+        """In-caller mode: wait up to `timeout_s` for the broker or `wake`, then read what
+        arrived (callbacks run here), write what is queued, keep alive, reconnect when due."""
+        sock = self.paho.socket()
+        if sock is None:
+            self._poll_disconnected(timeout_s, wake)
+            return
+        readers: list[Any] = [sock] if wake is None else [sock, wake]
+        writers = [sock] if self.paho.want_write() else []
+        pending = getattr(sock, "pending", None)  # TLS may hold decrypted bytes already
+        buffered = pending is not None and pending() > 0
+        try:
+            readable, _, _ = select.select(
+                readers, writers, [], 0.0 if buffered else max(0.0, timeout_s)
+            )
+        except (OSError, ValueError):  # the socket closed under us: paho notices on read
+            readable = [sock]
+        if buffered or sock in readable:
+            self.paho.loop_read()
+        if self.paho.socket() is not None and self.paho.want_write():
+            self.paho.loop_write()
+        if self.paho.socket() is not None:
+            self.paho.loop_misc()
+        if self.paho.socket() is None:
+            self._retry_later()
+
+    def _poll_disconnected(self, timeout_s: float, wake: SelectableEvent | None) -> None:
+        if self._retry_at_m == float("inf"):  # the connection ended outside poll (a publish)
+            self._retry_later()
+        now_m = time.monotonic()
+        if self._running and now_m >= self._retry_at_m:
+            self._connect_now()
+            return
+        wait_s = max(0.0, min(timeout_s, self._retry_at_m - now_m))
+        if wake is None:
+            time.sleep(wait_s)
+        else:
+            select.select([wake], [], [], wait_s)
+
+    def _connect_now(self) -> None:
+        """One connection attempt (TCP, TLS, CONNECT); the CONNACK arrives through poll()."""
+        try:
+            self.paho.reconnect()
+        except (OSError, ValueError) as exc:  # refused, timed out, certificate, bad host
+            self._retry_later()
+            self._emit(Unreachable(str(exc)))
+            return
+        no_delay(self.paho)
+        self._retry_at_m = float("inf")  # until this connection ends
+
+    def _retry_later(self) -> None:
+        """Schedule the next attempt: 1 s, doubling to reconnect_max_s, reset by a CONNACK."""
+        if self._retry_at_m != float("inf") and self._retry_at_m > time.monotonic():
+            return  # already scheduled
+        delay_s = self._retry_delay_s
+        delay_s = RECONNECT_MIN_DELAY_S if delay_s is None else min(
+            delay_s * 2, self.settings.reconnect_max_s
+        )
+        self._retry_delay_s = delay_s
+        self._retry_at_m = time.monotonic() + delay_s
 
     def stop(self, *, reason_code: int | None = None, properties: Properties | None = None) -> None:
         """Disconnect (MQTT 5: with `reason_code`) and stop paho's thread; safe to repeat."""
@@ -527,7 +642,8 @@ class MqttClient:
         if self.v5 and reason_code is not None:
             code = ReasonCode(PacketTypes.DISCONNECT, identifier=reason_code)
         self.paho.disconnect(reasoncode=code, properties=properties)
-        self.paho.loop_stop()
+        if not self._in_caller:
+            self.paho.loop_stop()
 
     # -- paho callbacks: paho's thread; they only convert and hand over -------------------
 
@@ -543,6 +659,7 @@ class MqttClient:
             self._emit(Refused(code, name, error))
             return
         receive_max = getattr(properties, "ReceiveMaximum", SERVER_RECEIVE_MAX)
+        self._retry_delay_s = None
         event = Connected(bool(flags.session_present), int(receive_max))
         if self._on_connect_hook is not None:
             self._on_connect_hook(client, event)

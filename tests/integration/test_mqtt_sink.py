@@ -26,7 +26,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.adapters.mqtt import KICKED_WITHIN_S, MqttSink, ReceivedAck
-from gateway.adapters.mqtt_client import MqttSettings, MqttTls
+from gateway.adapters.mqtt_client import MqttSettings, MqttTls, SelectableEvent
 from gateway.outbox import Outbox
 from gateway.records import OutRecord, StoredRecord
 from gateway.topics import TopicBase, ack_topic, status_topic, subscription_filter
@@ -215,7 +215,7 @@ def make_sink(
 @contextlib.contextmanager
 def running(sink: MqttSink) -> Iterator[threading.Event]:
     """Run the sink on its own thread; yields the `wake` event; stops it cleanly after."""
-    stop, wake = threading.Event(), threading.Event()
+    stop, wake = threading.Event(), SelectableEvent()
     thread = threading.Thread(target=sink.run, args=(stop, wake), name="mqtt sink", daemon=True)
     thread.start()
     try:
