@@ -176,7 +176,7 @@ class _Pump:
 
 
 class _Snapshot(BaseModel):
-    """The single row of earlier versions (STATE_KEY): read once, then replaced by rows."""
+    """The single row of earlier builds (STATE_KEY): read once, then replaced by rows."""
 
     version: Literal[1] = 1
     salt: str | None = None
@@ -660,7 +660,7 @@ class AlertEngine:
         return _EngineRow(salt=self._salt.hex()).model_dump_json().encode()
 
     def _load(self, state: Mapping[str, bytes]) -> bytes | None:
-        """Take saved rows in (or an earlier version's single row); return the saved salt."""
+        """Take saved rows in (or an earlier build's single row); return the saved salt."""
         rows = {key: row for key, row in state.items() if _is_own_key(key)}
         single = rows.get(STATE_KEY)
         if single is not None:  # written after any rows there are: it is the newer state
@@ -687,7 +687,7 @@ class AlertEngine:
             return {}, None
         salt = _EngineRow.model_validate_json(engine_row).salt
         pumps: dict[str, _Pump] = {}
-        for key, row in pump_rows.items():
+        for key, row in sorted(pump_rows.items()):  # in pump id order, whatever the store's
             p = _PUMP_ROW.validate_json(row)
             if key != _pump_key(p.pump_id):
                 raise ValueError(f"the row {key} holds pump {p.pump_id}")
