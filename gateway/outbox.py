@@ -2,8 +2,8 @@
 
 SQLite in WAL mode. One table of records in arrival order, one cursor per sink
 (the highest row that sink has really delivered), a small key-value table for
-state that must survive a restart (the alert engine's snapshot), committed in the
-same transaction as the records it belongs to.
+state that must survive a restart (the alert engine's rows, one per pump), committed in
+the same transaction as the records it belongs to.
 
 Full policy (docs/outbox.md): `append` raises OutboxFullError once `max_pending` rows
 wait for the slowest sink, or when SQLite reports the disk full. The service then
@@ -62,6 +62,9 @@ FREE_SPACE_CHUNK_ROWS = 200
 """Delivered rows deleted per transaction when the disk is full."""
 CURSOR_WRITE_EVERY_S = 1.0
 """Longest a moved cursor waits in memory for a commit to carry it (while acks keep coming)."""
+STATE_KEY_END = "\U0010ffff"
+"""Sorts after every character a key may hold: [prefix, prefix + this) is the prefix's range
+(a range, not LIKE: no escaping of % and _, and the primary key's index serves it)."""
 
 
 class OutboxError(PumpgwError):
@@ -183,8 +186,11 @@ class Outbox:
         low = min(self._cursors.values(), default=self._last_seq)
         return int(self._last_seq - low)
 
-    def append(self, records: Sequence[OutRecord], state: Mapping[str, bytes] | None = None) -> int:
-        """Store records (and state) in one transaction; return the last seq."""
+    def append(
+        self, records: Sequence[OutRecord], state: Mapping[str, bytes | None] | None = None
+    ) -> int:
+        """Store records and state rows in one transaction (a None value deletes that row);
+        return the last seq."""
         if not records and not state:
             return int(self._last_seq)
         with self._lock:
@@ -223,7 +229,7 @@ class Outbox:
                 "a sink is down or too slow"
             )
 
-    def _insert(self, records: Sequence[OutRecord], state: Mapping[str, bytes]) -> int:
+    def _insert(self, records: Sequence[OutRecord], state: Mapping[str, bytes | None]) -> int:
         now_s = time.time()
         db = self._db
         db.execute("BEGIN IMMEDIATE")
@@ -235,7 +241,11 @@ class Outbox:
         db.executemany(
             "INSERT INTO state (key, value) VALUES (?, ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            list(state.items()),
+            [(key, value) for key, value in state.items() if value is not None],
+        )
+        db.executemany(
+            "DELETE FROM state WHERE key = ?",
+            [(key,) for key, value in state.items() if value is None],
         )
         self._update_cursors()
         last = db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0]
@@ -426,6 +436,15 @@ class Outbox:
         with self._lock:
             row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
         return bytes(row[0]) if row else None
+
+    def load_states(self, prefix: str) -> dict[str, bytes]:
+        """Every state row whose key starts with `prefix` (no pattern characters)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, value FROM state WHERE key >= ? AND key < ?",
+                (prefix, prefix + STATE_KEY_END),
+            ).fetchall()
+        return {str(key): bytes(value) for key, value in rows}
 
     def close(self) -> None:
         """Write moved cursors and close the database."""

@@ -31,12 +31,12 @@ import re
 import secrets
 from bisect import insort
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 from pydantic.dataclasses import dataclass as state_class
 
 from gateway.alert_settings import RuleOverrides, RulesConfig, RuleSettings
@@ -58,7 +58,7 @@ from schemas.models import (
     Reading,
 )
 
-__all__ = ["AlertEngine", "RuleOverrides", "RuleSettings", "RulesConfig"]
+__all__ = ["STATE_KEY", "AlertEngine", "RuleOverrides", "RuleSettings", "RulesConfig"]
 
 SECONDS_PER_DAY: Final = 86_400.0
 SECONDS_PER_HOUR: Final = 3_600.0
@@ -80,7 +80,15 @@ _KIND_PATTERN: Final = re.compile(r"[a-z0-9_]{1,40}")
 _PUMP_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_UNIT_CHARS: Final = 16
 
-# -- engine state (serialised by snapshot()) ----------------------------------------
+STATE_KEY: Final = "alert_engine"
+"""The engine's rows in a key-value store: STATE_KEY/engine (the salt) and one
+STATE_KEY/pump/<pump id> per pump. Earlier builds kept the whole state in one row,
+STATE_KEY itself; the engine reads it and its first save replaces it with rows."""
+_ENGINE_ROW: Final = f"{STATE_KEY}/engine"
+_PUMP_ROWS: Final = f"{STATE_KEY}/pump/"
+ROW_DIGEST_BYTES: Final = 16
+
+# -- engine state (saved by changed_state(), one row per pump) ----------------------
 
 
 @state_class(slots=True)
@@ -110,7 +118,7 @@ class _Alert:
 
 @state_class(slots=True)
 class _Pump:
-    """What the engine knows about one pump; runtime state and snapshot at once."""
+    """What the engine knows about one pump; runtime state and saved row at once."""
 
     pump_id: str
     boots: dict[str, int] = Field(default_factory=dict)
@@ -168,9 +176,33 @@ class _Pump:
 
 
 class _Snapshot(BaseModel):
+    """The single row of earlier builds (STATE_KEY): read once, then replaced by rows."""
+
     version: Literal[1] = 1
     salt: str | None = None
     pumps: dict[str, _Pump]
+
+
+class _EngineRow(BaseModel):
+    """The engine-wide part of the state: what is not any one pump's."""
+
+    version: Literal[2] = 2
+    salt: str
+
+
+_PUMP_ROW: Final = TypeAdapter(_Pump)
+
+
+def _pump_key(pump_id: str) -> str:
+    return f"{_PUMP_ROWS}{pump_id}"
+
+
+def _is_own_key(key: str) -> bool:
+    return key == STATE_KEY or key.startswith(f"{STATE_KEY}/")
+
+
+def _digest(row: bytes) -> bytes:
+    return hashlib.blake2b(row, digest_size=ROW_DIGEST_BYTES).digest()
 
 
 # -- rule table --------------------------------------------------------------------
@@ -437,9 +469,18 @@ class AlertEngine:
     """Evaluates pump messages against the rules; single-threaded, clock passed in."""
 
     def __init__(
-        self, config: RulesConfig, state: bytes | None = None, *, salt: bytes | None = None
+        self,
+        config: RulesConfig,
+        state: Mapping[str, bytes] | None = None,
+        *,
+        salt: bytes | None = None,
+        discard: Iterable[str] = (),
     ) -> None:
-        """`salt` keys alert ids (kept in the snapshot); default: random, or the snapshot's."""
+        """`state`: the rows a `changed_state` stored (keys not under STATE_KEY are ignored).
+        `salt` keys alert ids (saved with the state); default: random, or the saved one.
+        `discard`: stored rows to delete at the first save (an unusable saved state's).
+
+        Raises ValueError when the rows cannot be read."""
         self._config = config
         self._pumps: dict[str, _Pump] = {}
         self._by_id: dict[str, tuple[_Pump, str]] = {}
@@ -449,16 +490,13 @@ class AlertEngine:
         self._cause: str | None = None
         self._stepped = False
         self._ack_delays: dict[Priority, tuple[int, float, float]] = {}
-        saved_salt: bytes | None = None
-        if state is not None:
-            snapshot = _Snapshot.model_validate_json(state)
-            self._pumps = dict(snapshot.pumps)
-            saved_salt = bytes.fromhex(snapshot.salt) if snapshot.salt else None
-            self._by_id = {
-                alert.alert_id: (pump, key)
-                for pump in self._pumps.values()
-                for key, alert in pump.alerts.items()
-            }
+        self._changed: set[str] = set()
+        """Pumps whose state may have changed since the last changed_state()."""
+        self._saved: dict[str, bytes] = {}
+        """Digest of each row as last stored: a pump touched but unchanged is not rewritten."""
+        self._stale = {key for key in discard if _is_own_key(key)}
+        """Stored rows to delete at the next save."""
+        saved_salt = self._load(state) if state else None
         self._salt = saved_salt or salt or secrets.token_bytes(SALT_BYTES)
 
     # -- public API ------------------------------------------------------------------
@@ -472,6 +510,7 @@ class AlertEngine:
         is checked, a bolus counted; nothing older than the pump's state overwrites it.
         """
         p = self._pumps.get(message.pump_id) or self._add_pump(message.pump_id)
+        self._changed.add(p.pump_id)
         seq = message.seq
         if message.boot_id == p.boot_id and seq > p.seq:
             if seq > p.seq + 1:
@@ -518,6 +557,7 @@ class AlertEngine:
             if gap_s <= s.telemetry_lost_after_s:
                 continue
             self._cause = f"{p.pump_id}:{p.boot_id}:{p.seq}"
+            self._changed.add(p.pump_id)  # delays and the projection may move
             if _LOST not in p.on:
                 limit_s = s.telemetry_lost_after_s
                 self._drive(p, TELEMETRY_LOST, _LOST, True, 0.0, now_s, gap_s, limit_s)
@@ -568,6 +608,7 @@ class AlertEngine:
         if unit is not None and len(unit) > MAX_UNIT_CHARS:
             raise ValueError(f"unit {unit!r} is longer than {MAX_UNIT_CHARS} characters")
         p = self._pumps.get(pump_id) or self._add_pump(pump_id)
+        self._changed.add(pump_id)
         out = self._begin(now, None)
         title = alert_kind.replace("_", " ").capitalize()
         spec = _Spec(alert_kind, title, priority, alert_type, latching, unit, _fixed(text))
@@ -590,9 +631,70 @@ class AlertEngine:
         """Every pump the engine has state for, sorted."""
         return sorted(self._pumps)
 
-    def snapshot(self) -> bytes:
-        """The whole state as JSON; AlertEngine(config, snapshot) behaves identically."""
-        return _Snapshot(salt=self._salt.hex(), pumps=self._pumps).model_dump_json().encode()
+    def changed_state(self) -> dict[str, bytes | None]:
+        """The rows changed since the last call, to store in the transaction that stores
+        this call's transitions (None: delete that row); the next call returns only what
+        changed after this one. Rows as in `state_rows`."""
+        rows: dict[str, bytes | None] = dict.fromkeys(self._stale)
+        self._stale.clear()
+        candidates = [(_ENGINE_ROW, self._engine_row())]
+        candidates += [(_pump_key(i), _PUMP_ROW.dump_json(self._pumps[i])) for i in self._changed]
+        self._changed.clear()
+        for key, row in candidates:
+            digest = _digest(row)
+            if self._saved.get(key) != digest:
+                rows[key] = row
+                self._saved[key] = digest
+        return rows
+
+    def state_rows(self) -> dict[str, bytes]:
+        """Every row of the state, JSON: STATE_KEY/engine and one STATE_KEY/pump/<id> per
+        pump. AlertEngine(config, rows) continues exactly where this engine is."""
+        rows = {_ENGINE_ROW: self._engine_row()}
+        rows.update((_pump_key(i), _PUMP_ROW.dump_json(p)) for i, p in self._pumps.items())
+        return rows
+
+    # -- saved state -----------------------------------------------------------------
+
+    def _engine_row(self) -> bytes:
+        return _EngineRow(salt=self._salt.hex()).model_dump_json().encode()
+
+    def _load(self, state: Mapping[str, bytes]) -> bytes | None:
+        """Take saved rows in (or an earlier build's single row); return the saved salt."""
+        rows = {key: row for key, row in state.items() if _is_own_key(key)}
+        single = rows.get(STATE_KEY)
+        if single is not None:  # written after any rows there are: it is the newer state
+            snapshot = _Snapshot.model_validate_json(single)
+            pumps, salt = dict(snapshot.pumps), snapshot.salt
+            self._stale.update(rows)  # the first save writes rows and deletes the single one
+            self._changed.update(pumps)
+        else:
+            pumps, salt = self._load_rows(rows)
+        self._pumps = pumps
+        self._by_id = {
+            alert.alert_id: (pump, key)
+            for pump in pumps.values()
+            for key, alert in pump.alerts.items()
+        }
+        return bytes.fromhex(salt) if salt else None
+
+    def _load_rows(self, rows: Mapping[str, bytes]) -> tuple[dict[str, _Pump], str | None]:
+        engine_row = rows.get(_ENGINE_ROW)
+        pump_rows = {key: row for key, row in rows.items() if key.startswith(_PUMP_ROWS)}
+        if engine_row is None:
+            if pump_rows:
+                raise ValueError(f"pump rows without the {_ENGINE_ROW} row")
+            return {}, None
+        salt = _EngineRow.model_validate_json(engine_row).salt
+        pumps: dict[str, _Pump] = {}
+        for key, row in sorted(pump_rows.items()):  # in pump id order, whatever the store's
+            p = _PUMP_ROW.validate_json(row)
+            if key != _pump_key(p.pump_id):
+                raise ValueError(f"the row {key} holds pump {p.pump_id}")
+            pumps[p.pump_id] = p
+        self._saved = {key: _digest(row) for key, row in pump_rows.items()}
+        self._saved[_ENGINE_ROW] = _digest(engine_row)
+        return pumps, salt
 
     # -- message handling ------------------------------------------------------------
 
@@ -775,7 +877,7 @@ class AlertEngine:
         empty = v <= empty_ml + margin if at_empty else v <= empty_ml
         if low or empty or _LOW in on or _LOW in since or _EMPTY in since:
             self._reservoir_alert(p, s, low or empty, empty, t, v, (alarm, empty_ml))
-        if _EMPTY in on:  # a snapshot from before low and empty became one alert: end it
+        if _EMPTY in on:  # a state saved before low and empty became one alert: end it
             self._drive(p, EMPTY_RESERVOIR, _EMPTY, False, 0.0, t, v, empty_ml)
         use_ml_per_day = p.basal_ml_per_day + p.bolus_dose_ml * p.boluses_per_day_max
         days = (v - alarm) / use_ml_per_day if use_ml_per_day > 0.0 else None
@@ -1115,7 +1217,7 @@ class AlertEngine:
 
     def _token(self, pump_id: str, key: str, n: int) -> str:
         """The unguessable part of an alert id: keyed by the engine's salt, stable across
-        restarts (the salt is in the snapshot), never derivable from outside."""
+        restarts (the salt is in the saved state), never derivable from outside."""
         name = f"{pump_id}:{key}:{n}".encode()
         return hmac.new(self._salt, name, hashlib.sha256).hexdigest()[:ALERT_TOKEN_HEX]
 
@@ -1155,6 +1257,7 @@ class AlertEngine:
     def _emit(
         self, p: _Pump, alert: _Alert, phase: Phase, state: AlarmState, words: str = ""
     ) -> None:
+        self._changed.add(p.pump_id)
         alert.transitions += 1
         alert.state = state
         if phase is Phase.ACKNOWLEDGED:

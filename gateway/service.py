@@ -39,7 +39,7 @@ from gateway.pipeline import AckKey, Batch, Pipeline, ack_runs, pseudonym
 from gateway.points import PointTags
 from gateway.quiet import CountedLog, QuietLog
 from gateway.records import OutRecord, StoredRecord
-from gateway.rules import AlertEngine
+from gateway.rules import STATE_KEY, AlertEngine
 from gateway.store_shell import (
     Intake,
     commit,
@@ -61,9 +61,9 @@ BATCH_MAX_ITEMS = 200
 TICK_S = 1.0
 COMPACT_EVERY_S = 60.0
 ENGINE_SNAPSHOT_EVERY_S = 5.0
+"""Save the rows of pumps whose state changed at least this often; alert changes save at once."""
 RETRY_COMMIT_S = 1.0
 RECENT_IDS_ON_START = 50_000
-ENGINE_STATE_KEY = "alert_engine"
 ACK_QUEUE_ITEMS = 1000
 ACK_QUEUE_WAIT_S = 0.5
 """paho's thread re-checks this often for room in a full ack queue (and for a stop)."""
@@ -170,12 +170,12 @@ class Gateway:
         key = pseudonymize_key(gw)
         if key is not None:  # per-pump overrides name real ids; the engine sees pseudonyms
             alerts = alerts.with_pump_ids(functools.partial(pseudonym, key))
+        state = self.outbox.load_states(STATE_KEY)  # rows, or an earlier build's single row
         try:
-            state = self.outbox.load_state(ENGINE_STATE_KEY)
             engine = AlertEngine(alerts, state, salt=self._alert_salt)
         except ValueError as exc:
             log.error("saved alert state unusable (%s): starting with no active alerts", exc)
-            engine = AlertEngine(alerts, salt=self._alert_salt)
+            engine = AlertEngine(alerts, salt=self._alert_salt, discard=state)
         pipeline = Pipeline(
             engine,
             PointTags(site=gw.site, station=gw.station),
@@ -379,7 +379,7 @@ class Gateway:
     def _commit(self, batch: Batch, snapshot: bool) -> None:
         if not batch.records and not snapshot:
             return
-        state = {ENGINE_STATE_KEY: self.pipeline.engine.snapshot()} if snapshot else None
+        state = self.pipeline.engine.changed_state() if snapshot else None
         stored = commit(
             self.outbox,
             batch.records,

@@ -59,7 +59,7 @@ def open_outbox(store: StoreSection, sink_names: Sequence[str]) -> Outbox:
 
 
 def append_split(
-    outbox: Outbox, records: list[OutRecord], state: Mapping[str, bytes] | None
+    outbox: Outbox, records: list[OutRecord], state: Mapping[str, bytes | None] | None
 ) -> None:
     """Store the records, oldest first, removing each part from `records` once stored.
 
@@ -86,7 +86,7 @@ def append_split(
 def commit(
     outbox: Outbox,
     records: list[OutRecord],
-    state: Mapping[str, bytes] | None,
+    state: Mapping[str, bytes | None] | None,
     *,
     on_full: Callable[[OutboxFullError], None],
     on_error: Callable[[OutboxError], None],

@@ -150,7 +150,7 @@ def test_the_escalation_level_survives_a_restart() -> None:
     f = Feed(AlertEngine(config))
     f.reading(0, pump_state=PumpState.STALLED)
     f.engine.on_tick(at(900))
-    restored = AlertEngine(config, f.engine.snapshot())
+    restored = AlertEngine(config, f.engine.state_rows())
     (again,) = restored.on_tick(at(1800))
     assert again.escalation_level == 2
 
@@ -161,19 +161,20 @@ def test_a_zero_interval_turns_reannouncement_off() -> None:
     assert [t for s in range(900, 9000, 900) for t in f.engine.on_tick(at(s))] == []
 
 
-def test_a_snapshot_with_two_reservoir_alerts_hands_empty_over_to_the_one_alert() -> None:
-    """A snapshot from before consolidation: a separate empty alert latches and then ends."""
+def test_a_saved_state_with_two_reservoir_alerts_hands_empty_over_to_the_one_alert() -> None:
+    """A state saved before consolidation: a separate empty alert latches and then ends."""
     f = Feed(AlertEngine(RulesConfig(), salt=b"s" * 16))
     (start,) = f.reading(60, 0.9)
-    state = json.loads(f.engine.snapshot())
-    pump = state["pumps"][f.pump_id]
+    rows = f.engine.state_rows()
+    key = f"alert_engine/pump/{f.pump_id}"
+    pump = json.loads(rows[key])
     low = pump["alerts"]["low_reservoir"]
     old_empty = {**low, "alert_id": f"{f.pump_id}:empty_reservoir:legacy"}
     low.update(kind="low_reservoir", priority="PM", title="Low reservoir",
                alert_id=f"{f.pump_id}:low_reservoir:legacy")  # fmt: skip
     pump["alerts"]["empty_reservoir"] = old_empty
     pump["on"].append("empty_reservoir")
-    f.engine = AlertEngine(RulesConfig(), json.dumps(state).encode())
+    f.engine = AlertEngine(RulesConfig(), {**rows, key: json.dumps(pump).encode()})
     out = f.reading(120, 0.8)
     assert [(t.alert_id.rsplit(":", 1)[1], t.phase, t.alert_kind, t.state.value) for t in out] == [
         ("legacy", U, "empty_reservoir", "active"),  # the low alert, escalated in place

@@ -98,7 +98,7 @@ def test_1_a_resent_bolus_counts_once() -> None:
         bolus_ml=0.02,
     )
     f.engine.on_message(late, at(130))
-    state = f.engine.snapshot().decode()
+    state = f.engine.state_rows()["alert_engine/pump/P0001"].decode()
     assert '"bolus_inferred":0' in state  # the resend matched the inferred bolus
 
 
@@ -391,13 +391,14 @@ def test_alert_ids_are_keyed_and_survive_a_restart() -> None:
     assert a.alert_id != "P0001:low_reservoir:1"
     unkeyed = hmac.new(b"", b"P0001:low_reservoir:1", hashlib.sha256).hexdigest()[:16]
     assert not a.alert_id.endswith(unkeyed)
-    restored = AlertEngine(RulesConfig(), first.snapshot())
+    restored = AlertEngine(RulesConfig(), first.state_rows())
     f = Feed(restored, seq=1)
     f.reading(60, 18.0)
     f.reading(120, 1.0)
     assert restored.active_alerts("P0001")[0].alert_id.startswith("P0001:")
     assert a.alert_id in {t.alert_id for t in restored.active_alerts("P0001")}
-    assert len(AlertEngine(RulesConfig(), first.snapshot()).snapshot()) > 0
+    assert AlertEngine(RulesConfig(), first.state_rows()).state_rows().keys() == {
+        "alert_engine/engine", "alert_engine/pump/P0001"}
 
 
 def test_a_given_salt_gives_repeatable_ids() -> None:

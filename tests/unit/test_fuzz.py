@@ -743,7 +743,7 @@ def test_a_malformed_acknowledgement_is_refused_clearly_and_changes_no_state(
     payload: bytes,
 ) -> None:
     pipeline, _alert_id = pipeline_with_a_latched_alert()
-    before = pipeline.engine.snapshot()
+    before = pipeline.engine.state_rows()
     batch = Batch()
     refusal = pipeline.operator_ack("nurse.jones", payload, RECEIVED_S + 1, batch)
     try:
@@ -756,7 +756,7 @@ def test_a_malformed_acknowledgement_is_refused_clearly_and_changes_no_state(
         assert_readable(refusal.reason[:REASON_MAX_CHARS])
         assert pipeline.counts.acks_rejected == 1
     assert batch.records == [], "an acknowledgement of no known alert stored something"
-    assert pipeline.engine.snapshot() == before
+    assert pipeline.engine.state_rows() == before
 
 
 def test_a_valid_acknowledgement_of_a_known_alert_is_recorded_with_who() -> None:

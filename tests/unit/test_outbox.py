@@ -48,6 +48,23 @@ def test_records_cursors_and_state_survive_a_reopen(tmp_path: Path) -> None:
     assert again.append([rec(9)]) == 4
 
 
+def test_state_rows_load_by_prefix_and_a_none_value_deletes_its_row(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", ["mqtt"])
+    rows = {"a/1": b"1", "a/2": b"2", "a/\U0001f600": b"3", "a": b"0", "ab/1": b"x",
+            "a_/1": b"y", "a%/1": b"z", "b/1": b"w"}  # fmt: skip
+    box.append([], rows)
+    assert box.load_states("a/") == {"a/1": b"1", "a/2": b"2", "a/\U0001f600": b"3"}
+    assert box.load_states("a_/") == {"a_/1": b"y"}  # no LIKE: `_` and `%` are themselves
+    assert box.load_states("a%/") == {"a%/1": b"z"}
+    assert len(box.load_states("a")) == 7
+    assert box.load_states("c") == {}
+    assert box.append([rec(1)], {"a/1": None, "a/2": b"two", "a/9": None}) == 1
+    box.close()
+    again = Outbox(tmp_path / "o.db", ["mqtt"])
+    assert again.load_states("a/") == {"a/2": b"two", "a/\U0001f600": b"3"}
+    assert again.load_state("a/1") is None
+
+
 def test_a_full_outbox_refuses_telemetry_but_keeps_room_for_alerts(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db", ["mqtt"], max_pending=5)
     box.append([rec(i) for i in range(5)])

@@ -148,7 +148,7 @@ LATER_S = NOW.timestamp() + 60
 
 def test_malformed_or_unauthorised_acknowledgements_change_nothing() -> None:
     p, low, _ = with_alerts(ack_allowed=frozenset({"nurse"}))
-    before = p.engine.snapshot()
+    before = p.engine.state_rows()
     batch = Batch()
     refusals = [
         p.operator_ack("nurse", b"{not json", LATER_S, batch),
@@ -165,7 +165,7 @@ def test_malformed_or_unauthorised_acknowledgements_change_nothing() -> None:
         "bad_user",
     ]  # fmt: skip
     assert batch.records == []
-    assert p.engine.snapshot() == before
+    assert p.engine.state_rows() == before
     assert (p.counts.acks_in, p.counts.acks_rejected) == (0, 7)
     assert p.counts.acks_refused["unknown_alert"] == 1
     assert "{root}/ack/" in (refusals[4].reason if refusals[4] else "")

@@ -783,18 +783,18 @@ def test_acknowledging_twice_is_a_no_op(feed: Feed) -> None:
 @pytest.mark.parametrize("alert_id", ["P0001:low_reservoir:7", "P0002:low_reservoir:1", "x"])
 def test_acknowledging_an_unknown_alert_changes_nothing(feed: Feed, alert_id: str) -> None:
     assert starts(feed.reading(0, 1.9), "low_reservoir")
-    before = feed.engine.snapshot()
+    before = feed.engine.state_rows()
     assert ack(feed.engine, alert_id, 10) == []
-    assert feed.engine.snapshot() == before
+    assert feed.engine.state_rows() == before
 
 
 def test_acknowledging_an_ended_alert_changes_nothing(feed: Feed) -> None:
     (start,) = starts(feed.reading(0, 1.9), "low_reservoir")
     ack(feed.engine, start.alert_id, 10)
     feed.reading(60, 18.0)
-    before = feed.engine.snapshot()
+    before = feed.engine.state_rows()
     assert ack(feed.engine, start.alert_id, 70) == []
-    assert feed.engine.snapshot() == before
+    assert feed.engine.state_rows() == before
 
 
 def test_transitions_carry_ids_times_cause_and_intended_use(feed: Feed) -> None:
@@ -873,7 +873,7 @@ def test_restart_mid_alert_keeps_it_without_a_second_start(feed: Feed) -> None:
     (low,) = starts(out, "low_reservoir")
     assert of_kind(out, "refill_due") == [("end", "inactive")]  # one alert per condition
     before = feed.engine.active_alerts("P0001")
-    restored = AlertEngine(RulesConfig(), feed.engine.snapshot())
+    restored = AlertEngine(RulesConfig(), feed.engine.state_rows())
     assert restored.active_alerts("P0001") == before
     assert restored.pumps() == ["P0001"]
     feed.engine = restored
@@ -890,14 +890,17 @@ def test_restart_remembers_replays_and_pending_delays() -> None:
     f.reading(0)
     f.reading(60, pump_state=PumpState.STOPPED)
     f.engine = AlertEngine(RulesConfig(defaults=RuleSettings(pump_stopped_for_s=600)),
-                           f.engine.snapshot())
+                           f.engine.state_rows())
     assert f.engine.on_message(Reading(**feed_reading_fields(f)), at(70)) == []
     assert starts(f.reading(660, pump_state=PumpState.STOPPED), "pump_stopped")
 
 
-def test_snapshot_is_json(feed: Feed) -> None:
+def test_state_rows_are_json_one_per_pump_and_one_for_the_engine(feed: Feed) -> None:
     feed.reading(0, 1.9)
-    assert json.loads(feed.engine.snapshot())["version"] == 1
+    rows = feed.engine.state_rows()
+    assert sorted(rows) == ["alert_engine/engine", "alert_engine/pump/P0001"]
+    assert json.loads(rows["alert_engine/engine"])["version"] == 2
+    assert json.loads(rows["alert_engine/pump/P0001"])["pump_id"] == "P0001"
 
 
 # -- per-drug and per-pump overrides --------------------------------------------------------

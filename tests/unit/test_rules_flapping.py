@@ -259,7 +259,7 @@ def test_a_restored_engine_behaves_identically(
     original = Pump()
     for s in before:
         play(original, s)
-    restored = Pump(AlertEngine(RulesConfig(), original.engine.snapshot()))
+    restored = Pump(AlertEngine(RulesConfig(), original.engine.state_rows()))
     restored.seq, restored.t_s, restored.delivered_ml = (
         original.seq, original.t_s, original.delivered_ml)
     assert restored.engine.active_alerts("P1") == original.engine.active_alerts("P1")
