@@ -60,7 +60,7 @@ def test_a_full_ack_queue_holds_acks_back_and_each_is_applied_before_its_puback(
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     gateway.start()
     try:
-        assert wait_until(lambda: bool(sink.health()["connected"]), WAIT_S)
+        assert wait_until(lambda: bool(sink.health().connected), WAIT_S)
         client.connect("127.0.0.1", mosquitto.port)
         client.loop_start()
         topic = ack_topic(gateway.topics, NURSE)

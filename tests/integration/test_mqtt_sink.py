@@ -257,18 +257,18 @@ def test_every_record_arrives_and_the_cursor_moves_only_on_puback(
     records = readings(500)
     sink = make_sink(outbox, base, mosquitto.port, protocol=protocol)
     with Subscriber(mosquitto.port, subscription_filter(base)) as sub, running(sink) as wake:
-        assert wait_for(lambda: sink.health()["connected"])
+        assert wait_for(lambda: sink.health().connected)
         with paused(mosquitto):
             last = append(outbox, records, wake)
             # publish() succeeds into the socket, but no PUBACK can come back
             assert not outbox.wait_cursor(1, 1.0), "the cursor moved without a PUBACK"
-            assert sink.health()["inflight"] > 0
+            assert sink.health().inflight > 0
             assert outbox.backlog("mqtt")[0] == len(records)
         assert outbox.wait_cursor(last)
         seen = sub.collect({r.record_id for r in records})
     assert seen.keys() >= {r.record_id for r in records}
     assert outbox.backlog("mqtt") == (0, None)
-    assert sink.health()["published"] == len(records)
+    assert sink.health().delivered == len(records)
     assert outbox.acks == sorted(outbox.acks)
     topics = {m.topic for ms in seen.values() for m in ms if m.topic != status_topic(base)}
     assert topics == {f"{base.root}/pumps/P1/telemetry"}
@@ -316,7 +316,7 @@ def test_broker_outage_loses_nothing_and_the_cursor_never_passes_unacknowledged_
         append(outbox, during, wake)
         mosquitto.stop()  # mid-stream: some of `during` are in flight
         last = append(outbox, after, wake)
-        assert wait_for(lambda: "cannot reach" in (sink.health()["last_error"] or ""))
+        assert wait_for(lambda: "cannot reach" in (sink.health().last_error or ""))
         # every PUBACK that arrived before the loss is processed by now
         cursor_at_stop = outbox.cursor("mqtt")
         assert cursor_at_stop < last
@@ -327,7 +327,7 @@ def test_broker_outage_loses_nothing_and_the_cursor_never_passes_unacknowledged_
     assert everything - seen.keys() == set()
     assert outbox.backlog("mqtt") == (0, None)
     assert outbox.acks == sorted(outbox.acks)
-    assert sink.health()["reconnects"] >= 1
+    assert sink.health().counters["reconnects"] >= 1
 
 
 def test_backlog_is_replayed_at_the_limited_rate_flagged_historical_without_starving_live(
@@ -357,7 +357,7 @@ def test_backlog_is_replayed_at_the_limited_rate_flagged_historical_without_star
     assert all(props_of(ms[0])["historical"] == "true" for ms in replayed.values())
     burst = rate_per_s * 0.1
     assert elapsed_s >= (len(backlog) - burst) / rate_per_s * 0.9
-    assert sink.health()["historical"] >= len(backlog)
+    assert sink.health().counters["historical"] >= len(backlog)
 
 
 # --- birth, last will, acknowledgements -------------------------------------------------------
@@ -396,7 +396,7 @@ def test_operator_acknowledgement_is_handed_over_with_topic_and_user_properties(
         sub.client.publish(ack_topic(base, "nurse-7"), ack, qos=1, properties=props)
         got = received.get(timeout=WAIT_S)
     assert got == ReceivedAck(ack_topic(base, "nurse-7"), ack, (("console", "ward-3"),))
-    assert sink.health()["acks_received"] == 1
+    assert sink.health().counters["acks_received"] == 1
 
 
 # --- refusals ----------------------------------------------------------------------------------
@@ -415,9 +415,9 @@ def settles(sink: MqttSink, steady_s: float = KICKED_WITHIN_S + 0.5) -> bool:
     losing the connection is not taken for a kick after a denial)."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        seen = sink.health()["reconnects"]
+        seen = sink.health().counters["reconnects"]
         if not wait_for(
-            lambda: not sink.health()["connected"] or sink.health()["reconnects"] != seen,  # noqa: B023
+            lambda: not sink.health().connected or sink.health().counters["reconnects"] != seen,  # noqa: B023
             steady_s,
         ):
             return True
@@ -449,10 +449,10 @@ def test_denied_publish_is_counted_logged_once_kept_and_delivered_once_the_acl_a
         assert sub.collect({status.record_id}).keys() >= {status.record_id}
         # One denial holds back the rest of its kind. Mosquitto 2.0 also drops the connection
         # after it; the sink comes back with the kind still held, and stays connected.
-        assert wait_for(lambda: sink.health()["denied"] >= 1)
+        assert wait_for(lambda: sink.health().counters["denied"] >= 1)
         assert settles(sink), "the sink keeps reconnecting"
         health = sink.health()
-        assert "Not authorized (0x87)" in (health["last_error"] or "")
+        assert "Not authorized (0x87)" in (health.last_error or "")
         assert outbox.cursor("mqtt") == 0, "a denied record must hold the cursor"
         assert outbox.backlog("mqtt")[0] == len(denied) + 1
         assert broker.acl_file is not None
@@ -489,17 +489,17 @@ def test_wrong_password_is_a_clear_error_nothing_is_acked_and_records_arrive_onc
         running(sink) as wake,
     ):
         last = append(outbox, records, wake)
-        assert wait_for(lambda: sink.health()["refused"] >= 1)
+        assert wait_for(lambda: sink.health().counters["refused"] >= 1)
         health = sink.health()
-        assert health["connected"] is False
-        assert "refused the connection" in health["last_error"]
-        assert "check mqtt.username" in health["last_error"]
+        assert health.connected is False
+        assert "refused the connection" in (health.last_error or "")
+        assert "check mqtt.username" in (health.last_error or "")
         assert outbox.cursor("mqtt") == 0
         broker.add_user("gw", secret)  # the operator fixes the broker side
         assert outbox.wait_cursor(last, 30.0)
         seen = sub.collect({r.record_id for r in records})
     assert seen.keys() >= {r.record_id for r in records}
-    assert sink.health()["last_error"] is None
+    assert sink.health().last_error is None
     assert secret not in caplog.text
     assert secret not in repr(sink.health())
     assert secret not in repr(sink.settings)
@@ -538,6 +538,6 @@ def test_tls_broker_with_an_unknown_ca_is_refused(
     )
     with running(sink) as wake:
         append(outbox, readings(1), wake)
-        assert wait_for(lambda: "cannot reach" in (sink.health()["last_error"] or ""))
-        assert not sink.health()["connected"]
+        assert wait_for(lambda: "cannot reach" in (sink.health().last_error or ""))
+        assert not sink.health().connected
     assert outbox.cursor("mqtt") == 0
