@@ -56,6 +56,8 @@ class Received:
     properties: Properties | None
     retain: bool
     qos: int
+    arrived_s: float
+    """Wall-clock time it arrived here (epoch seconds), to compare with a payload's stamps."""
 
     @property
     def user_properties(self) -> dict[str, str]:
@@ -117,12 +119,21 @@ class Probe:
             on_connect=self._subscribe,
             subscribed_filters=self._filters,
         )
+        # As the sink's window: publish_all may have settings.inflight_max unacknowledged.
+        self._client.paho.max_inflight_messages_set(settings.inflight_max)
 
     # -- life cycle -----------------------------------------------------------------------
 
-    def start(self, timeout_s: float = WAIT_S) -> Probe:
-        """Connect; wait for the CONNACK and, with filters, the SUBACK (AssertionError if not)."""
-        self._client.start()
+    def start(
+        self,
+        timeout_s: float = WAIT_S,
+        *,
+        clean_start: bool | None = None,
+        properties: Properties | None = None,
+    ) -> Probe:
+        """Connect; wait for the CONNACK and, with filters, the SUBACK (AssertionError if not).
+        MQTT 5 `clean_start` and CONNECT `properties` as MqttClient.start takes them."""
+        self._client.start(clean_start=clean_start, properties=properties)
         wanted: type[ClientEvent] = Subscribed if self._filters else Connected
         if not self.wait_for_event(lambda e: isinstance(e, (wanted, Refused)), timeout_s):
             raise AssertionError(f"{self.client_id}: no {wanted.__name__} within {timeout_s} s")
@@ -132,6 +143,11 @@ class Probe:
             if isinstance(event, Subscribed) and event.refused:
                 raise AssertionError(f"{self.client_id}: subscription refused: {event.refused}")
         return self
+
+    @property
+    def session_present(self) -> bool:
+        """Whether the broker kept a session for this client id (the first CONNACK's flag)."""
+        return next(e.session_present for e in self.events() if isinstance(e, Connected))
 
     def close(self) -> None:
         self._client.stop()
@@ -161,6 +177,7 @@ class Probe:
             getattr(message, "properties", None),
             bool(message.retain),
             message.qos,
+            time.time(),
         )
         with self._changed:
             self._received.append(received)
@@ -220,21 +237,42 @@ class Probe:
         *,
         retain: bool = False,
         user_properties: Sequence[tuple[str, str]] = (),
-        properties: Properties | None = None,
         timeout_s: float = WAIT_S,
     ) -> PubAck:
         """Publish at QoS 1 and return the broker's PUBACK (AssertionError without one)."""
+        [puback] = self.publish_all(
+            [(topic, payload)], retain=retain, user_properties=user_properties, timeout_s=timeout_s
+        )
+        return puback
+
+    def publish_all(
+        self,
+        messages: Sequence[tuple[str, bytes | str]],
+        *,
+        retain: bool = False,
+        user_properties: Sequence[tuple[str, str]] = (),
+        timeout_s: float = WAIT_S,
+    ) -> list[PubAck]:
+        """Publish (topic, payload) pairs at QoS 1 without waiting in between, then wait for
+        every PUBACK; return them in order (AssertionError when one does not come)."""
+        properties = None
         if user_properties:
-            properties = properties or Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.UserProperty = list(user_properties)
+        mids = [self._publish_one(topic, body, retain, properties) for topic, body in messages]
+        if not self._wait(lambda: all(mid in self._acks for mid in mids), timeout_s):
+            raise AssertionError(f"{self.client_id}: PUBACKs missing after {timeout_s} s")
+        with self._changed:
+            return [self._acks.pop(mid) for mid in mids]
+
+    def _publish_one(
+        self, topic: str, payload: bytes | str, retain: bool, properties: Properties | None
+    ) -> int:
         info = self.paho.publish(topic, payload, qos=1, retain=retain, properties=properties)
         problem = publish_problem(info.rc)
         if problem is not None:
             raise AssertionError(f"{self.client_id}: publish to {topic}: {problem}")
-        if not self._wait(lambda: info.mid in self._acks, timeout_s):
-            raise AssertionError(f"{self.client_id}: no PUBACK for {topic} within {timeout_s} s")
-        with self._changed:
-            return self._acks.pop(info.mid)
+        return info.mid
 
 
 @contextmanager
