@@ -103,9 +103,12 @@ class Probe:
     """A test's MQTT connection: subscribes to `filters` at each connect, keeps what arrives."""
 
     def __init__(self, settings: MqttSettings, filters: Sequence[str] = (), *,
-                 client_id: str | None = None) -> None:  # fmt: skip
+                 client_id: str | None = None,
+                 on_message: Callable[[Received], None] | None = None) -> None:  # fmt: skip
+        """on_message: hand each message to it (on paho's thread) instead of keeping it."""
         self.client_id = client_id or f"probe-{uuid.uuid4().hex[:8]}"
         self._filters = tuple(filters)
+        self._hand_over = on_message
         self._received: list[Received] = []
         self._taken = 0
         self._acks: dict[int, PubAck] = {}
@@ -130,19 +133,28 @@ class Probe:
         *,
         clean_start: bool | None = None,
         properties: Properties | None = None,
+        refused_ok: bool = False,
     ) -> Probe:
-        """Connect; wait for the CONNACK and, with filters, the SUBACK (AssertionError if not).
-        MQTT 5 `clean_start` and CONNECT `properties` as MqttClient.start takes them."""
+        """Connect; wait for the CONNACK and, with filters, the SUBACK (AssertionError if not,
+        or if the broker refused a filter, unless `refused_ok`). MQTT 5 `clean_start` and
+        CONNECT `properties` as MqttClient.start takes them."""
         self._client.start(clean_start=clean_start, properties=properties)
+        try:
+            self._check_started(timeout_s, refused_ok=refused_ok)
+        except AssertionError:
+            self.close()  # no paho thread outlives a failed start
+            raise
+        return self
+
+    def _check_started(self, timeout_s: float, *, refused_ok: bool) -> None:
         wanted: type[ClientEvent] = Subscribed if self._filters else Connected
         if not self.wait_for_event(lambda e: isinstance(e, (wanted, Refused)), timeout_s):
             raise AssertionError(f"{self.client_id}: no {wanted.__name__} within {timeout_s} s")
         for event in self.events():
             if isinstance(event, Refused):
                 raise AssertionError(f"{self.client_id}: {event.error}")
-            if isinstance(event, Subscribed) and event.refused:
+            if isinstance(event, Subscribed) and event.refused and not refused_ok:
                 raise AssertionError(f"{self.client_id}: subscription refused: {event.refused}")
-        return self
 
     @property
     def session_present(self) -> bool:
@@ -160,8 +172,8 @@ class Probe:
     # -- paho's thread: hand over only ----------------------------------------------------
 
     def _subscribe(self, client: mqtt.Client, _connected: Connected) -> None:
-        for topic_filter in self._filters:
-            client.subscribe(topic_filter, qos=1)
+        if self._filters:  # one SUBSCRIBE, so the SUBACK's codes pair with the filters
+            client.subscribe([(topic_filter, 1) for topic_filter in self._filters])
 
     def _on_event(self, event: ClientEvent) -> None:
         with self._changed:
@@ -179,6 +191,9 @@ class Probe:
             message.qos,
             time.time(),
         )
+        if self._hand_over is not None:
+            self._hand_over(received)
+            return
         with self._changed:
             self._received.append(received)
             self._changed.notify_all()
