@@ -112,16 +112,16 @@ def drain(settings: InfluxSettings, outbox: Outbox, name: str, pid: int) -> dict
     gateway_cpu, server_cpu = time.process_time() - gateway_cpu, cpu_s(pid) - server_cpu
     health = sink.health()
     sink.close()
-    written = max(1, health["written"])
+    written = max(1, health.delivered)
     return {
         "rows": rows,
         "seconds": elapsed,
-        "points_per_s": health["written"] / elapsed,
+        "points_per_s": health.delivered / elapsed,
         "gateway_cpu_us_per_point": 1e6 * gateway_cpu / written,
         "server_cpu_us_per_point": 1e6 * server_cpu / written,
-        "written": health["written"],
-        "batches": health["batches"],
-        "retries": health["retries"],
+        "written": health.delivered,
+        "batches": health.counters["batches"],
+        "retries": health.counters["retries"],
         "poisoned": len(poisoned),
     }
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -49,7 +49,10 @@ class SinkObservation:
     oldest_age_s: float | None
     delivered: int
     last_error: str | None
-    extra: dict[str, int] = field(default_factory=dict)
+    counters: Mapping[str, int] = field(default_factory=dict)
+    """Exported as pumpgw_sink_<name>_total."""
+    gauges: Mapping[str, int] = field(default_factory=dict)
+    """Exported as pumpgw_sink_<name> (current values: a window size, an outbox position)."""
 
 
 @dataclass(frozen=True)
@@ -157,10 +160,6 @@ LATENCY_BUCKETS_S = (
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """What generate_latest writes: the classic text format every Prometheus version reads."""
-
-SINK_GAUGE_KEYS = frozenset({"inflight", "sent_up_to"})
-"""Sink health values that are current values, not counts (a window size, an outbox
-position): exported as gauges without `_total`; every other one is a counter."""
 
 
 def latency_histogram(name: str, help_text: str) -> Histogram:
@@ -286,15 +285,22 @@ def _sinks(obs: Observation) -> Iterator[Metric]:
         delivered.add_metric([sink.name], sink.delivered)
         connected.add_metric([sink.name], 1 if sink.connected else 0)
     yield from (backlog, oldest, delivered, connected)
-    for key in sorted({k for s in obs.sinks for k in s.extra}):
+    yield from _sink_counts(obs.sinks)
+
+
+def _sink_counts(sinks: tuple[SinkObservation, ...]) -> Iterator[Metric]:
+    """Each sink's own counters and gauges, one family per name, in name order."""
+    gauge_names = {k for s in sinks for k in s.gauges}
+    for key in sorted(gauge_names | {k for s in sinks for k in s.counters}):
         family: CounterMetricFamily | GaugeMetricFamily
-        if key in SINK_GAUGE_KEYS:
+        if key in gauge_names:
             family = _gauge(f"pumpgw_sink_{key}", f"Sink gauge {key}.", ("sink",))
         else:
             family = _counter(f"pumpgw_sink_{key}_total", f"Sink counter {key}.", ("sink",))
-        for sink in obs.sinks:
-            if key in sink.extra:
-                family.add_metric([sink.name], sink.extra[key])
+        for sink in sinks:
+            values = sink.gauges if key in gauge_names else sink.counters
+            if key in values:
+                family.add_metric([sink.name], values[key])
         yield family
 
 

@@ -16,7 +16,6 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
 
 from prometheus_client import Histogram
 
@@ -24,14 +23,13 @@ from gateway.config import HealthSection, StoreSection
 from gateway.health import HealthServer, Observation, SinkObservation, SourceObservation
 from gateway.outbox import Outbox, OutboxError, OutboxFullError
 from gateway.records import OutRecord
+from gateway.sink_health import SinkHealth
 
 log = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86_400
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """Ctrl-C, systemd's stop, and the controlling terminal closing: each stops cleanly."""
-DELIVERED_KEYS = ("published", "written")
-"""The health counter that says how many records a sink delivered (MQTT, InfluxDB)."""
 
 
 def stop_on_signals(stop: threading.Event) -> None:
@@ -108,27 +106,23 @@ def commit(
 
 def sink_observation(
     name: str,
-    health: Mapping[str, Any],
+    health: SinkHealth,
     backlog: tuple[int, float | None],
     now_s: float,
     extra: Mapping[str, int] | None = None,
 ) -> SinkObservation:
-    """A sink's health() and outbox backlog as /healthz and /metrics show them."""
+    """A sink's health() and outbox backlog as /healthz and /metrics show them; `extra` adds
+    counters the process keeps about the sink's work (the ingest worker's MQTT side)."""
     count, oldest_s = backlog
-    delivered = next((health[k] for k in DELIVERED_KEYS if k in health), 0)
-    counters = {
-        k: int(v)
-        for k, v in health.items()
-        if isinstance(v, int) and not isinstance(v, bool) and k not in DELIVERED_KEYS
-    }
     return SinkObservation(
         name=name,
-        connected=bool(health.get("connected")),
+        connected=health.connected,
         backlog_records=count,
         oldest_age_s=None if oldest_s is None else max(0.0, now_s - oldest_s),
-        delivered=int(delivered or 0),
-        last_error=health.get("last_error"),
-        extra={**counters, **(extra or {})},
+        delivered=health.delivered,
+        last_error=health.last_error,
+        counters={**health.counters, **(extra or {})},
+        gauges=dict(health.gauges),
     )
 
 

@@ -1,7 +1,7 @@
 """End-to-end helpers: a simulated ward, a gateway process and an MQTT collector.
 
 Everything runs as real processes: `python -m simulator` over TCP, `python -m
-gateway.cli run` with a TOML config written here, and a paho subscriber that
+gateway.cli run` with a TOML config written here, and an MQTT subscriber that
 collects every message by its record id. Tests compare the three counts.
 """
 
@@ -27,19 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
+from tests.mqtt_helpers import Probe, Received, settings_for
 from tests.servers import Mosquitto, free_port, log_tail
 
 PROCESS_STOP_S = 15.0
 HTTP_TIMEOUT_S = 5.0
 POLL_S = 0.1
-COLLECTOR_SESSION_EXPIRY_S = 3600
-COLLECTOR_RECONNECT_MAX_S = 1
-"""The collector comes back within a second of a broker restart, before its queue overflows."""
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -320,7 +313,6 @@ class Collector:
         port: int,
         topic_filter: str,
         *,
-        protocol: MQTTProtocolVersion = mqtt.MQTTv5,
         user: tuple[str, str] | None = None,
         persistent: bool = False,
     ) -> None:
@@ -333,32 +325,13 @@ class Collector:
         self.historical = 0
         self._lock = threading.RLock()  # wait_for predicates may call ids() or count()
         self._changed = threading.Condition(self._lock)
-        self._subscribed = threading.Event()
-        v5 = protocol == mqtt.MQTTv5
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            protocol=protocol,
-            client_id=f"collector-{free_port()}",
-            clean_session=None if v5 else not persistent,
-        )
-        if user is not None:
-            self._client.username_pw_set(*user)
-        self._client.reconnect_delay_set(1, COLLECTOR_RECONNECT_MAX_S)
-        self._client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic_filter, qos=1)
-        self._client.on_subscribe = lambda c, u, m, rc, p: self._subscribed.set()
-        self._client.on_message = self._on_message
-        props = None
-        if v5 and persistent:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = COLLECTOR_SESSION_EXPIRY_S
-        if v5:
-            self._client.connect("127.0.0.1", port, clean_start=not persistent, properties=props)
-        else:
-            self._client.connect("127.0.0.1", port)
-        self._client.loop_start()
-        assert self._subscribed.wait(10), "collector could not subscribe"
+        settings = settings_for(port, user=user, persistent=persistent)
+        self._probe = Probe(settings, [topic_filter], client_id=f"collector-{free_port()}",
+                            on_message=self._on_message)  # fmt: skip
+        # A filter the broker refuses is a test's finding (nothing arrives), not a setup error.
+        self._probe.start(refused_ok=True)
 
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, msg: Received) -> None:
         try:
             data = json.loads(msg.payload)
         except ValueError:
@@ -367,15 +340,13 @@ class Collector:
             return
         kind = str(data.get("kind", "ack"))
         key = _record_key(kind, data)
-        props = getattr(msg, "properties", None)
-        user = dict(getattr(props, "UserProperty", []) or [])
         with self._changed:
             if msg.retain:
-                self.retained[msg.topic] = bytes(msg.payload)
+                self.retained[msg.topic] = msg.payload
             self.by_kind[kind][key] += 1
             self.payloads[kind].append(data)
             self.topics[kind].add(msg.topic)
-            if user.get("historical") == "true":
+            if msg.user_properties.get("historical") == "true":
                 self.historical += 1
             self._changed.notify_all()
 
@@ -428,9 +399,12 @@ class Collector:
         )
         return wanted - self.device_ids()
 
+    def stall(self) -> None:
+        """Stay connected and subscribed but read nothing more (a stuck subscriber)."""
+        self._probe.paho.loop_stop()
+
     def close(self) -> None:
-        self._client.loop_stop()
-        self._client.disconnect()
+        self._probe.close()
 
 
 def _record_key(kind: str, data: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 from pydantic import ValidationError
 
@@ -36,6 +36,7 @@ from gateway.errors import StoppedError
 from gateway.outbox import Outbox, OutboxError
 from gateway.quiet import QuietLog
 from gateway.records import StoredRecord
+from gateway.sink_health import SinkHealth
 from schemas.models import AlertTransition, Reading, describe_errors
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class Sink(Protocol):
 
     def run(self, stop: threading.Event, wake: threading.Event) -> None: ...
 
-    def health(self) -> dict[str, Any]: ...
+    def health(self) -> SinkHealth: ...
 
     def close(self) -> None: ...
 
@@ -174,7 +175,7 @@ class SinkCore:
     health counters. A subclass implements `drain` and may extend `_release` (on close)."""
 
     sends_key: str = "messages"
-    """The health key that counts accepted requests."""
+    """The health counter that counts accepted requests."""
 
     def __init__(
         self, name: str, outbox: Outbox, pacing: Pacing, rng: random.Random | None
@@ -291,26 +292,24 @@ class SinkCore:
         with self._changed:
             self._stats.poisoned += records
 
-    def _extra_health(self) -> dict[str, Any]:
+    def _gauges(self) -> dict[str, int]:
+        """Current values this kind of sink reports besides the shared counters."""
         return {}
 
-    def health(self) -> dict[str, Any]:
-        """For /healthz and /metrics: `written` counts records, `sends_key` accepted requests."""
+    def health(self) -> SinkHealth:
+        """`delivered` counts records; the `sends_key` counter counts accepted requests."""
         with self._changed:
             s = self._stats
-            return {
-                "connected": s.connected,
-                "last_error": s.last_error,
-                "written": s.written,
-                self.sends_key: s.sends,
-                "retries": s.retries,
-                "poisoned": s.poisoned,
-                "backoff_s": s.backoff_s,
-                "last_success_at_s": s.last_success_at_s,
-                **self._extra_health(),
-            }
+            counters = {self.sends_key: s.sends, "retries": s.retries, "poisoned": s.poisoned}
+            return SinkHealth(
+                connected=s.connected,
+                last_error=s.last_error,
+                delivered=s.written,
+                counters=counters,
+                gauges=self._gauges(),
+            )
 
-    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float) -> bool:
+    def wait_for(self, predicate: Callable[[SinkHealth], bool], timeout_s: float) -> bool:
         """Block until predicate(health()) holds or the timeout passes; return whether it held."""
         deadline = time.monotonic() + timeout_s
         with self._changed:

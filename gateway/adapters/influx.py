@@ -543,5 +543,5 @@ class InfluxSink(SinkCore):
         self._quiet.forget("unavailable")
         self._quiet.forget("refused")
 
-    def _extra_health(self) -> dict[str, Any]:
+    def _gauges(self) -> dict[str, int]:
         return {"sent_up_to": self.sent_up_to}

@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
@@ -70,6 +70,7 @@ from gateway.health import latency_histogram
 from gateway.outbox import Outbox
 from gateway.quiet import QuietLog
 from gateway.records import StoredRecord
+from gateway.sink_health import SinkHealth
 from gateway.topics import (
     TopicBase,
     ack_filter,
@@ -731,22 +732,24 @@ class MqttSink:
 
     # -- observation -------------------------------------------------------------------
 
-    def health(self) -> dict[str, Any]:
-        """For /healthz and /metrics: state, last error and counters (plain ints)."""
-        return {
-            "connected": self._paho.is_connected(),
-            "last_error": self.last_error,
-            "published": self.published,
-            "denied": self.denied,
-            "inflight": len(self._mids),
-            "reconnects": self.reconnects,
-            "refused": self.refusals,
-            "unreachable": self.unreachable,
-            "historical": self.historical,
-            "unroutable": self.unroutable,
-            "acks_received": self.acks_received,
-            "acks_dropped": self.acks_dropped,
-            "ack_refusals_sent": self.refusals_sent,
-            "session_takeovers": self.takeovers,
-            "sessions_lost": self.sessions_lost,
-        }
+    def health(self) -> SinkHealth:
+        """For /healthz and /metrics: state, last error, the delivery window and counters."""
+        return SinkHealth(
+            connected=self._paho.is_connected(),
+            last_error=self.last_error,
+            delivered=self.published,
+            counters={
+                "denied": self.denied,
+                "reconnects": self.reconnects,
+                "refused": self.refusals,
+                "unreachable": self.unreachable,
+                "historical": self.historical,
+                "unroutable": self.unroutable,
+                "acks_received": self.acks_received,
+                "acks_dropped": self.acks_dropped,
+                "ack_refusals_sent": self.refusals_sent,
+                "session_takeovers": self.takeovers,
+                "sessions_lost": self.sessions_lost,
+            },
+            gauges={"inflight": len(self._mids)},
+        )

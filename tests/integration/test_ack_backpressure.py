@@ -8,9 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway import service
 from gateway.config import load_settings
@@ -18,6 +16,7 @@ from gateway.service import Gateway
 from gateway.topics import ack_topic
 from tests.e2e import gateway_config, wait_until
 from tests.integration.test_gateway_e2e import unique_prefix
+from tests.mqtt_helpers import publisher
 from tests.servers import Mosquitto, free_port
 
 pytestmark = pytest.mark.integration
@@ -57,17 +56,14 @@ def test_a_full_ack_queue_holds_acks_back_and_each_is_applied_before_its_puback(
         return puback(mid, qos)
 
     monkeypatch.setattr(sink._paho, "ack", counted_puback)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     gateway.start()
     try:
-        assert wait_until(lambda: bool(sink.health()["connected"]), WAIT_S)
-        client.connect("127.0.0.1", mosquitto.port)
-        client.loop_start()
+        assert wait_until(lambda: bool(sink.health().connected), WAIT_S)
         topic = ack_topic(gateway.topics, NURSE)
         sent = [f"A{i}" for i in range(ACKS)]
-        infos = [client.publish(topic, json.dumps({"alert_id": a}), qos=1) for a in sent]
-        for info in infos:
-            info.wait_for_publish(WAIT_S)  # the broker has them all
+        with publisher(mosquitto.port) as client:
+            for a in sent:  # each PUBACK: the broker has it
+                assert client.publish(topic, json.dumps({"alert_id": a})).accepted
         assert entered.wait(WAIT_S), "the first acknowledgement never reached the pipeline"
         assert wait_until(lambda: gateway.ack_queue_full_waits >= 1, WAIT_S), "queue never full"
         assert applied_at_puback == [], "a PUBACK went out before its ack was applied and stored"
@@ -78,6 +74,4 @@ def test_a_full_ack_queue_holds_acks_back_and_each_is_applied_before_its_puback(
         assert all(done >= n for n, done in enumerate(applied_at_puback, start=1))
     finally:
         release.set()
-        client.loop_stop()
-        client.disconnect()
         gateway.stop()

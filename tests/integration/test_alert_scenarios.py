@@ -26,9 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.points import PHASE_CODES
 from simulator.scenarios import WARD_CYCLE
@@ -44,6 +42,7 @@ from tests.e2e import (
     wait_until,
     ward_running,
 )
+from tests.mqtt_helpers import publisher
 from tests.servers import Influx1, Mosquitto, VictoriaMetrics, free_port
 
 pytestmark = pytest.mark.integration
@@ -397,14 +396,8 @@ class Station:
 
     def acknowledge(self, payload: bytes) -> None:
         """Publish on the ack topic as an operator's dashboard would (QoS 1)."""
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"op-{uuid.uuid4().hex[:8]}")
-        client.connect("127.0.0.1", self.mosquitto.port)
-        client.loop_start()
-        try:
-            client.publish(self.ack_topic, payload, qos=1).wait_for_publish(RETAINED_S)
-        finally:
-            client.loop_stop()
-            client.disconnect()
+        with publisher(self.mosquitto.port) as client:
+            assert client.publish(self.ack_topic, payload, timeout_s=RETAINED_S).accepted
 
     def alert_id(self, pump_id: str, kind: str) -> str:
         """The id of the first alert of that kind for that pump (ids are keyed: not guessable)."""

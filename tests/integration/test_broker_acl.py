@@ -51,6 +51,8 @@ def broker(tmp_path: Path) -> Iterator[ComposeMosquitto]:
         yield server
 
 
+# Raw paho on purpose: the ACL checks need the WebSocket transport, each SUBACK's reason
+# code per call and a count of disconnects, which the gateway's MqttClient seam does not expose.
 class Client:
     """A blocking MQTT 5 client: each call waits for the broker's answer."""
 

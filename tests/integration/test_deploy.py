@@ -174,6 +174,8 @@ def broker(tmp_path: Path) -> Iterator[ComposeMosquitto]:
         yield server
 
 
+# Raw paho on purpose: the ACL checks need the WebSocket transport and each SUBACK's reason
+# code per call, neither of which the gateway's MqttClient seam exposes.
 class Client:
     """A blocking MQTT 5 client for ACL checks: each call waits for the broker's answer."""
 

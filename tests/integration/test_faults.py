@@ -35,10 +35,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 import urllib3
-from paho.mqtt.enums import CallbackAPIVersion
 
 from schemas.models import MODELS_BY_KIND
 from tests.e2e import (
@@ -58,6 +56,7 @@ from tests.e2e import (
     wait_until,
     ward_running,
 )
+from tests.mqtt_helpers import publisher
 from tests.servers import Mosquitto, MosquittoFactory, VictoriaMetrics, free_port
 
 pytestmark = pytest.mark.integration
@@ -1111,7 +1110,7 @@ def test_slow_broker_link_stalled_subscriber_and_slow_database_keep_memory_bound
         collecting(mosquitto.port, prefix) as stalled,
         ward_running(tmp_path, SLOW_WARD) as ward,
     ):
-        stalled._client.loop_stop()  # subscribed, and never reads again: the broker's problem
+        stalled.stall()  # subscribed, and never reads again: the broker's problem
         broker_link.rate_bytes_per_s = SLOW_LINK_BYTES_PER_S
         db.delay_s = SLOW_DATABASE_S
         config = station_config(
@@ -1244,28 +1243,8 @@ def mqtt_publish(
     port: int, topic: str, payload: bytes, *, user: tuple[str, str] | None = None
 ) -> int:
     """Publish once with QoS 1 over MQTT 5; return the broker's PUBACK reason code."""
-    answered = threading.Event()
-    codes: list[int] = []
-
-    def on_publish(client: mqtt.Client, userdata: Any, mid: int, code: Any, props: Any) -> None:
-        codes.append(int(code.value))
-        answered.set()
-
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=unique("operator"), protocol=mqtt.MQTTv5
-    )
-    if user is not None:
-        client.username_pw_set(*user)
-    client.on_publish = on_publish
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        client.publish(topic, payload, qos=1)
-        assert answered.wait(10), f"no PUBACK for {topic}"
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    return codes[0]
+    with publisher(port, user=user) as client:
+        return client.publish(topic, payload).code
 
 
 def publish_ack(

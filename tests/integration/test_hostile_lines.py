@@ -21,9 +21,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.pipeline import pseudonym
 from schemas.codec import MAX_RUN_BYTES, RUN_ERRORS_REPORTED, encode_frame, encode_payload
@@ -47,6 +45,7 @@ from tests.integration.test_faults import (
     figures,
     rss_kib,
 )
+from tests.mqtt_helpers import Probe, settings_for
 from tests.servers import Mosquitto, VictoriaMetrics, free_port
 
 pytestmark = pytest.mark.integration
@@ -195,27 +194,16 @@ class LatencyProbe:
     """Subscribes to telemetry and notes, per reading, gateway receive time to arrival here."""
 
     def __init__(self, port: int, prefix: str) -> None:
-        self.samples: list[tuple[float, float]] = []
-        """(received_at epoch s, latency s)"""
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{free_port()}")
-        subscribed = threading.Event()
-        self._client.on_connect = lambda c, u, f, rc, p: c.subscribe(
-            f"{prefix}/+/+/pumps/+/telemetry", qos=1
-        )
-        self._client.on_subscribe = lambda c, u, m, rc, p: subscribed.set()
-        self._client.on_message = self._on_message
-        self._client.connect("127.0.0.1", port)
-        self._client.loop_start()
-        assert subscribed.wait(10)
+        self._probe = Probe(settings_for(port), [f"{prefix}/+/+/pumps/+/telemetry"]).start()
 
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        arrived_s = time.time()
-        data = json.loads(msg.payload)
-        received_s = _epoch(data["received_at"])
-        self.samples.append((received_s, arrived_s - received_s))
+    @property
+    def samples(self) -> list[tuple[float, float]]:
+        """(received_at epoch s, latency s)"""
+        stamped = [(_epoch(m.json()["received_at"]), m.arrived_s) for m in self._probe.messages()]
+        return [(received_s, arrived_s - received_s) for received_s, arrived_s in stamped]
 
     def percentiles_ms(self, start_s: float, end_s: float) -> dict[str, float]:
-        window = sorted(lat for at, lat in list(self.samples) if start_s <= at < end_s)
+        window = sorted(lat for at, lat in self.samples if start_s <= at < end_s)
         if len(window) < 2:
             return {"readings": len(window)}
         cuts = statistics.quantiles(window, n=100)
@@ -226,8 +214,7 @@ class LatencyProbe:
         }
 
     def close(self) -> None:
-        self._client.loop_stop()
-        self._client.disconnect()
+        self._probe.close()
 
 
 def _epoch(text: str) -> float:

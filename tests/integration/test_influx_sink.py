@@ -26,6 +26,7 @@ from gateway.adapters.influx import InfluxSettings, InfluxSink
 from gateway.outbox import Outbox
 from gateway.points import PointTags, epoch_ns, line_for, point_time_ns
 from gateway.records import OutRecord, StoredRecord
+from gateway.sink_health import SinkHealth
 from schemas.models import AlertTransition, DeviceEvent, Reading
 from tests.servers import Influx1, VictoriaMetrics
 
@@ -126,9 +127,9 @@ def running(sink: InfluxSink) -> Iterator[threading.Event]:
         assert not thread.is_alive()
 
 
-def sent_up_to(seq: int) -> Callable[[dict[str, Any]], bool]:
+def sent_up_to(seq: int) -> Callable[[SinkHealth], bool]:
     """A wait_for predicate: the sink has delivered every row up to seq."""
-    return lambda health: bool(health["sent_up_to"] == seq)
+    return lambda health: health.gauges["sent_up_to"] == seq
 
 
 def vm_settings(server: VictoriaMetrics, **changes: Any) -> InfluxSettings:
@@ -280,11 +281,11 @@ def test_victoria_metrics_outage_mid_drain_loses_nothing(
         assert sink.drain_once(threading.Event()) == 400
         victoria_metrics.stop()
         with running(sink):
-            assert sink.wait_for(lambda h: h["retries"] >= 3 and not h["connected"], WAIT_S)
+            assert sink.wait_for(lambda h: h.counters["retries"] >= 3 and not h.connected, WAIT_S)
             assert outbox.cursor("influx") == 400
             victoria_metrics.start()
             assert sink.wait_for(sent_up_to(last), WAIT_S)
-        assert sink.health()["connected"]
+        assert sink.health().connected
     assert poisoned.calls == []
     assert vm_points(victoria_metrics, f"{prefix}pump_reading_reservoir_ml", 2000) == (
         expected_vm(readings, "reservoir_ml")
@@ -331,10 +332,10 @@ def test_wrong_credentials_are_retried_slowly_and_nothing_is_dropped(
             **FAST_RETRY,
         )
         with sink_for(wrong, outbox) as (sink, poisoned), running(sink):
-            assert sink.wait_for(lambda h: h["retries"] >= 2, WAIT_S)
+            assert sink.wait_for(lambda h: h.counters["retries"] >= 2, WAIT_S)
             health = sink.health()
-            assert "HTTP 401" in health["last_error"]
-            assert not health["connected"]  # /healthz reports the sink as not delivering
+            assert "HTTP 401" in (health.last_error or "")
+            assert not health.connected  # /healthz reports the sink as not delivering
             assert outbox.cursor("influx") == 0
             assert poisoned.calls == []
         right = InfluxSettings(
@@ -427,7 +428,7 @@ def test_rejected_points_are_isolated_reported_and_the_rest_lands(
     last = outbox.append(rows)
     with sink_for(influx1_settings(influx1, db), outbox) as (sink, poisoned):
         assert sink.drain(threading.Event()) == len(rows)
-        assert sink.health()["poisoned"] == 2
+        assert sink.health().counters["poisoned"] == 2
     reasons = {record.record_id: reason for record, reason in poisoned.calls}
     assert set(reasons) == {conflicting.record_id, "garbage:1"}
     assert "HTTP 400" in reasons[conflicting.record_id]
@@ -448,8 +449,8 @@ def test_influxdb1_outage_mid_drain_loses_nothing(influx1: Influx1, outbox: Outb
         assert sink.drain_once(threading.Event()) == 300
         influx1.stop()
         with running(sink):
-            assert sink.wait_for(lambda h: h["retries"] >= 3 and not h["connected"], WAIT_S)
-            assert "cannot reach" in sink.health()["last_error"]
+            assert sink.wait_for(lambda h: h.counters["retries"] >= 3 and not h.connected, WAIT_S)
+            assert "cannot reach" in (sink.health().last_error or "")
             influx1.start()
             assert sink.wait_for(sent_up_to(last), WAIT_S)
     assert poisoned.calls == []
@@ -463,8 +464,8 @@ def test_missing_database_is_retried_until_it_exists(influx1: Influx1, outbox: O
     last = outbox.append(records(readings, PointTags("north", "bed-1")))
     settings = influx1_settings(influx1, db, **FAST_RETRY)
     with sink_for(settings, outbox) as (sink, poisoned), running(sink):
-        assert sink.wait_for(lambda h: h["retries"] >= 2, WAIT_S)
-        assert "database not found" in sink.health()["last_error"]
+        assert sink.wait_for(lambda h: h.counters["retries"] >= 2, WAIT_S)
+        assert "database not found" in (sink.health().last_error or "")
         influx1.create_database(db)
         assert sink.wait_for(sent_up_to(last), WAIT_S)
     assert poisoned.calls == []
@@ -506,7 +507,7 @@ def test_retry_after_from_the_server_is_honoured(outbox: Outbox) -> None:
         settings = InfluxSettings(url=url, api="v1", bucket="pumps", retry_initial_s=0.01)
         with sink_for(settings, outbox) as (sink, _):
             sink.drain(threading.Event())
-            assert sink.health()["retries"] == 1
+            assert sink.health().counters["retries"] == 1
     finally:
         server.shutdown()
         server.server_close()

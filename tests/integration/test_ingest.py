@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -20,16 +19,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
+from gateway.adapters.mqtt_client import session_properties
 from gateway.ingest import IngestSettings, IngestWorker, load_ingest_settings
 from gateway.points import point_time_ns
 from schemas.models import Reading
 from tests.e2e import outbox_record_ids, wait_until, write_config
+from tests.mqtt_helpers import Probe, settings_for
 from tests.servers import Mosquitto, VictoriaMetrics, log_tail
 
 pytestmark = pytest.mark.integration
@@ -116,22 +113,17 @@ def messages(prefix: str) -> list[tuple[str, bytes, Reading]]:
 
 
 class Producer:
-    """A paho client standing in for the gateways: QoS 1 publishes, waited for one by one."""
+    """A client standing in for the gateways: QoS 1 publishes, every PUBACK waited for."""
 
     def __init__(self, port: int) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
+        self.client = Probe(settings_for(port)).start()
 
     def publish(self, batch: list[tuple[str, bytes, Reading]]) -> None:
-        infos = [self.client.publish(topic, payload, qos=1) for topic, payload, _ in batch]
-        for info in infos:
-            info.wait_for_publish(PUBLISH_S)
-            assert info.is_published()
+        pubacks = self.client.publish_all([(t, p) for t, p, _ in batch], timeout_s=PUBLISH_S)
+        assert all(puback.accepted for puback in pubacks)
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.client.close()
 
 
 @pytest.fixture
@@ -365,18 +357,11 @@ def test_a_retiring_worker_hands_over_its_share_and_leaves_the_group(
 
 def session_present(port: int, client_id: str) -> bool:
     """Whether the broker still holds a session for this client id (connects once to see)."""
-    answers: queue.SimpleQueue[bool] = queue.SimpleQueue()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    client.on_connect = lambda c, u, flags, rc, p: answers.put(bool(flags.session_present))
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = 0
-    client.connect("127.0.0.1", port, clean_start=False, properties=props)
-    client.loop_start()
+    probe = Probe(settings_for(port), client_id=client_id)
     try:
-        return answers.get(timeout=10)
+        return probe.start(clean_start=False, properties=session_properties(0)).session_present
     finally:
-        client.disconnect()
-        client.loop_stop()
+        probe.close()
 
 
 # --- a poison message never stops ingest ----------------------------------------------------
@@ -396,8 +381,8 @@ def test_a_retained_poison_message_is_quarantined_and_the_worker_keeps_storing(
     config = ingest_config(tmp_path / "ingest.toml", names, broker, victoria_metrics)
     batch = messages(names.prefix)[:24]
     poison_topic = batch[0][0]
-    info = producer.client.publish(poison_topic, poison_payload(batch[0][2].pump_id), 1, True)
-    info.wait_for_publish(PUBLISH_S)
+    poison = poison_payload(batch[0][2].pump_id)
+    assert producer.client.publish(poison_topic, poison, retain=True).accepted
     worker = WorkerProcess(config, tmp_path / "w", "worker-poison").start()
     try:
         assert wait_until(worker.subscribed, 20), worker.log()

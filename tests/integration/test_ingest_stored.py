@@ -9,7 +9,6 @@ import urllib.parse
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -17,6 +16,7 @@ from gateway.adapters.influx import InfluxSettings, InfluxSink
 from gateway.outbox import Outbox
 from gateway.points import PointTags, line_for
 from gateway.records import OutRecord, StoredRecord
+from gateway.sink_health import SinkHealth
 from schemas.models import Reading
 from tests.e2e import wait_until
 from tests.servers import Influx1, VictoriaMetrics, http_request
@@ -47,7 +47,7 @@ def store(outbox: Outbox, readings: list[Reading], tags: PointTags) -> None:
     )
 
 
-def drain(settings: InfluxSettings, outbox: Outbox) -> tuple[dict[str, Any], list[str]]:
+def drain(settings: InfluxSettings, outbox: Outbox) -> tuple[SinkHealth, list[str]]:
     """Drain the outbox once; (sink health, reasons of the refused points)."""
     refused: list[str] = []
 
@@ -102,8 +102,8 @@ def test_a_point_victoria_metrics_would_drop_is_refused_not_delivered(
         assert outbox.backlog("influx")[0] == 0
     finally:
         outbox.close()
-    assert health["written"] == 2
-    assert health["poisoned"] == 1
+    assert health.delivered == 2
+    assert health.counters["poisoned"] == 1
     assert len(refused) == 1
     assert "influx.max_point_ahead_s" in refused[0]
     match = f'{{__name__="{tags.measurement_prefix}pump_reading_reservoir_ml"}}'
@@ -125,7 +125,7 @@ def test_a_point_older_than_the_configured_retention_is_refused(
         health, refused = drain(settings, outbox)
     finally:
         outbox.close()
-    assert (health["written"], health["poisoned"]) == (1, 1)
+    assert (health.delivered, health.counters["poisoned"]) == (1, 1)
     assert "influx.max_point_age_days 31" in refused[0]
 
 
@@ -146,7 +146,7 @@ def test_an_influxdb_partial_write_refuses_only_the_dropped_point(
         health, refused = drain(settings, outbox)
     finally:
         outbox.close()
-    assert health["poisoned"] == 1
+    assert health.counters["poisoned"] == 1
     assert "partial write" in refused[0]
     answer = influx1.query("SELECT count(reservoir_ml) FROM pump_reading", db)
     assert answer["results"][0]["series"][0]["values"][0][1] == 1

@@ -21,13 +21,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.ingest import IngestSettings, IngestWorker, load_ingest_settings
 from schemas.models import Reading
 from tests.e2e import wait_until, write_config
+from tests.mqtt_helpers import Probe, settings_for
 from tests.servers import Mosquitto, VictoriaMetrics, find_binary, free_port
 
 pytestmark = pytest.mark.integration
@@ -82,23 +81,17 @@ def config(tmp_path: Path, prefix: str, broker: Mosquitto, vm: VictoriaMetrics,
 
 
 class Publisher:
-    """A paho client publishing many messages at once and waiting for every PUBACK."""
+    """Publishes many messages at once (up to 1,000 in flight) and waits for every PUBACK."""
 
     def __init__(self, port: int) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.max_inflight_messages_set(1000)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
+        self.client = Probe(settings_for(port)).start()
 
-    def publish(self, messages: list[tuple[str, bytes]], qos: int = 1) -> None:
-        infos = [self.client.publish(topic, payload, qos=qos) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(WAIT_S)
-            assert info.is_published()
+    def publish(self, messages: list[tuple[str, bytes]]) -> None:
+        pubacks = self.client.publish_all(messages, timeout_s=WAIT_S)
+        assert all(puback.accepted for puback in pubacks)
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.client.close()
 
 
 @pytest.fixture

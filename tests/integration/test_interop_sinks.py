@@ -17,9 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.adapters.delivery import Outgoing, Verdict
 from gateway.adapters.mllp import Hl7Settings, MllpTransport
@@ -33,6 +31,7 @@ from tests.e2e import (
     wait_until,
 )
 from tests.interop_servers import FhirEndpoint, MllpReceiver
+from tests.mqtt_helpers import publisher
 from tests.servers import Mosquitto, Pki
 
 pytestmark = pytest.mark.integration
@@ -141,15 +140,9 @@ def ack_topic(prefix: str) -> str:
 
 
 def acknowledge(mosquitto: Mosquitto, prefix: str, alert_id: str) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"op-{uuid.uuid4().hex[:8]}")
-    client.connect("127.0.0.1", mosquitto.port)
-    client.loop_start()
-    try:
-        body = {"alert_id": alert_id, "by": OPERATOR, "at": "2026-01-05T08:30:00Z"}
-        client.publish(ack_topic(prefix), json.dumps(body).encode(), qos=1).wait_for_publish(10)
-    finally:
-        client.loop_stop()
-        client.disconnect()
+    body = {"alert_id": alert_id, "by": OPERATOR, "at": "2026-01-05T08:30:00Z"}
+    with publisher(mosquitto.port) as client:
+        assert client.publish(ack_topic(prefix), json.dumps(body).encode()).accepted
 
 
 def assert_same_id_same_message(receiver: MllpReceiver) -> None:

@@ -18,12 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.adapters.mqtt import KICKED_WITHIN_S, MqttSink, ReceivedAck
 from gateway.adapters.mqtt_client import MqttSettings, MqttTls, SelectableEvent
@@ -31,10 +26,10 @@ from gateway.outbox import Outbox
 from gateway.records import OutRecord, StoredRecord
 from gateway.topics import TopicBase, ack_topic, status_topic, subscription_filter
 from schemas.models import GatewayStatus
+from tests.mqtt_helpers import Probe, Received, subscribed
 from tests.servers import LOOPBACK, Mosquitto, MosquittoFactory, MosquittoTls, Pki
 
 pytestmark = pytest.mark.integration
-Message = mqtt.MQTTMessage
 
 WAIT_S = 15.0
 SITE, STATION = "site", "st"
@@ -103,81 +98,23 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> bool:
     return True
 
 
-class Subscriber:
-    """A paho v5 subscriber; messages land in a queue. `persistent` keeps its session."""
-
-    def __init__(
-        self,
-        port: int,
-        topic_filter: str,
-        *,
-        user: tuple[str, str] | None = None,
-        persistent: bool = False,
-    ) -> None:
-        self.port = port
-        self.topic_filter = topic_filter
-        self.persistent = persistent
-        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-        self.subscribed = threading.Event()
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"sub-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
-        )
-        if user is not None:
-            self.client.username_pw_set(*user)
-        self.client.reconnect_delay_set(1, 1)
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = lambda *args: self.subscribed.set()
-        self.client.on_message = lambda c, u, m: self.messages.put(m)
-
-    def _on_connect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
-    ) -> None:
-        if not rc.is_failure:
-            client.subscribe(self.topic_filter, qos=1)
-
-    def __enter__(self) -> Subscriber:
-        props = None
-        if self.persistent:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = 600
-        self.client.connect_async(
-            LOOPBACK, self.port, clean_start=not self.persistent, properties=props
-        )
-        self.client.loop_start()
-        assert self.subscribed.wait(WAIT_S), "subscriber got no SUBACK"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def next(self, timeout_s: float = WAIT_S) -> mqtt.MQTTMessage:
-        return self.messages.get(timeout=timeout_s)
-
-    def collect(self, want: set[str], timeout_s: float = WAIT_S) -> dict[str, list[Message]]:
-        """Messages by record_id until every id in `want` was seen (or the timeout)."""
-        seen: dict[str, list[mqtt.MQTTMessage]] = {}
-        deadline = time.monotonic() + timeout_s
-        while not want <= seen.keys():
-            try:
-                message = self.next(max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            seen.setdefault(record_id(message), []).append(message)
-        return seen
+def collect(sub: Probe, want: set[str], timeout_s: float = WAIT_S) -> dict[str, list[Received]]:
+    """Messages by record_id, taken until every id in `want` was seen (or the timeout)."""
+    seen: dict[str, list[Received]] = {}
+    deadline = time.monotonic() + timeout_s
+    while not want <= seen.keys():
+        message = sub.poll(max(0.0, deadline - time.monotonic()))
+        if message is None:
+            break
+        seen.setdefault(record_id(message), []).append(message)
+    return seen
 
 
-def record_id(message: mqtt.MQTTMessage) -> str:
+def record_id(message: Received) -> str:
     """The record_id in the payload; status messages (which have none) are keyed by topic."""
     rid = json.loads(message.payload).get("record_id", message.topic)
     assert isinstance(rid, str)
     return rid
-
-
-def props_of(message: mqtt.MQTTMessage) -> dict[str, str]:
-    return dict(getattr(message.properties, "UserProperty", None) or [])
 
 
 @pytest.fixture
@@ -256,19 +193,19 @@ def test_every_record_arrives_and_the_cursor_moves_only_on_puback(
 ) -> None:
     records = readings(500)
     sink = make_sink(outbox, base, mosquitto.port, protocol=protocol)
-    with Subscriber(mosquitto.port, subscription_filter(base)) as sub, running(sink) as wake:
-        assert wait_for(lambda: sink.health()["connected"])
+    with subscribed(mosquitto.port, subscription_filter(base)) as sub, running(sink) as wake:
+        assert wait_for(lambda: sink.health().connected)
         with paused(mosquitto):
             last = append(outbox, records, wake)
             # publish() succeeds into the socket, but no PUBACK can come back
             assert not outbox.wait_cursor(1, 1.0), "the cursor moved without a PUBACK"
-            assert sink.health()["inflight"] > 0
+            assert sink.health().inflight > 0
             assert outbox.backlog("mqtt")[0] == len(records)
         assert outbox.wait_cursor(last)
-        seen = sub.collect({r.record_id for r in records})
+        seen = collect(sub, {r.record_id for r in records})
     assert seen.keys() >= {r.record_id for r in records}
     assert outbox.backlog("mqtt") == (0, None)
-    assert sink.health()["published"] == len(records)
+    assert sink.health().delivered == len(records)
     assert outbox.acks == sorted(outbox.acks)
     topics = {m.topic for ms in seen.values() for m in ms if m.topic != status_topic(base)}
     assert topics == {f"{base.root}/pumps/P1/telemetry"}
@@ -278,10 +215,10 @@ def test_v5_messages_carry_the_record_id_and_json_content_type(
     mosquitto: Mosquitto, outbox: WatchedOutbox, base: TopicBase
 ) -> None:
     sink = make_sink(outbox, base, mosquitto.port)
-    with Subscriber(mosquitto.port, f"{base.root}/pumps/#") as sub, running(sink) as wake:
+    with subscribed(mosquitto.port, f"{base.root}/pumps/#") as sub, running(sink) as wake:
         append(outbox, readings(1), wake)
         message = sub.next()
-    assert props_of(message) == {"record_id": "P1:r:0"}
+    assert message.user_properties == {"record_id": "P1:r:0"}
     assert message.properties.ContentType == "application/json"  # type: ignore[union-attr]
     assert message.qos == 1
 
@@ -296,9 +233,9 @@ def test_retained_kinds_are_retained_for_late_subscribers(
     with running(sink) as wake:
         last = append(outbox, [*readings(1), status], wake)
         assert outbox.wait_cursor(last)
-    with Subscriber(mosquitto.port, f"{base.root}/pumps/#") as late:
+    with subscribed(mosquitto.port, f"{base.root}/pumps/#") as late:
         message = late.next()
-        assert late.messages.empty()
+        assert late.messages() == [message]
     assert (message.topic, message.retain) == (f"{base.root}/pumps/P1/status", True)
 
 
@@ -309,25 +246,25 @@ def test_broker_outage_loses_nothing_and_the_cursor_never_passes_unacknowledged_
     everything = {r.record_id for r in [*before, *during, *after]}
     sink = make_sink(outbox, base, mosquitto.port)
     with (
-        Subscriber(mosquitto.port, subscription_filter(base), persistent=True) as sub,
+        subscribed(mosquitto.port, subscription_filter(base), persistent=True) as sub,
         running(sink) as wake,
     ):
         assert outbox.wait_cursor(append(outbox, before, wake))
         append(outbox, during, wake)
         mosquitto.stop()  # mid-stream: some of `during` are in flight
         last = append(outbox, after, wake)
-        assert wait_for(lambda: "cannot reach" in (sink.health()["last_error"] or ""))
+        assert wait_for(lambda: "cannot reach" in (sink.health().last_error or ""))
         # every PUBACK that arrived before the loss is processed by now
         cursor_at_stop = outbox.cursor("mqtt")
         assert cursor_at_stop < last
         assert not outbox.wait_cursor(cursor_at_stop + 1, 1.0), "moved with the broker down"
         mosquitto.start()
         assert outbox.wait_cursor(last, 30.0)
-        seen = sub.collect(everything, 30.0)
+        seen = collect(sub, everything, 30.0)
     assert everything - seen.keys() == set()
     assert outbox.backlog("mqtt") == (0, None)
     assert outbox.acks == sorted(outbox.acks)
-    assert sink.health()["reconnects"] >= 1
+    assert sink.health().counters["reconnects"] >= 1
 
 
 def test_backlog_is_replayed_at_the_limited_rate_flagged_historical_without_starving_live(
@@ -339,25 +276,25 @@ def test_backlog_is_replayed_at_the_limited_rate_flagged_historical_without_star
     outbox.aged = {r.record_id for r in backlog}
     sink = make_sink(outbox, base, mosquitto.port, replay_rate_per_s=rate_per_s)
     append(outbox, backlog, None)
-    with Subscriber(mosquitto.port, f"{base.root}/pumps/#") as sub, running(sink) as wake:
+    with subscribed(mosquitto.port, f"{base.root}/pumps/#") as sub, running(sink) as wake:
         first = sub.next()
         started = time.monotonic()
         last = append(outbox, live, wake)
-        got = sub.collect({live[0].record_id}, 5.0)
+        got = collect(sub, {live[0].record_id}, 5.0)
         live_after_s = time.monotonic() - started
         assert outbox.wait_cursor(last, 30.0)
-        replayed = sub.collect({r.record_id for r in backlog} - got.keys() - {record_id(first)})
+        replayed = collect(sub, {r.record_id for r in backlog} - got.keys() - {record_id(first)})
         elapsed_s = time.monotonic() - started
     assert live[0].record_id in got
     old_before_live = sum(1 for rid in got if rid != live[0].record_id) + 1
     assert old_before_live < len(backlog) / 2, "live data waited for the backlog"
     assert live_after_s < 1.0
-    assert "historical" not in props_of(got[live[0].record_id][0])
-    assert props_of(first)["historical"] == "true"
-    assert all(props_of(ms[0])["historical"] == "true" for ms in replayed.values())
+    assert "historical" not in got[live[0].record_id][0].user_properties
+    assert first.user_properties["historical"] == "true"
+    assert all(ms[0].user_properties["historical"] == "true" for ms in replayed.values())
     burst = rate_per_s * 0.1
     assert elapsed_s >= (len(backlog) - burst) / rate_per_s * 0.9
-    assert sink.health()["historical"] >= len(backlog)
+    assert sink.health().counters["historical"] >= len(backlog)
 
 
 # --- birth, last will, acknowledgements -------------------------------------------------------
@@ -369,7 +306,7 @@ def test_birth_is_retained_and_a_lost_connection_publishes_the_last_will(
 ) -> None:
     sink = make_sink(outbox, base, mosquitto.port, protocol=protocol)
     states: list[str] = []
-    with Subscriber(mosquitto.port, status_topic(base)) as sub, running(sink):
+    with subscribed(mosquitto.port, status_topic(base)) as sub, running(sink):
         states.append(json.loads(sub.next().payload)["state"])
         sock = sink._paho.socket()
         assert isinstance(sock, socket.socket)
@@ -377,7 +314,7 @@ def test_birth_is_retained_and_a_lost_connection_publishes_the_last_will(
         states.append(json.loads(sub.next().payload)["state"])
         states.append(json.loads(sub.next().payload)["state"])  # the birth after reconnect
     assert states == ["online", "offline", "online"]
-    with Subscriber(mosquitto.port, status_topic(base)) as late:
+    with subscribed(mosquitto.port, status_topic(base)) as late:
         retained = late.next()
     assert retained.retain
     assert json.loads(retained.payload)["state"] == "offline", "a clean stop says offline too"
@@ -389,14 +326,13 @@ def test_operator_acknowledgement_is_handed_over_with_topic_and_user_properties(
     received: queue.Queue[ReceivedAck] = queue.Queue()
     sink = make_sink(outbox, base, mosquitto.port, on_ack=received.put)
     ack = json.dumps({"alert_id": "P1:low_reservoir:1", "by": "nurse-7"}).encode()
-    with Subscriber(mosquitto.port, status_topic(base)) as sub, running(sink):
+    with subscribed(mosquitto.port, status_topic(base)) as sub, running(sink):
         assert json.loads(sub.next().payload)["state"] == "online"  # subscribed before the birth
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.UserProperty = ("console", "ward-3")
-        sub.client.publish(ack_topic(base, "nurse-7"), ack, qos=1, properties=props)
+        console = [("console", "ward-3")]
+        assert sub.publish(ack_topic(base, "nurse-7"), ack, user_properties=console).accepted
         got = received.get(timeout=WAIT_S)
     assert got == ReceivedAck(ack_topic(base, "nurse-7"), ack, (("console", "ward-3"),))
-    assert sink.health()["acks_received"] == 1
+    assert sink.health().counters["acks_received"] == 1
 
 
 # --- refusals ----------------------------------------------------------------------------------
@@ -415,9 +351,9 @@ def settles(sink: MqttSink, steady_s: float = KICKED_WITHIN_S + 0.5) -> bool:
     losing the connection is not taken for a kick after a denial)."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        seen = sink.health()["reconnects"]
+        seen = sink.health().counters["reconnects"]
         if not wait_for(
-            lambda: not sink.health()["connected"] or sink.health()["reconnects"] != seen,  # noqa: B023
+            lambda: not sink.health().connected or sink.health().counters["reconnects"] != seen,  # noqa: B023
             steady_s,
         ):
             return True
@@ -440,26 +376,26 @@ def test_denied_publish_is_counted_logged_once_kept_and_delivered_once_the_acl_a
     sink = make_sink(outbox, base, broker.port, username="gw", password="gw-pass")
     want = {r.record_id for r in [*denied, status]}
     with (
-        Subscriber(
+        subscribed(
             broker.port, subscription_filter(base), user=("reader", "reader-pass"), persistent=True
         ) as sub,
         running(sink) as wake,
     ):
         last = append(outbox, [*denied, status], wake)
-        assert sub.collect({status.record_id}).keys() >= {status.record_id}
+        assert collect(sub, {status.record_id}).keys() >= {status.record_id}
         # One denial holds back the rest of its kind. Mosquitto 2.0 also drops the connection
         # after it; the sink comes back with the kind still held, and stays connected.
-        assert wait_for(lambda: sink.health()["denied"] >= 1)
+        assert wait_for(lambda: sink.health().counters["denied"] >= 1)
         assert settles(sink), "the sink keeps reconnecting"
         health = sink.health()
-        assert "Not authorized (0x87)" in (health["last_error"] or "")
+        assert "Not authorized (0x87)" in (health.last_error or "")
         assert outbox.cursor("mqtt") == 0, "a denied record must hold the cursor"
         assert outbox.backlog("mqtt")[0] == len(denied) + 1
         assert broker.acl_file is not None
         broker.acl_file.write_text(acl_for(base, telemetry=True))
         broker.restart()
         assert outbox.wait_cursor(last, 30.0)
-        seen = sub.collect(want - {status.record_id}, 30.0)
+        seen = collect(sub, want - {status.record_id}, 30.0)
     assert seen.keys() >= want - {status.record_id}
     assert outbox.backlog("mqtt") == (0, None)
     errors = [r for r in caplog.records if r.levelno == logging.ERROR and "denied" in r.message]
@@ -483,23 +419,23 @@ def test_wrong_password_is_a_clear_error_nothing_is_acked_and_records_arrive_onc
     records = readings(50)
     sink = make_sink(outbox, base, broker.port, username="gw", password_file=password_file)
     with (
-        Subscriber(
+        subscribed(
             broker.port, subscription_filter(base), user=("reader", "reader-pass"), persistent=True
         ) as sub,
         running(sink) as wake,
     ):
         last = append(outbox, records, wake)
-        assert wait_for(lambda: sink.health()["refused"] >= 1)
+        assert wait_for(lambda: sink.health().counters["refused"] >= 1)
         health = sink.health()
-        assert health["connected"] is False
-        assert "refused the connection" in health["last_error"]
-        assert "check mqtt.username" in health["last_error"]
+        assert health.connected is False
+        assert "refused the connection" in (health.last_error or "")
+        assert "check mqtt.username" in (health.last_error or "")
         assert outbox.cursor("mqtt") == 0
         broker.add_user("gw", secret)  # the operator fixes the broker side
         assert outbox.wait_cursor(last, 30.0)
-        seen = sub.collect({r.record_id for r in records})
+        seen = collect(sub, {r.record_id for r in records})
     assert seen.keys() >= {r.record_id for r in records}
-    assert sink.health()["last_error"] is None
+    assert sink.health().last_error is None
     assert secret not in caplog.text
     assert secret not in repr(sink.health())
     assert secret not in repr(sink.settings)
@@ -516,9 +452,9 @@ def test_tls_broker_verified_by_the_configured_ca(
         url=f"mqtts://localhost:{broker.tls_port}",
         tls=MqttTls(ca_file=pki.ca_cert),
     )
-    with Subscriber(broker.port, f"{base.root}/pumps/#") as sub, running(sink) as wake:
+    with subscribed(broker.port, f"{base.root}/pumps/#") as sub, running(sink) as wake:
         append(outbox, readings(3), wake)
-        seen = sub.collect({"P1:r:0", "P1:r:1", "P1:r:2"})
+        seen = collect(sub, {"P1:r:0", "P1:r:1", "P1:r:2"})
     assert set(seen) == {"P1:r:0", "P1:r:1", "P1:r:2"}
 
 
@@ -538,6 +474,6 @@ def test_tls_broker_with_an_unknown_ca_is_refused(
     )
     with running(sink) as wake:
         append(outbox, readings(1), wake)
-        assert wait_for(lambda: "cannot reach" in (sink.health()["last_error"] or ""))
-        assert not sink.health()["connected"]
+        assert wait_for(lambda: "cannot reach" in (sink.health().last_error or ""))
+        assert not sink.health().connected
     assert outbox.cursor("mqtt") == 0

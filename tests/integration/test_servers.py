@@ -31,6 +31,8 @@ from tests.servers import (
 WAIT_S = 5.0
 
 
+# Raw paho on purpose: it tests the broker fixture itself, with reconnect_on_failure=False
+# (the seam always reconnects) and a CONNACK of None when the broker hangs up first.
 class MqttProbe:
     """A paho client whose CONNACKs, SUBACKs and messages land in queues a test waits on."""
 

@@ -8,16 +8,13 @@ full, a client-id takeover with the births and the retained state that follow it
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.service import STATUS_SEQ_BLOCK as BLOCK
 from tests.e2e import Collector, GatewayProcess, gateway_config, wait_until
@@ -30,6 +27,7 @@ from tests.integration.test_gateway_e2e import (
     unique_prefix,
     ward_running,
 )
+from tests.mqtt_helpers import Probe, probing, publisher, settings_for
 from tests.servers import Mosquitto, free_port
 
 pytestmark = pytest.mark.integration
@@ -60,14 +58,8 @@ def ack(alert_id: str, **fields: str) -> bytes:
 
 
 def publish_retained(port: int, topic: str, payload: bytes) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
-    finally:
-        client.loop_stop()
-        client.disconnect()
+    with publisher(port) as client:
+        assert client.publish(topic, payload, retain=True).accepted
 
 
 def alerts(collector: Collector, **match: Any) -> list[dict[str, Any]]:
@@ -216,18 +208,10 @@ def retained_now(port: int, topic: str, session_id: str) -> dict[str, Any] | Non
 
 
 @contextmanager
-def taking_over(port: int, client_id: str) -> Iterator[threading.Event]:
+def taking_over(port: int, client_id: str) -> Iterator[Probe]:
     """A client that connects with the gateway's client id and a clean start (kicking it off)."""
-    connected = threading.Event()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    client.on_connect = lambda c, u, f, rc, p: connected.set()
-    client.connect("127.0.0.1", port, clean_start=True)
-    client.loop_start()
-    try:
-        yield connected
-    finally:
-        client.loop_stop()
-        client.disconnect()
+    with probing(settings_for(port), client_id=client_id) as intruder:  # waits for its CONNACK
+        yield intruder
 
 
 def test_after_a_takeover_the_birth_outranks_the_will_and_retained_state_is_reasserted(
@@ -255,8 +239,7 @@ def test_after_a_takeover_the_birth_outranks_the_will_and_retained_state_is_reas
             assert status["seq"] > 0
 
             publish_retained(port, f"{root}/pumps/P0001/alerts/active", forged)
-            with taking_over(port, f"pumpgw-{SITE}-{STATION}") as connected:
-                assert connected.wait(10)
+            with taking_over(port, f"pumpgw-{SITE}-{STATION}"):
                 time.sleep(0.5)  # the intruder holds the session a moment
             assert collector.wait_for(
                 lambda: sum(s["state"] == "online" for s in statuses(collector)) >= 2, METRICS_S

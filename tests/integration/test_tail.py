@@ -10,14 +10,11 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from gateway.tail import run_tail
 from schemas.models import AlarmState, AlertTransition, AlertType, GatewayStatus, Phase, Priority
+from tests.mqtt_helpers import publisher
 from tests.servers import Mosquitto, MosquittoFactory
 
 pytestmark = pytest.mark.integration
@@ -80,19 +77,9 @@ def publish(
     port: int, topic: str, payload: str, *, retain: bool = False, historical: bool = False
 ) -> None:
     """Publish one QoS 1 message with MQTT 5 and wait for its PUBACK."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    if historical:
-        props.UserProperty = ("historical", "true")
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        client.publish(topic, payload, qos=1, retain=retain, properties=props).wait_for_publish(
-            TIMEOUT_S
-        )
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    props = [("historical", "true")] if historical else []
+    with publisher(port) as client:
+        assert client.publish(topic, payload, retain=retain, user_properties=props).accepted
 
 
 def alert_json(pump_id: str) -> str:

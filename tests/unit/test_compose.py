@@ -423,8 +423,8 @@ def metric_names(tmp_path: Path) -> set[str]:
     influx_sink = InfluxSink(influx, outbox, on_poison=lambda r, w: None, rng=random.Random(1))
     sinks = []
     for name, health in (("mqtt", mqtt_sink.health()), ("influx", influx_sink.health())):
-        extra = {k: 0 for k, v in health.items() if isinstance(v, int) and not isinstance(v, bool)}
-        sinks.append(SinkObservation(name, True, 0, None, 0, None, extra))
+        counters, gauges = dict.fromkeys(health.counters, 0), dict.fromkeys(health.gauges, 0)
+        sinks.append(SinkObservation(name, True, 0, None, 0, None, counters, gauges))
     influx_sink.close()
     outbox.close()
     obs = Observation(

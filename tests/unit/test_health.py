@@ -115,7 +115,7 @@ ALERT_RULES = Path(__file__).parents[2] / "deploy" / "prometheus" / "pumpgw-aler
 
 
 def test_each_family_has_one_type_and_gauges_carry_no_total_suffix() -> None:
-    sink = SinkObservation("mqtt", True, 4, 1.5, 8, None, {"denied": 1, "inflight": 7})
+    sink = SinkObservation("mqtt", True, 4, 1.5, 8, None, {"denied": 1}, {"inflight": 7})
     families = {
         f.name: f
         for f in text_string_to_metric_families(render_metrics(observation(sinks=(sink,))))

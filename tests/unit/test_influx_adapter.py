@@ -262,7 +262,7 @@ def test_bisection_isolates_the_bad_point_and_writes_the_rest(outbox: Outbox) ->
     assert poisoned == [("P1:b:37", "HTTP 400: unable to parse 'garbage'")]
     assert set(transport.written) == {f"m f={n}".encode() for n in range(100) if n != 37}
     assert outbox.cursor("influx") == 100
-    assert sink.health()["poisoned"] == 1
+    assert sink.health().counters["poisoned"] == 1
     assert len(transport.bodies) <= 2 * 7 + 1  # one path down a tree of depth log2(100)
 
 
@@ -316,8 +316,8 @@ def test_unavailable_server_is_retried_until_it_answers(outbox: Outbox) -> None:
     sink = make_sink(outbox, transport, [])
     sink.drain(threading.Event())
     health = sink.health()
-    assert (health["retries"], health["written"], health["connected"]) == (3, 1, True)
-    assert health["last_error"] is None
+    assert (health.counters["retries"], health.delivered, health.connected) == (3, 1, True)
+    assert health.last_error is None
     assert outbox.cursor("influx") == 1
 
 
@@ -328,12 +328,12 @@ def test_stop_during_retries_leaves_the_batch_unacknowledged(outbox: Outbox) -> 
     stop = threading.Event()
     thread = threading.Thread(target=sink.run, args=(stop, threading.Event()))
     thread.start()
-    assert sink.wait_for(lambda h: h["retries"] >= 3, timeout_s=10)
+    assert sink.wait_for(lambda h: h.counters["retries"] >= 3, timeout_s=10)
     stop.set()
     thread.join(timeout=10)
     assert not thread.is_alive()
     assert outbox.cursor("influx") == 0
-    assert sink.health()["last_error"] == "down"
+    assert sink.health().last_error == "down"
     assert transport.closed
 
 

@@ -64,11 +64,11 @@ def test_rows_committed_one_by_one_after_a_write_go_out_together(
     with running(sink) as wake:
         outbox.append([rec(0)])
         wake.set()
-        assert sink.wait_for(lambda h: h["written"] == 1, WAIT_S)
+        assert sink.wait_for(lambda h: h.delivered == 1, WAIT_S)
         for i in range(1, 11):  # ten commits, each waking the sink, well inside 0.5 s
             outbox.append([rec(i)])
             wake.set()
-        assert sink.wait_for(lambda h: h["written"] == 11, WAIT_S)
+        assert sink.wait_for(lambda h: h.delivered == 11, WAIT_S)
     assert transport.requests == [1, 10]
 
 
@@ -81,5 +81,5 @@ def test_full_batches_are_written_back_to_back_without_waiting(
     sink._outbox.append([rec(i) for i in range(10)])
     with running(sink) as wake:
         wake.set()
-        assert sink.wait_for(lambda h: h["written"] == 10, WAIT_S)
+        assert sink.wait_for(lambda h: h.delivered == 10, WAIT_S)
     assert transport.requests == [4, 4, 2]

@@ -91,14 +91,14 @@ def test_cursor_passes_every_row_and_skipped_kinds_once_all_are_accepted(tmp_pat
     assert transport.sent == [b"a", b"b"]
     assert outbox.cursor("hl7") == 3
     assert poisoned == []
-    assert sink.health()["written"] == 2
+    assert sink.health().delivered == 2
     outbox.close()
 
 
 def test_a_retried_message_is_resent_unchanged_until_accepted(tmp_path: Path) -> None:
     outbox, transport, poisoned, sink = drain(tmp_path, ["a", "busy", "c"], PerRecord(False))
     assert transport.sent == [b"a", b"busy", b"busy", b"busy", b"c"]
-    assert sink.health()["retries"] == 2
+    assert sink.health().counters["retries"] == 2
     assert poisoned == []
     outbox.close()
 
@@ -120,8 +120,8 @@ def test_a_splittable_rejected_message_is_halved_until_one_record_is_quarantined
         tmp_path, ["a", "b", "bad", "d", "e"], PerRecord(True, per_message=5)
     )
     assert poisoned == [("id-2", "refused: bad")]
-    assert sink.health()["written"] == 4
-    assert sink.health()["poisoned"] == 1
+    assert sink.health().delivered == 4
+    assert sink.health().counters["poisoned"] == 1
     assert outbox.cursor("hl7") == 5
     outbox.close()
 
