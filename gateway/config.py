@@ -145,6 +145,14 @@ class StoreSection(Section):
         0.8, gt=0, lt=1, description="raise the outbox_near_full technical alert at this fill"
     )
     retention_days: float = Field(7.0, ge=0, description="delivered records kept for history")
+    gather_ms: float = Field(
+        0.0,
+        ge=0,
+        le=50,
+        description="0: commit whatever arrived while the last commit ran (lowest latency); "
+        "above 0, under load a read waits up to this long for others to share its commit "
+        "(less CPU per reading, more latency: docs/performance.md)",
+    )
     min_free_disk_kb: int = Field(
         4096,
         ge=0,

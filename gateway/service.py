@@ -146,6 +146,7 @@ class Gateway:
         self._full = False
         self._near_full = False
         self._freed_reported = 0
+        self._committed_m = float("-inf")
         self.frame_to_commit = latency_histogram(
             "pumpgw_frame_to_commit_seconds", "From a read off a line to its commit in the outbox."
         )
@@ -322,6 +323,7 @@ class Gateway:
                 next_snapshot = now + ENGINE_SNAPSHOT_EVERY_S
                 self._acks_unsaved = False  # the state taken by this commit includes them
             self._commit(batch, snapshot)
+            self._committed_m = time.monotonic()
             self._observe_latency(items, time.time())
             self._batches_done += 1
             if now >= next_compact:
@@ -343,15 +345,22 @@ class Gateway:
     def _take_batch(self, timeout_s: float) -> list[tuple[Any, ...]]:
         """The next reads to validate and commit together: natural group commit. Wait for
         one, then take every read that arrived meanwhile (while the previous commit ran), up
-        to BATCH_MAX_ITEMS: one reading alone on a quiet line, hundreds under load, and no
-        reading ever waits for others."""
+        to BATCH_MAX_ITEMS: one reading alone on a quiet line, hundreds under load. With
+        `store.gather_ms` set, a read that comes less than that after the last commit waits
+        up to that long for others (fewer commits, more latency)."""
         try:
             items = [self._queue.get(timeout=timeout_s)]
         except queue.Empty:
             return []
+        now_m = time.monotonic()
+        gather_s = self.settings.store.gather_ms / 1000.0
+        deadline_m = now_m + gather_s if now_m - self._committed_m < gather_s else now_m
         while len(items) < BATCH_MAX_ITEMS:
+            wait_s = deadline_m - time.monotonic()
             try:
-                items.append(self._queue.get_nowait())
+                items.append(
+                    self._queue.get(timeout=wait_s) if wait_s > 0 else self._queue.get_nowait()
+                )
             except queue.Empty:
                 break
         return items
