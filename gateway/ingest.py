@@ -9,7 +9,9 @@ delivers it again when the worker comes back. An InfluxSink drains the outbox, a
 station. docs/scaling.md shows where this sits in a larger deployment.
 
 The functions above `MqttSubscription` are pure (topic parsing, validation, line protocol);
-the rest is the shell: paho's thread hands deliveries to the worker thread through a queue.
+the rest is the shell: paho's thread (a BulkClient: chunked reads, batched PUBACKs) hands
+deliveries to the worker thread through a queue; the worker validates a batch while a
+committer thread stores, then acknowledges, the one before.
 
 Configuration is the gateway's file ([mqtt], [influx], [store], [health]) plus an optional
 [ingest] section (IngestSection); `load_ingest_settings` reads both.
@@ -25,6 +27,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -37,6 +40,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from gateway import store_shell
 from gateway.adapters.influx import InfluxSettings, InfluxSink
+from gateway.adapters.mqtt_bulk import BulkClient
 from gateway.adapters.mqtt_client import (
     ClientEvent,
     Connected,
@@ -427,7 +431,9 @@ class MqttSubscription:
             on_connect=self._on_connect,
             manual_ack=True,
             subscribed_filters=tuple(self.filters),
+            paho_class=BulkClient,
         )
+        assert isinstance(client.paho, BulkClient)  # paho_class says so
         self._paho = client.paho
         return client
 
@@ -446,18 +452,15 @@ class MqttSubscription:
         self._client.stop(properties=session_properties(0) if end_session else None)
 
     def ack(self, deliveries: Sequence[Delivery]) -> tuple[int, int]:
-        """Acknowledge committed messages in arrival order; return (acked, left to redelivery)."""
-        acked = stale = 0
+        """Acknowledge committed messages (one write); return (acked, left to redelivery)."""
         with self._lock:
-            for d in deliveries:
-                if d.qos == 0:
-                    continue
-                if d.generation != self.generation:
-                    stale += 1
-                    continue
-                self._paho.ack(d.mid, d.qos)
-                acked += 1
-        return acked, stale
+            current = [d for d in deliveries if d.qos and d.generation == self.generation]
+            self._paho.ack_many(d.mid for d in current if d.qos == 1)
+            for d in current:
+                if d.qos != 1:
+                    self._paho.ack(d.mid, d.qos)
+        stale = sum(1 for d in deliveries if d.qos) - len(current)
+        return len(current), stale
 
     # -- paho callbacks: paho's thread; they only hand data over -----------------------------
 
@@ -483,11 +486,13 @@ class MqttSubscription:
             self.subscribed = not event.refused
         self._events.put(event)
 
-    def taken(self, delivery: Delivery) -> None:
-        """The worker took a delivery off the queue: its room is free again."""
+    def taken(self, deliveries: Sequence[Delivery]) -> None:
+        """The worker took these deliveries off the queue: their room is free again."""
+        if not deliveries:
+            return
         with self._room:
-            self._queued_messages -= 1
-            self._queued_bytes -= len(delivery.payload)
+            self._queued_messages -= len(deliveries)
+            self._queued_bytes -= sum(len(d.payload) for d in deliveries)
             self._room.notify()
 
     def queued(self) -> tuple[int, int]:
@@ -596,20 +601,34 @@ class IngestWorker:
         return retired
 
     def _loop(self, stop: threading.Event) -> bool:
-        """Ingest until stopped (False) or, when retiring, until everything is out (True)."""
+        """Ingest until stopped (False) or, when retiring, until everything is out (True).
+
+        Two stages: this thread takes and validates a batch while the committer thread
+        stores (and then acknowledges) the one before, so validation runs during the
+        commit's fsync. One batch commits at a time, in order; the committer is done
+        before this returns (and before the outbox closes).
+        """
         now_m = time.monotonic()
         next_compact, last_delivery_m = now_m + COMPACT_EVERY_S, now_m
-        while not stop.is_set():
-            deliveries = self._take(IDLE_WAIT_S)
-            now_m = time.monotonic()
-            if deliveries:
-                last_delivery_m = now_m
-                self._ingest(deliveries, stop)
-            elif self._retired(now_m - last_delivery_m):
-                return True
-            if now_m >= next_compact:
-                next_compact = now_m + COMPACT_EVERY_S
-                self.outbox.compact(time.time())
+        with ThreadPoolExecutor(1, thread_name_prefix="ingest commit") as committer:
+            in_flight: Future[None] | None = None
+            while not stop.is_set():
+                deliveries = self._take(IDLE_WAIT_S)
+                now_m = time.monotonic()
+                if deliveries:
+                    last_delivery_m = now_m
+                    records = self._records(deliveries)
+                    _settle(in_flight)
+                    in_flight = committer.submit(self._store, records, deliveries, stop)
+                else:
+                    _settle(in_flight)
+                    in_flight = None
+                    if self._retired(now_m - last_delivery_m):
+                        return True
+                if now_m >= next_compact:
+                    next_compact = now_m + COMPACT_EVERY_S
+                    self.outbox.compact(time.time())
+            _settle(in_flight)
         return False
 
     def _retired(self, idle_s: float) -> bool:
@@ -635,7 +654,11 @@ class IngestWorker:
         log.info("ingest worker stopped")
 
     def _take(self, timeout_s: float) -> list[Delivery]:
-        """Up to BATCH_MAX_ITEMS deliveries, handling connection events on the way."""
+        """Up to BATCH_MAX_ITEMS deliveries, handling connection events on the way.
+
+        Waits only for the first: the batch is whatever arrived meanwhile, so it grows with
+        the load and one commit (one fsync) serves all of it.
+        """
         deliveries: list[Delivery] = []
         wait_s: float | None = timeout_s
         while len(deliveries) < BATCH_MAX_ITEMS:
@@ -645,10 +668,10 @@ class IngestWorker:
                 break
             wait_s = None
             if isinstance(event, Delivery):
-                self.subscription.taken(event)
                 deliveries.append(event)
             else:
                 self._connection_event(event)
+        self.subscription.taken(deliveries)
         return deliveries
 
     def _connection_event(self, event: ClientEvent) -> None:
@@ -688,9 +711,15 @@ class IngestWorker:
             case _:
                 pass  # PUBACKs: the worker publishes nothing
 
-    def _ingest(self, deliveries: list[Delivery], stop: threading.Event) -> None:
-        """Validate, commit, then acknowledge: nothing is acked that is not stored."""
-        records = [r for r in map(self._record, deliveries) if r is not None]
+    def _records(self, deliveries: list[Delivery]) -> list[OutRecord]:
+        """The records to store for a batch: validated, admitted or quarantined, deduplicated."""
+        window = self.settings.ingest.window(datetime.now(UTC))
+        return [r for d in deliveries if (r := self._record(d, window)) is not None]
+
+    def _store(
+        self, records: list[OutRecord], deliveries: list[Delivery], stop: threading.Event
+    ) -> None:
+        """Commit, then acknowledge: nothing is acked that is not stored (committer thread)."""
         if not self._commit(records, stop):
             return  # stopping: not acknowledged, so the broker delivers them again
         self.wake_influx.set()
@@ -698,7 +727,7 @@ class IngestWorker:
         self.counts.acked += acked
         self.counts.stale_acks += stale
 
-    def _record(self, delivery: Delivery) -> OutRecord | None:
+    def _record(self, delivery: Delivery, window: TimeWindow) -> OutRecord | None:
         """The record to store for one delivery; None for a message already stored."""
         self.counts.received += 1
         result = record_for(
@@ -707,7 +736,7 @@ class IngestWorker:
             self.settings.mqtt.topic_prefix,
             self.settings.ingest.measurement_prefix,
             payload_bytes=delivery.size_bytes,
-            window=self.settings.ingest.window(datetime.now(UTC)),
+            window=window,
             origin=self.origin,
         )
         if isinstance(result, Rejected):
@@ -806,6 +835,12 @@ class IngestWorker:
             sinks=(sink,),
             max_backlog_age_s=self.settings.health.max_backlog_age_s,
         )
+
+
+def _settle(in_flight: Future[None] | None) -> None:
+    """Wait for a batch's commit and acknowledgement (raising what it raised)."""
+    if in_flight is not None:
+        in_flight.result()
 
 
 def run_ingest(settings: IngestSettings, stop: threading.Event, *, retire: bool = False) -> bool:
