@@ -11,16 +11,28 @@ from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt._packet import decode_publish
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.adapters import mqtt_bulk
 from gateway.adapters.mqtt_bulk import BulkClient
+from gateway.adapters.mqtt_client import PackedProperties
 
 
-def publish_packet(topic: str, payload: bytes, mid: int) -> bytes:
-    """An MQTT 5 PUBLISH at QoS 1 without properties."""
-    body = len(topic).to_bytes(2, "big") + topic.encode() + mid.to_bytes(2, "big") + b"\0"
-    body += payload
+def publish_body(topic: str, payload: bytes, mid: int, properties: bytes = b"\0") -> bytes:
+    """An MQTT 5 PUBLISH body at QoS 1; `properties` with their length (none by default)."""
+    return (
+        len(topic).to_bytes(2, "big")
+        + topic.encode()
+        + mid.to_bytes(2, "big")
+        + properties
+        + payload
+    )
+
+
+def publish_packet(topic: str, payload: bytes, mid: int, properties: bytes = b"\0") -> bytes:
+    """The whole PUBLISH: fixed header, remaining length, body."""
+    body = publish_body(topic, payload, mid, properties)
     length, size = b"", len(body)
     while True:
         size, digit = divmod(size, 128)
@@ -104,3 +116,35 @@ def test_ack_many_writes_every_puback_in_one_queued_packet(
     assert len(sent) == 1  # one write, not one per message
     broker.settimeout(5)
     assert broker.recv(64) == b"\x40\x02\x00\x01" + b"\x40\x02\x00\x02" + b"\x40\x02\x01\x2c"
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        b"\x00",
+        PackedProperties([("record_id", "P0001:b:7")]).pack(),
+        PackedProperties([("record_id", "x" * 200)]).pack(),  # length past 127: two bytes
+    ],
+)
+def test_publish_with_properties_gives_the_topic_id_and_payload_paho_would(
+    wired: tuple[BulkClient, socket.socket, list[mqtt.MQTTMessage]], properties: bytes
+) -> None:
+    client, broker, received = wired
+    expected = decode_publish(0x32, publish_body("t/x", b'{"a": 1}', 7, properties), mqtt.MQTTv5)
+    broker.sendall(publish_packet("t/x", b'{"a": 1}', 7, properties))
+    client.loop_read()
+    assert len(received) == 1
+    message = received[0]
+    assert (message.topic.encode(), message.mid, message.payload, message.qos) == (
+        expected.topic, expected.mid, expected.payload, 1,
+    )  # fmt: skip
+    assert message.properties is None  # skipped, not parsed
+
+
+def test_a_publish_that_does_not_parse_is_left_to_paho(
+    wired: tuple[BulkClient, socket.socket, list[mqtt.MQTTMessage]],
+) -> None:
+    client, broker, received = wired
+    broker.sendall(b"\x32\x03\x00\x09t")  # a 9-byte topic in a 3-byte body
+    assert client.loop_read() == mqtt.MQTT_ERR_PROTOCOL
+    assert received == []
