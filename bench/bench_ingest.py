@@ -217,7 +217,7 @@ def run_case(root: Path, workers: int, count: int) -> dict[str, Any]:
             "mqtt": {"url": f"mqtt://127.0.0.1:{broker.port}", "topic_prefix": f"b{tag}"},
             "influx": {"url": vm.url, "api": "v2", "org": "bench", "bucket": "pumps"},
             "store": {"path": str(root / "unused.db"), "durability": "full"},
-            "ingest": {"group": f"g{tag}", "receive_max": 1000},
+            "ingest": {"group": f"g{tag}"},
         })  # fmt: skip
         procs = [Worker(config, root / f"w{i}", f"bench-w{i}") for i in range(workers)]
         for w in procs:

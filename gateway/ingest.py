@@ -92,7 +92,6 @@ only its first QUARANTINE_RAW_BYTES leave paho's thread."""
 QUARANTINE_RAW_BYTES: Final = 4096
 RECENT_IDS: Final = 50_000
 """Record ids remembered to drop a redelivered message without storing it twice."""
-BATCH_MAX_ITEMS: Final = 500
 IDLE_WAIT_S: Final = 0.5
 RETRY_COMMIT_S: Final = 1.0
 COMPACT_EVERY_S: Final = 60.0
@@ -126,7 +125,11 @@ class IngestSection(Section):
         "others, docs/scaling.md)",
     )
     receive_max: int = Field(
-        1000, ge=1, le=65_535, description="messages the broker may send before they are acked"
+        2000,
+        ge=1,
+        le=65_535,
+        description="messages the broker may send before they are acked; a batch is at most "
+        "half of them, so the next batch arrives while one is committed",
     )
     measurement_prefix: str = Field("", description="prefix of measurement names, as on stations")
     sites: list[str] = Field(
@@ -558,6 +561,8 @@ class IngestWorker:
         self.stop_event = threading.Event()
         self.wake_influx = threading.Event()
         self.counts = IngestCounts()
+        self._batch_max = max(1, settings.ingest.receive_max // 2)
+        """Half the broker's window: one batch commits while the next one arrives."""
         self._events: queue.SimpleQueue[ClientEvent | Delivery] = queue.SimpleQueue()
         self._quiet = QuietLog(log)
         self.outbox = store_shell.open_outbox(settings.store, ["influx"])
@@ -654,14 +659,14 @@ class IngestWorker:
         log.info("ingest worker stopped")
 
     def _take(self, timeout_s: float) -> list[Delivery]:
-        """Up to BATCH_MAX_ITEMS deliveries, handling connection events on the way.
+        """Up to half of receive_max deliveries, handling connection events on the way.
 
         Waits only for the first: the batch is whatever arrived meanwhile, so it grows with
         the load and one commit (one fsync) serves all of it.
         """
         deliveries: list[Delivery] = []
         wait_s: float | None = timeout_s
-        while len(deliveries) < BATCH_MAX_ITEMS:
+        while len(deliveries) < self._batch_max:
             try:
                 event = self._events.get(timeout=wait_s) if wait_s else self._events.get_nowait()
             except queue.Empty:
