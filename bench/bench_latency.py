@@ -5,11 +5,13 @@ This process is the line: a TCP server that `pumpgw run` connects to as `socket:
 each frame itself at a fixed rate and notes time.time() the moment sendall() returns (the
 last byte is with the kernel), keyed by record id. `mosquitto_sub` prints every arrival with
 its wall-clock time (%U), on the same machine and clock. Phases: 10, 100 and 1,000
-readings/s from 100 pumps (targets: p99 < 20 ms at 1,000/s), then 100 readings/s in which
-every tenth reading takes a fresh pump below its low-reservoir alarm volume (2 mL, DOMAIN.md
-2.1 [S13]); its `low_reservoir` start on the alerts topic is timed back to that reading
-(target p99 < 50 ms). The gateway runs as configured for a ward: durability full, MQTT and
-VictoriaMetrics (--no-influx: MQTT only).
+readings/s from 100 pumps (issue 12's targets: p99 <= 2.5 ms at 100/s and <= 5 ms at
+1,000/s, with Mosquitto's defaults and with --broker-nodelay, deploy/'s setting), then 100
+readings/s in which every tenth reading takes a fresh pump below its low-reservoir alarm
+volume (2 mL, DOMAIN.md 2.1 [S13]); its `low_reservoir` start on the alerts topic is timed
+back to that reading (target p99 < 50 ms). The gateway runs as configured for a ward:
+durability full, MQTT and VictoriaMetrics (--no-influx: MQTT only); the subscriber is
+`mosquitto_sub -q 1`.
 
 Run: .venv/bin/python -m bench.bench_latency [--no-influx] [--seconds 20]
 Writes bench/results/latency.json.
@@ -58,7 +60,8 @@ BASAL_ML_PER_DAY = 0.5
 """[D] A 20 mL pump refilled about monthly (DOMAIN.md 1.5 [S19])."""
 CONNECT_TIMEOUT_S = 30.0
 ARRIVE_TIMEOUT_S = 120.0
-TARGET_P99_MS = {"readings_1000_per_s": 20.0, "alert": 50.0}
+TARGET_P99_MS = {"readings_100_per_s": 2.5, "readings_1000_per_s": 5.0, "alert": 50.0}
+"""At most these (issue 12 for readings, issue 6 for the alert); bench/__main__.py judges."""
 _RECORD = re.compile(
     rb'"pump_id":"([^"]+)","boot_id":"([^"]+)","seq":(\d+),"device_time":"[^"]+",'
     rb'"received_at":"([^"]+)"'

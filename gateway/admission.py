@@ -20,6 +20,8 @@ from fnmatch import fnmatchcase
 
 from schemas.models import MAX_DEVICE_CLOCK_AHEAD, AlertTransition, DeviceMessage
 
+NO_SLACK = timedelta(0)
+
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
@@ -66,12 +68,12 @@ def _times(
     """(field, time, extra slack ahead): a pump's own clock may run ahead of the station's."""
     if isinstance(message, AlertTransition):
         return [
-            ("at", message.at, timedelta(0)),
+            ("at", message.at, NO_SLACK),
             ("device_time", message.device_time, MAX_DEVICE_CLOCK_AHEAD),
-            ("acknowledged_at", message.acknowledged_at, timedelta(0)),
+            ("acknowledged_at", message.acknowledged_at, NO_SLACK),
         ]
     return [
-        ("received_at", message.received_at, timedelta(0)),
+        ("received_at", message.received_at, NO_SLACK),
         ("device_time", message.device_time, MAX_DEVICE_CLOCK_AHEAD),
     ]
 
@@ -103,6 +105,8 @@ class OriginGuard:
         return refusal
 
     def _station_refusal(self, site: str, station: str) -> Refusal | None:
+        if (site, station) in self._pumps:
+            return None  # admitted before (admit_pump records it): the limits do not change
         limits = self.limits
         for kind, name, patterns in (
             ("site", site, limits.sites),

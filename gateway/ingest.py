@@ -9,7 +9,9 @@ delivers it again when the worker comes back. An InfluxSink drains the outbox, a
 station. docs/scaling.md shows where this sits in a larger deployment.
 
 The functions above `MqttSubscription` are pure (topic parsing, validation, line protocol);
-the rest is the shell: paho's thread hands deliveries to the worker thread through a queue.
+the rest is the shell: paho's thread (a BulkClient: chunked reads, batched PUBACKs) hands
+deliveries to the worker thread through a queue; the worker validates a batch while a
+committer thread stores, then acknowledges, the one before.
 
 Configuration is the gateway's file ([mqtt], [influx], [store], [health]) plus an optional
 [ingest] section (IngestSection); `load_ingest_settings` reads both.
@@ -25,6 +27,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -37,6 +40,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from gateway import store_shell
 from gateway.adapters.influx import InfluxSettings, InfluxSink
+from gateway.adapters.mqtt_bulk import BulkClient
 from gateway.adapters.mqtt_client import (
     ClientEvent,
     Connected,
@@ -88,7 +92,6 @@ only its first QUARANTINE_RAW_BYTES leave paho's thread."""
 QUARANTINE_RAW_BYTES: Final = 4096
 RECENT_IDS: Final = 50_000
 """Record ids remembered to drop a redelivered message without storing it twice."""
-BATCH_MAX_ITEMS: Final = 500
 IDLE_WAIT_S: Final = 0.5
 RETRY_COMMIT_S: Final = 1.0
 COMPACT_EVERY_S: Final = 60.0
@@ -122,7 +125,11 @@ class IngestSection(Section):
         "others, docs/scaling.md)",
     )
     receive_max: int = Field(
-        1000, ge=1, le=65_535, description="messages the broker may send before they are acked"
+        2000,
+        ge=1,
+        le=65_535,
+        description="messages the broker may send before they are acked; a batch is at most "
+        "half of them, so the next batch arrives while one is committed",
     )
     measurement_prefix: str = Field("", description="prefix of measurement names, as on stations")
     sites: list[str] = Field(
@@ -427,7 +434,9 @@ class MqttSubscription:
             on_connect=self._on_connect,
             manual_ack=True,
             subscribed_filters=tuple(self.filters),
+            paho_class=BulkClient,
         )
+        assert isinstance(client.paho, BulkClient)  # paho_class says so
         self._paho = client.paho
         return client
 
@@ -446,18 +455,15 @@ class MqttSubscription:
         self._client.stop(properties=session_properties(0) if end_session else None)
 
     def ack(self, deliveries: Sequence[Delivery]) -> tuple[int, int]:
-        """Acknowledge committed messages in arrival order; return (acked, left to redelivery)."""
-        acked = stale = 0
+        """Acknowledge committed messages (one write); return (acked, left to redelivery)."""
         with self._lock:
-            for d in deliveries:
-                if d.qos == 0:
-                    continue
-                if d.generation != self.generation:
-                    stale += 1
-                    continue
-                self._paho.ack(d.mid, d.qos)
-                acked += 1
-        return acked, stale
+            current = [d for d in deliveries if d.qos and d.generation == self.generation]
+            self._paho.ack_many(d.mid for d in current if d.qos == 1)
+            for d in current:
+                if d.qos != 1:
+                    self._paho.ack(d.mid, d.qos)
+        stale = sum(1 for d in deliveries if d.qos) - len(current)
+        return len(current), stale
 
     # -- paho callbacks: paho's thread; they only hand data over -----------------------------
 
@@ -483,11 +489,13 @@ class MqttSubscription:
             self.subscribed = not event.refused
         self._events.put(event)
 
-    def taken(self, delivery: Delivery) -> None:
-        """The worker took a delivery off the queue: its room is free again."""
+    def taken(self, deliveries: Sequence[Delivery]) -> None:
+        """The worker took these deliveries off the queue: their room is free again."""
+        if not deliveries:
+            return
         with self._room:
-            self._queued_messages -= 1
-            self._queued_bytes -= len(delivery.payload)
+            self._queued_messages -= len(deliveries)
+            self._queued_bytes -= sum(len(d.payload) for d in deliveries)
             self._room.notify()
 
     def queued(self) -> tuple[int, int]:
@@ -553,6 +561,8 @@ class IngestWorker:
         self.stop_event = threading.Event()
         self.wake_influx = threading.Event()
         self.counts = IngestCounts()
+        self._batch_max = max(1, settings.ingest.receive_max // 2)
+        """Half the broker's window: one batch commits while the next one arrives."""
         self._events: queue.SimpleQueue[ClientEvent | Delivery] = queue.SimpleQueue()
         self._quiet = QuietLog(log)
         self.outbox = store_shell.open_outbox(settings.store, ["influx"])
@@ -596,20 +606,34 @@ class IngestWorker:
         return retired
 
     def _loop(self, stop: threading.Event) -> bool:
-        """Ingest until stopped (False) or, when retiring, until everything is out (True)."""
+        """Ingest until stopped (False) or, when retiring, until everything is out (True).
+
+        Two stages: this thread takes and validates a batch while the committer thread
+        stores (and then acknowledges) the one before, so validation runs during the
+        commit's fsync. One batch commits at a time, in order; the committer is done
+        before this returns (and before the outbox closes).
+        """
         now_m = time.monotonic()
         next_compact, last_delivery_m = now_m + COMPACT_EVERY_S, now_m
-        while not stop.is_set():
-            deliveries = self._take(IDLE_WAIT_S)
-            now_m = time.monotonic()
-            if deliveries:
-                last_delivery_m = now_m
-                self._ingest(deliveries, stop)
-            elif self._retired(now_m - last_delivery_m):
-                return True
-            if now_m >= next_compact:
-                next_compact = now_m + COMPACT_EVERY_S
-                self.outbox.compact(time.time())
+        with ThreadPoolExecutor(1, thread_name_prefix="ingest commit") as committer:
+            in_flight: Future[None] | None = None
+            while not stop.is_set():
+                deliveries = self._take(IDLE_WAIT_S)
+                now_m = time.monotonic()
+                if deliveries:
+                    last_delivery_m = now_m
+                    records = self._records(deliveries)
+                    _settle(in_flight)
+                    in_flight = committer.submit(self._store, records, deliveries, stop)
+                else:
+                    _settle(in_flight)
+                    in_flight = None
+                    if self._retired(now_m - last_delivery_m):
+                        return True
+                if now_m >= next_compact:
+                    next_compact = now_m + COMPACT_EVERY_S
+                    self.outbox.compact(time.time())
+            _settle(in_flight)
         return False
 
     def _retired(self, idle_s: float) -> bool:
@@ -635,20 +659,24 @@ class IngestWorker:
         log.info("ingest worker stopped")
 
     def _take(self, timeout_s: float) -> list[Delivery]:
-        """Up to BATCH_MAX_ITEMS deliveries, handling connection events on the way."""
+        """Up to half of receive_max deliveries, handling connection events on the way.
+
+        Waits only for the first: the batch is whatever arrived meanwhile, so it grows with
+        the load and one commit (one fsync) serves all of it.
+        """
         deliveries: list[Delivery] = []
         wait_s: float | None = timeout_s
-        while len(deliveries) < BATCH_MAX_ITEMS:
+        while len(deliveries) < self._batch_max:
             try:
                 event = self._events.get(timeout=wait_s) if wait_s else self._events.get_nowait()
             except queue.Empty:
                 break
             wait_s = None
             if isinstance(event, Delivery):
-                self.subscription.taken(event)
                 deliveries.append(event)
             else:
                 self._connection_event(event)
+        self.subscription.taken(deliveries)
         return deliveries
 
     def _connection_event(self, event: ClientEvent) -> None:
@@ -688,9 +716,15 @@ class IngestWorker:
             case _:
                 pass  # PUBACKs: the worker publishes nothing
 
-    def _ingest(self, deliveries: list[Delivery], stop: threading.Event) -> None:
-        """Validate, commit, then acknowledge: nothing is acked that is not stored."""
-        records = [r for r in map(self._record, deliveries) if r is not None]
+    def _records(self, deliveries: list[Delivery]) -> list[OutRecord]:
+        """The records to store for a batch: validated, admitted or quarantined, deduplicated."""
+        window = self.settings.ingest.window(datetime.now(UTC))
+        return [r for d in deliveries if (r := self._record(d, window)) is not None]
+
+    def _store(
+        self, records: list[OutRecord], deliveries: list[Delivery], stop: threading.Event
+    ) -> None:
+        """Commit, then acknowledge: nothing is acked that is not stored (committer thread)."""
         if not self._commit(records, stop):
             return  # stopping: not acknowledged, so the broker delivers them again
         self.wake_influx.set()
@@ -698,7 +732,7 @@ class IngestWorker:
         self.counts.acked += acked
         self.counts.stale_acks += stale
 
-    def _record(self, delivery: Delivery) -> OutRecord | None:
+    def _record(self, delivery: Delivery, window: TimeWindow) -> OutRecord | None:
         """The record to store for one delivery; None for a message already stored."""
         self.counts.received += 1
         result = record_for(
@@ -707,7 +741,7 @@ class IngestWorker:
             self.settings.mqtt.topic_prefix,
             self.settings.ingest.measurement_prefix,
             payload_bytes=delivery.size_bytes,
-            window=self.settings.ingest.window(datetime.now(UTC)),
+            window=window,
             origin=self.origin,
         )
         if isinstance(result, Rejected):
@@ -806,6 +840,12 @@ class IngestWorker:
             sinks=(sink,),
             max_backlog_age_s=self.settings.health.max_backlog_age_s,
         )
+
+
+def _settle(in_flight: Future[None] | None) -> None:
+    """Wait for a batch's commit and acknowledgement (raising what it raised)."""
+    if in_flight is not None:
+        in_flight.result()
 
 
 def run_ingest(settings: IngestSettings, stop: threading.Event, *, retire: bool = False) -> bool:

@@ -104,7 +104,8 @@ def quote_string(value: str) -> str:
 
 def epoch_us(moment: datetime) -> int:
     """Whole microseconds since the Unix epoch of an aware datetime, in integer arithmetic."""
-    return (moment - EPOCH) // ONE_MICROSECOND
+    delta = moment - EPOCH  # the fields of a timedelta: faster than `// ONE_MICROSECOND`
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def epoch_ns(moment: datetime) -> int:

@@ -498,8 +498,10 @@ class MqttClient:
         manual_ack: bool = False,
         subscribed_filters: tuple[str, ...] = (),
         fresh_session: bool | None = None,
+        paho_class: type[mqtt.Client] = mqtt.Client,
     ) -> None:
-        """fresh_session: MQTT 3.1.1's clean session (default: session_expiry_s == 0)."""
+        """fresh_session: MQTT 3.1.1's clean session (default: session_expiry_s == 0);
+        paho_class: paho's Client or a subclass of it (ingest: mqtt_bulk.BulkClient)."""
         self.settings = settings
         self.client_id = client_id
         self.v5 = settings.protocol == "5"
@@ -515,7 +517,7 @@ class MqttClient:
         self._retry_delay_s: float | None = None
         if fresh_session is None:
             fresh_session = settings.session_expiry_s == 0
-        self.paho = mqtt.Client(
+        self.paho = paho_class(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,

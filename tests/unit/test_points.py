@@ -17,6 +17,7 @@ from gateway.points import (
     PointTags,
     alert_time_ns,
     epoch_ns,
+    epoch_us,
     escape_measurement,
     escape_tag,
     line_for,
@@ -512,3 +513,8 @@ def test_reading_with_every_device_alarm_priority_reports_the_highest() -> None:
     fields = numeric_fields(line(reading(alarms=alarms)))
     assert fields["alarm_count"] == 2
     assert fields["alarm_max_priority_code"] == PRIORITY_CODES[Priority.HIGH]
+
+
+def test_epoch_microseconds_are_exact_before_the_epoch_too() -> None:
+    assert epoch_us(datetime(1969, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)) == -1
+    assert epoch_us(datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)) == 1_000_000
