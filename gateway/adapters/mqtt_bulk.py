@@ -1,5 +1,6 @@
 """paho's client reading and acknowledging in bulk, for a subscriber taking thousands of
-messages a second (`pumpgw ingest`).
+messages a second (`pumpgw ingest`: BulkClient) and for the station's sink reading PUBACKs
+(ChunkedReadClient: the chunked reads only).
 
 Stock paho reads each packet with three or more recv() calls (its type byte, each length
 byte, its body) and one select() per packet, and sends each PUBACK with a send() of its own
@@ -25,6 +26,7 @@ and tests/integration/test_ingest*.py run it against a real Mosquitto.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
 from collections.abc import Iterable
@@ -40,8 +42,9 @@ _PUBACK: Final = struct.Struct("!BBH")
 """A PUBACK without reason code or properties (success): the same in MQTT 3.1.1 and 5."""
 
 
-class BulkClient(mqtt.Client):
-    """A paho client whose socket reads come in chunks and whose PUBACKs go out in batches."""
+class ChunkedReadClient(mqtt.Client):
+    """A paho client whose socket reads come in chunks: one recv() for every packet that has
+    arrived, not three or more per packet. The station's MQTT sink uses it for its PUBACKs."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -66,6 +69,32 @@ class BulkClient(mqtt.Client):
         self._chunk, self._chunk_pos = b"", 0
         super()._sock_close()
 
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        try:
+            return super()._sock_send(buf)
+        except BlockingIOError:
+            raise
+        except OSError:
+            self._read_what_arrived()
+            raise
+
+    def _read_what_arrived(self) -> None:
+        """The connection broke while writing: handle the packets the broker sent before it
+        closed, which may say why (Mosquitto 2.0 answers a denied PUBLISH with PUBACK 0x87
+        and then closes; a writer that never reads in between would lose that answer). paho
+        then handles the lost connection as always."""
+        sock = self._sock
+        if sock is None:
+            return
+        pieces = [self._chunk[self._chunk_pos :]]
+        with contextlib.suppress(OSError):  # no more (would block), or the reset itself
+            while piece := sock.recv(READ_CHUNK_BYTES):
+                pieces.append(piece)
+        self._chunk, self._chunk_pos = b"".join(pieces), 0
+        for _ in range(READ_PACKETS_MAX):
+            if not self.buffered_bytes() or self._packet_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
+
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         rc = super().loop_read(max_packets)
         for _ in range(READ_PACKETS_MAX):
@@ -75,6 +104,12 @@ class BulkClient(mqtt.Client):
                 break
             rc = super().loop_read(max_packets)
         return rc
+
+
+
+class BulkClient(ChunkedReadClient):
+    """Chunked reads, plus PUBACKs sent in batches and QoS 1 PUBLISH decoded without its
+    properties (`pumpgw ingest`)."""
 
     def _handle_publish(self) -> MQTTErrorCode:
         command, packet = self._in_packet["command"], self._in_packet["packet"]

@@ -148,3 +148,24 @@ def test_a_publish_that_does_not_parse_is_left_to_paho(
     broker.sendall(b"\x32\x03\x00\x09t")  # a 9-byte topic in a 3-byte body
     assert client.loop_read() == mqtt.MQTT_ERR_PROTOCOL
     assert received == []
+
+
+def test_a_write_to_a_closed_connection_first_handles_what_the_broker_said_before_closing() -> None:
+    """Mosquitto answers a denied PUBLISH with PUBACK 0x87 and closes: the writer, busy
+    sending the next records, must still hear the denial before paho drops the connection."""
+    ours, broker = socket.socketpair()
+    ours.setblocking(False)
+    client = mqtt_bulk.ChunkedReadClient(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    acked: list[tuple[int, int]] = []
+    client.on_publish = lambda _c, _u, mid, reason, _p: acked.append((mid, reason.value))
+    client._sock = ours
+    try:
+        for _ in range(2):
+            client.publish("t/denied", b"x", qos=1)  # written before the broker answers
+        broker.sendall(bytes([0x40, 3, 0, 1, 0x87]))  # PUBACK mid 1: Not authorized
+        broker.close()
+        client.loop_write()  # the writes fail: the connection is gone
+        client.publish("t/denied", b"y", qos=1)
+    finally:
+        client._sock_close()
+    assert (1, 0x87) in acked
