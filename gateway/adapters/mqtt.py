@@ -47,7 +47,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from gateway.adapters.mqtt_bulk import ChunkedReadClient
+from gateway.adapters.mqtt_bulk import ReadsBeforeCloseClient
 from gateway.adapters.mqtt_client import (
     ClientEvent,
     Connected,
@@ -225,7 +225,7 @@ class MqttSink:
             on_message=self._on_message,
             on_connect=self._on_connect,
             before_connect=self._before_connect,
-            paho_class=ChunkedReadClient,  # a burst of PUBACKs costs one recv(), not three each
+            paho_class=ReadsBeforeCloseClient,  # hears a denial sent just before a close
         )
         self._paho = self._client.paho
         # Our window is the only in-flight limit (paho's would count dropped messages);

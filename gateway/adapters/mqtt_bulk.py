@@ -1,6 +1,6 @@
 """paho's client reading and acknowledging in bulk, for a subscriber taking thousands of
-messages a second (`pumpgw ingest`: BulkClient) and for the station's sink reading PUBACKs
-(ChunkedReadClient: the chunked reads only).
+messages a second (`pumpgw ingest`: BulkClient), and the station sink's client
+(ReadsBeforeCloseClient: the broker's last packets handled before a lost connection).
 
 Stock paho reads each packet with three or more recv() calls (its type byte, each length
 byte, its body) and one select() per packet, and sends each PUBACK with a send() of its own
@@ -26,7 +26,6 @@ and tests/integration/test_ingest*.py run it against a real Mosquitto.
 
 from __future__ import annotations
 
-import contextlib
 import struct
 import time
 from collections.abc import Iterable
@@ -42,9 +41,32 @@ _PUBACK: Final = struct.Struct("!BBH")
 """A PUBACK without reason code or properties (success): the same in MQTT 3.1.1 and 5."""
 
 
-class ChunkedReadClient(mqtt.Client):
-    """A paho client whose socket reads come in chunks: one recv() for every packet that has
-    arrived, not three or more per packet. The station's MQTT sink uses it for its PUBACKs."""
+class ReadsBeforeCloseClient(mqtt.Client):
+    """A paho client that, when a write finds the connection closed, first handles the
+    packets the broker sent before closing. The station's MQTT sink writes PUBLISH bursts
+    from the thread that also reads, so without this a denial could go unheard: Mosquitto
+    2.0 answers a denied PUBLISH with PUBACK 0x87 and then closes, and the next write fails
+    before the thread reads again. paho then handles the lost connection as always."""
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        try:
+            return super()._sock_send(buf)
+        except BlockingIOError:
+            raise
+        except OSError:
+            self._read_last_packets()
+            raise
+
+    def _read_last_packets(self) -> None:
+        """Handle every whole packet still readable (a closed socket keeps what it received)."""
+        for _ in range(READ_PACKETS_MAX):
+            if self._sock is None or self._packet_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
+
+
+class ChunkedReadClient(ReadsBeforeCloseClient):
+    """Socket reads in chunks: one recv() for every packet that has arrived, not three or
+    more per packet."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -69,32 +91,6 @@ class ChunkedReadClient(mqtt.Client):
         self._chunk, self._chunk_pos = b"", 0
         super()._sock_close()
 
-    def _sock_send(self, buf: bytes | bytearray) -> int:
-        try:
-            return super()._sock_send(buf)
-        except BlockingIOError:
-            raise
-        except OSError:
-            self._read_what_arrived()
-            raise
-
-    def _read_what_arrived(self) -> None:
-        """The connection broke while writing: handle the packets the broker sent before it
-        closed, which may say why (Mosquitto 2.0 answers a denied PUBLISH with PUBACK 0x87
-        and then closes; a writer that never reads in between would lose that answer). paho
-        then handles the lost connection as always."""
-        sock = self._sock
-        if sock is None:
-            return
-        pieces = [self._chunk[self._chunk_pos :]]
-        with contextlib.suppress(OSError):  # no more (would block), or the reset itself
-            while piece := sock.recv(READ_CHUNK_BYTES):
-                pieces.append(piece)
-        self._chunk, self._chunk_pos = b"".join(pieces), 0
-        for _ in range(READ_PACKETS_MAX):
-            if not self.buffered_bytes() or self._packet_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                return
-
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         rc = super().loop_read(max_packets)
         for _ in range(READ_PACKETS_MAX):
@@ -104,7 +100,6 @@ class ChunkedReadClient(mqtt.Client):
                 break
             rc = super().loop_read(max_packets)
         return rc
-
 
 
 class BulkClient(ChunkedReadClient):

@@ -155,7 +155,7 @@ def test_a_write_to_a_closed_connection_first_handles_what_the_broker_said_befor
     sending the next records, must still hear the denial before paho drops the connection."""
     ours, broker = socket.socketpair()
     ours.setblocking(False)
-    client = mqtt_bulk.ChunkedReadClient(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client = mqtt_bulk.ReadsBeforeCloseClient(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     acked: list[tuple[int, int]] = []
     client.on_publish = lambda _c, _u, mid, reason, _p: acked.append((mid, reason.value))
     client._sock = ours
