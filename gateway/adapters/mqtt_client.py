@@ -96,6 +96,13 @@ class MqttTls(BaseModel):
         False, description="do not verify the broker's certificate (tests only; warns at start)"
     )
 
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _usable_path(cls, value: Path | None) -> Path | None:
+        if value is not None and "\0" in str(value):
+            raise ValueError("the path contains a NUL byte; no file can have that name")
+        return value
+
     @model_validator(mode="after")
     def _key_needs_cert(self) -> MqttTls:
         if self.key_file is not None and self.cert_file is None:

@@ -102,3 +102,17 @@ def test_docs_configuration_md_matches_the_models() -> None:
     assert documented == config_doc.render(), (
         "run: python -m gateway.config_doc > docs/configuration.md"
     )
+
+
+@pytest.mark.parametrize("key", ["ca_file", "cert_file", "key_file"])
+def test_a_tls_file_path_with_a_nul_byte_is_a_problem_named_by_its_key(
+    tmp_path: Path, key: str
+) -> None:
+    cert = 'cert_file = "/etc/pumpgw/client.pem"\n' if key == "key_file" else ""
+    tls = f'[mqtt.tls]\n{cert}{key} = "/etc/pumpgw/a\\u0000b"\n'
+    text = f'[mqtt]\nurl = "mqtts://broker:8883"\n{tls}'
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"mqtt.tls.{key}:")
+    assert "NUL byte" in problem
