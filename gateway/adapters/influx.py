@@ -243,48 +243,23 @@ def encode_body(points: Sequence[StoredRecord], gzip: bool) -> bytes:
     return zlib.compress(body, GZIP_LEVEL, wbits=31) if gzip else body  # wbits=31: gzip
 
 
-class V1Transport:
-    """POST /write?db=&precision=n over urllib3 (InfluxDB 1.x and compatibles)."""
+class HttpTransport:
+    """POST the line protocol to one write URL over urllib3, synchronously.
 
-    def __init__(self, settings: InfluxSettings, token: str | None, password: str | None) -> None:
-        self.url = f"{settings.url}/write?db={quote(settings.bucket, safe='')}&precision=n"
-        self._headers = {"Content-Type": "text/plain; charset=utf-8"}
-        if settings.gzip:
-            self._headers["Content-Encoding"] = "gzip"
-        if token is not None:
-            self._headers["Authorization"] = f"Token {token}"
-        elif settings.username is not None:
-            pair = f"{settings.username}:{password or ''}".encode()
-            self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
-        self._pool = http_pool(settings.timeout_s, settings.verify_tls, settings.ca_file)
-
-    def post(self, body: bytes) -> None:
-        with _mapped_errors(self.url):
-            answer = self._pool.request("POST", self.url, body=body, headers=self._headers)
-        error = error_for_status(answer.status, answer.data, answer.headers, time.time())
-        if error is not None:
-            raise error
-
-    def close(self) -> None:
-        self._pool.clear()
-
-
-class V2Transport:
-    """POST /api/v2/write?org=&bucket=&precision=ns over urllib3 (InfluxDB 2.x, VictoriaMetrics).
-
-    Not influxdb-client: importing it costs 18 MB of resident memory (28 % of the station
-    gateway's whole budget, docs/performance.md) for what is one POST; its synchronous
-    WriteService sent exactly this request, headers included.
+    Both APIs are this one request: v1 `/write?db=&precision=n` (InfluxDB 1.x), v2
+    `/api/v2/write?org=&bucket=&precision=ns` (InfluxDB 2.x, VictoriaMetrics). Not
+    influxdb-client: importing it costs 18 MB of resident memory (28 % of the station
+    gateway's whole budget, docs/performance.md), and its synchronous WriteService sent
+    exactly this request, headers included.
     """
 
-    def __init__(self, settings: InfluxSettings, token: str | None) -> None:
-        query = urlencode({"org": settings.org or "", "bucket": settings.bucket, "precision": "ns"})
-        self.url = f"{settings.url}/api/v2/write?{query}"
+    def __init__(self, settings: InfluxSettings, url: str, authorization: str | None) -> None:
+        self.url = url
         self._headers = {"Content-Type": "text/plain; charset=utf-8"}
         if settings.gzip:
             self._headers["Content-Encoding"] = "gzip"
-        if token:  # empty: no Authorization header
-            self._headers["Authorization"] = f"Token {token}"
+        if authorization is not None:
+            self._headers["Authorization"] = authorization
         self._pool = http_pool(settings.timeout_s, settings.verify_tls, settings.ca_file)
 
     def post(self, body: bytes) -> None:
@@ -302,9 +277,18 @@ def make_transport(settings: InfluxSettings) -> Transport:
     """The transport for the configured API, with its secrets read now."""
     token = read_secret(settings.token, settings.token_file, "token_file")
     if settings.api == "v2":
-        return V2Transport(settings, token)
+        query = urlencode({"org": settings.org or "", "bucket": settings.bucket, "precision": "ns"})
+        url = f"{settings.url}/api/v2/write?{query}"
+        return HttpTransport(settings, url, f"Token {token}" if token else None)
     password = read_secret(settings.password, settings.password_file, "password_file")
-    return V1Transport(settings, token, password)
+    url = f"{settings.url}/write?db={quote(settings.bucket, safe='')}&precision=n"
+    authorization = None
+    if token is not None:
+        authorization = f"Token {token}"
+    elif settings.username is not None:
+        pair = f"{settings.username}:{password or ''}".encode()
+        authorization = "Basic " + base64.b64encode(pair).decode()
+    return HttpTransport(settings, url, authorization)
 
 
 # --- the sink -----------------------------------------------------------------------------
