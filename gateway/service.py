@@ -66,7 +66,7 @@ RETRY_COMMIT_S = 1.0
 RECENT_IDS_ON_START = 50_000
 ACK_QUEUE_ITEMS = 1000
 ACK_QUEUE_WAIT_S = 0.5
-"""paho's thread re-checks this often for room in a full ack queue (and for a stop)."""
+"""The MQTT sink's thread re-checks this often for room in a full ack queue (and for a stop)."""
 """Operator acknowledgements waiting for the ingest thread; they have their own queue so that
 a full ingest queue or a full outbox never holds them back."""
 STATUS_SEQ_BLOCK = 2**20
@@ -268,7 +268,7 @@ class Gateway:
         return False
 
     def _on_operator_ack(self, received: ReceivedAck) -> None:
-        """Called on paho's thread: hand the message over and wake the ingest thread.
+        """Called on the MQTT sink's thread: hand the message over and wake the ingest thread.
 
         While ACK_QUEUE_ITEMS acks wait, this waits too: paho reads nothing more and the
         broker holds the rest (back-pressure), since nothing is PUBACKed before it is stored.
@@ -575,7 +575,7 @@ class Gateway:
     # -- status ------------------------------------------------------------------
 
     def _connection_status(self) -> tuple[bytes, bytes]:
-        """Birth and will of a new MQTT connection (called on paho's thread before it)."""
+        """Birth and will of a new MQTT connection (called on the MQTT sink's thread before it)."""
         birth_seq, will_seq = self._status_seq.connection()
         return self._gateway_status("online", birth_seq), self._gateway_status("offline", will_seq)
 

@@ -61,7 +61,6 @@ from gateway.adapters.mqtt_client import (
     Refused,
     SelectableEvent,
     Unreachable,
-    no_delay,
     paho_errors,
     publish_problem,
     user_properties,
@@ -246,14 +245,14 @@ class MqttSink:
         """Publish an AckRefusal (QoS 1, not retained) if connected; any thread."""
         self._hand_over(_SendRefusal(payload))
 
-    # -- paho callbacks: paho's thread; they only hand data over ---------------------
+    # -- paho callbacks: run inside the sink thread's poll(); they only hand data over ----
 
     def _before_connect(self, client: mqtt.Client) -> None:
         # Birth and will are built for each connection: the birth's seq is above the last
         # connection's will, so a consumer ordering by seq never keeps an old `offline`.
         try:
             self._birth, self._will = self._status()
-        except Exception as exc:  # noqa: BLE001 - a service bug must not stop paho's thread
+        except Exception as exc:  # noqa: BLE001 - a service bug must not stop the sink thread
             self._quiet.error("status", "cannot build the birth and will: %r", exc)
         client.will_set(self._status_topic, self._will, qos=QOS, retain=True)
 
@@ -264,7 +263,6 @@ class MqttSink:
         # its window, so nothing is lost and each record goes out once per connection rather
         # than twice. (The session kept by the broker only queues acknowledgements for us.)
         client.drop_out_messages()
-        no_delay(client)
         # Subscribe before the birth: whoever sees `online` can rely on acks being heard.
         if self._v5:
             client.subscribe([(f, self._ack_options()) for f in self._ack_filters])
@@ -302,7 +300,7 @@ class MqttSink:
                           message.mid, message.qos, self._connection)
         try:
             self._on_ack(ack)  # may wait for room: the broker then holds the rest back
-        except Exception as exc:  # noqa: BLE001 - a service bug must not stop paho's thread
+        except Exception as exc:  # noqa: BLE001 - a service bug must not stop the sink thread
             self._quiet.error("on-ack", "the acknowledgement handler failed: %r", exc)
 
     def confirm(self, ack: ReceivedAck) -> None:
@@ -725,7 +723,7 @@ class MqttSink:
             log.warning("could not publish the offline status: %s", exc)
 
     def close(self) -> None:
-        """Disconnect (MQTT 5: asking the broker to publish the will) and stop paho's thread.
+        """Disconnect (MQTT 5: asking the broker to publish the will) and release the socket.
 
         Safe to call more than once.
         """
