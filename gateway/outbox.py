@@ -432,11 +432,6 @@ class Outbox:
             ).fetchall()
         return [str(r[0]) for r in rows]
 
-    def load_state(self, key: str) -> bytes | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
-        return bytes(row[0]) if row else None
-
     def load_states(self, prefix: str) -> dict[str, bytes]:
         """Every state row whose key starts with `prefix` (no pattern characters)."""
         with self._lock:

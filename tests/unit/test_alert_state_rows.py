@@ -204,7 +204,7 @@ def test_the_single_row_of_an_earlier_build_loads_and_the_first_save_replaces_it
     assert rows[STATE_KEY] is None
     assert sorted(k for k, row in rows.items() if row is not None) == [ENGINE, P1, P2]
     box.append([], rows)
-    assert box.load_state(STATE_KEY) is None
+    assert box.load_states(STATE_KEY).get(STATE_KEY) is None
     box.close()
 
     box = Outbox(tmp_path / "o.db", ["mqtt"])
