@@ -58,6 +58,7 @@ from tests.e2e import (
 )
 from tests.mqtt_helpers import publisher
 from tests.servers import Mosquitto, MosquittoFactory, VictoriaMetrics, free_port
+from tests.unit.test_alert_state_rows import canonical
 
 pytestmark = pytest.mark.integration
 
@@ -1223,20 +1224,6 @@ def engine_rows(path: Path) -> dict[str, bytes]:
         db.close()
     assert "alert_engine/engine" in found, "no alert engine state in the outbox"
     return found
-
-
-def canonical(rows: dict[str, bytes]) -> Any:
-    """The rows as data, with sets (lists of names, dumped in hash order) sorted."""
-
-    def walk(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: walk(v) for k, v in value.items()}
-        if isinstance(value, list):
-            items = [walk(v) for v in value]
-            return sorted(items) if all(isinstance(v, str) for v in items) else items
-        return value
-
-    return {key: walk(json.loads(row)) for key, row in rows.items()}
 
 
 def mqtt_publish(
