@@ -12,7 +12,6 @@ import sqlite3
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,10 @@ from gateway.hl7_messages import hl7_time
 from tests.e2e import (
     GatewayProcess,
     Metrics,
-    Ward,
     gateway_config,
     outbox_record_ids,
     wait_until,
+    ward_running,
 )
 from tests.interop_servers import FhirEndpoint, MllpReceiver
 from tests.mqtt_helpers import publisher
@@ -88,17 +87,6 @@ def interop_config(
         extra={"gateway": {"site": prefix, "station": STATION}, "hl7": hl7, "fhir": fhir},
     )
     return config, prefix
-
-
-@contextmanager
-def ward_running(workdir: Path, args: str, port: int | None = None) -> Iterator[Ward]:
-    ward = Ward.start(workdir, *args.split(), port=port)
-    try:
-        yield ward
-    finally:
-        if ward.proc.poll() is None:
-            ward.proc.kill()
-            ward.proc.wait()
 
 
 def delivered(metrics: Metrics) -> bool:
